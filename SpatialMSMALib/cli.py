@@ -1,0 +1,128 @@
+"""The ``spatial-msma`` command line: one entry point, one subcommand per job.
+
+Each subcommand parses arguments, calls one library function and prints its result; errors
+meant for users (:class:`InputError`) are printed without a traceback and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import InputError
+
+
+def _add_make_benchmark(sub) -> None:
+    p = sub.add_parser("make-benchmark", help="build the reproducible benchmark cohort")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--anatomy-dir", type=Path, default=None,
+                   help="folder with extra real anatomies (e.g. ../shared/data/anatomy)")
+    p.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
+    p.add_argument("--n-train", type=int, default=40)
+    p.add_argument("--n-val", type=int, default=10)
+    p.add_argument("--n-test-healthy", type=int, default=10)
+    p.add_argument("--n-test-lesioned", type=int, default=20)
+    p.add_argument("--n-loao-healthy", type=int, default=5)
+    p.add_argument("--n-loao-lesioned", type=int, default=10)
+    p.add_argument("--spacing", type=float, default=2.0, help="voxel size of the scans (mm)")
+    p.add_argument("--lesion-kind", default="ms", choices=["ms", "hyperintense_t1", "mass"])
+    p.add_argument("--max-load-ml", type=float, default=20.0)
+    p.add_argument("--contrast-boost", type=float, default=1.0,
+                   help="scale lesion contrast (the reference study used 1.5)")
+    p.add_argument("--montage", type=Path, default=None, help="also write a PNG montage here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cohort")
+    p.set_defaults(func=_run_make_benchmark)
+
+
+def _run_make_benchmark(args) -> int:
+    from .cohort import CohortSizes, make_benchmark, save_montage
+    from .lesions import LesionConfig
+    from .synthesis import SubjectConfig
+
+    sizes = CohortSizes(args.n_train, args.n_val, args.n_test_healthy, args.n_test_lesioned,
+                        args.n_loao_healthy, args.n_loao_lesioned)
+    if min(vars(sizes).values()) < 0:
+        raise InputError("subject counts must be >= 0")
+    manifest = make_benchmark(
+        args.out,
+        anatomy_dir=args.anatomy_dir,
+        sizes=sizes,
+        seed=args.seed,
+        subject_config=SubjectConfig(spacing_mm=args.spacing),
+        lesion_config=LesionConfig(kind=args.lesion_kind, max_load_ml=args.max_load_ml,
+                                   contrast_boost=args.contrast_boost),
+        overwrite=args.overwrite,
+    )
+    stats = json.loads(manifest.read_text())["lesion_statistics"]
+    print(f"wrote {manifest}")
+    print(json.dumps(stats, indent=1))
+    if args.montage:
+        print(f"wrote {save_montage(manifest, args.montage)}")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="score one predicted label volume against the truth")
+    p.add_argument("--pred", required=True, type=Path, help="predicted labels (nonzero = lesion)")
+    p.add_argument("--truth", required=True, type=Path, help="ground-truth lesion mask")
+    p.add_argument("--scores", type=Path, help="raw anomaly heat map (for AUROC/AUPRC)")
+    p.add_argument("--brain-mask", type=Path, help="mask for AUROC/AUPRC")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from .io import load_volume
+    from .metrics import evaluate_case
+
+    truth = load_volume(args.truth, what="truth mask", allow_empty=True)
+    pred = load_volume(args.pred, what="prediction", allow_empty=True)
+    inputs = {"prediction": pred}
+    scores = mask = None
+    if args.scores:
+        inputs["scores"] = scores_volume = load_volume(args.scores, what="scores", allow_empty=True)
+        scores = np.asarray(scores_volume.data, dtype=np.float32)
+    if args.brain_mask:
+        inputs["brain mask"] = mask_volume = load_volume(args.brain_mask, what="brain mask")
+        mask = mask_volume.data > 0
+    for name, volume in inputs.items():
+        if volume.shape != truth.shape or not np.allclose(volume.affine, truth.affine, atol=1e-3):
+            raise InputError(f"{name} '{getattr(args, name.replace(' ', '_'), '')}' is not on "
+                             f"the grid of the truth mask '{args.truth}' (shape {volume.shape} "
+                             f"vs {truth.shape}); resample it first")
+    result = evaluate_case(pred.data > 0, truth.data > 0, truth.spacing, scores, mask)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        for key, value in result.items():
+            if isinstance(value, list):
+                continue
+            print(f"{key:24s} {value:.4f}" if isinstance(value, float) else f"{key:24s} {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spatial-msma", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_make_benchmark(sub)
+    _add_evaluate(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (InputError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

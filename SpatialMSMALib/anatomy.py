@@ -58,9 +58,7 @@ def load_mni152_2009a() -> Anatomy:
     mask = np.asarray(datasets.load_mni152_brain_mask(resolution=1).get_fdata()) > 0.5
     csf = np.clip(mask.astype(np.float32) - gm - wm, 0, 1)
     tissue = np.stack([csf, gm, wm]) * mask
-    return Anatomy(
-        "mni152_2009a", _scale_to_wm(t1, wm > 0.9), mask, tissue, t1_img.affine, True
-    )
+    return Anatomy("mni152_2009a", _scale_to_wm(t1, wm > 0.9), mask, tissue, t1_img.affine, True)
 
 
 def load_anatomy_file(name: str, anatomy_dir: Path, seed: int = 0) -> Anatomy:
@@ -111,7 +109,9 @@ def tissue_maps_from_t1(t1: np.ndarray, brain_mask: np.ndarray, seed: int = 0) -
     values = np.clip(values, low, high)
     rng = np.random.default_rng(seed)
     sample = values[rng.choice(values.size, size=min(200_000, values.size), replace=False)]
-    gmm = GaussianMixture(3, random_state=seed, means_init=np.percentile(sample, [10, 50, 85])[:, None])
+    gmm = GaussianMixture(
+        3, random_state=seed, means_init=np.percentile(sample, [10, 50, 85])[:, None]
+    )
     gmm.fit(sample[:, None])
     order = np.argsort(gmm.means_[:, 0])
     posterior = gmm.predict_proba(values[:, None])[:, order]

@@ -20,8 +20,12 @@ from .errors import InputError
 def _add_make_benchmark(sub) -> None:
     p = sub.add_parser("make-benchmark", help="build the reproducible benchmark cohort")
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--anatomy-dir", type=Path, default=None,
-                   help="folder with extra real anatomies (e.g. ../shared/data/anatomy)")
+    p.add_argument(
+        "--anatomy-dir",
+        type=Path,
+        default=None,
+        help="folder with extra real anatomies (e.g. ../shared/data/anatomy)",
+    )
     p.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
     p.add_argument("--n-train", type=int, default=40)
     p.add_argument("--n-val", type=int, default=10)
@@ -32,8 +36,12 @@ def _add_make_benchmark(sub) -> None:
     p.add_argument("--spacing", type=float, default=2.0, help="voxel size of the scans (mm)")
     p.add_argument("--lesion-kind", default="ms", choices=["ms", "hyperintense_t1", "mass"])
     p.add_argument("--max-load-ml", type=float, default=20.0)
-    p.add_argument("--contrast-boost", type=float, default=1.0,
-                   help="scale lesion contrast (the reference study used 1.5)")
+    p.add_argument(
+        "--contrast-boost",
+        type=float,
+        default=1.0,
+        help="scale lesion contrast (the reference study used 1.5)",
+    )
     p.add_argument("--montage", type=Path, default=None, help="also write a PNG montage here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cohort")
     p.set_defaults(func=_run_make_benchmark)
@@ -44,8 +52,14 @@ def _run_make_benchmark(args) -> int:
     from .lesions import LesionConfig
     from .synthesis import SubjectConfig
 
-    sizes = CohortSizes(args.n_train, args.n_val, args.n_test_healthy, args.n_test_lesioned,
-                        args.n_loao_healthy, args.n_loao_lesioned)
+    sizes = CohortSizes(
+        args.n_train,
+        args.n_val,
+        args.n_test_healthy,
+        args.n_test_lesioned,
+        args.n_loao_healthy,
+        args.n_loao_lesioned,
+    )
     if min(vars(sizes).values()) < 0:
         raise InputError("subject counts must be >= 0")
     manifest = make_benchmark(
@@ -54,8 +68,9 @@ def _run_make_benchmark(args) -> int:
         sizes=sizes,
         seed=args.seed,
         subject_config=SubjectConfig(spacing_mm=args.spacing),
-        lesion_config=LesionConfig(kind=args.lesion_kind, max_load_ml=args.max_load_ml,
-                                   contrast_boost=args.contrast_boost),
+        lesion_config=LesionConfig(
+            kind=args.lesion_kind, max_load_ml=args.max_load_ml, contrast_boost=args.contrast_boost
+        ),
         overwrite=args.overwrite,
     )
     stats = json.loads(manifest.read_text())["lesion_statistics"]
@@ -92,9 +107,11 @@ def _run_evaluate(args) -> int:
         mask = mask_volume.data > 0
     for name, volume in inputs.items():
         if volume.shape != truth.shape or not np.allclose(volume.affine, truth.affine, atol=1e-3):
-            raise InputError(f"{name} '{getattr(args, name.replace(' ', '_'), '')}' is not on "
-                             f"the grid of the truth mask '{args.truth}' (shape {volume.shape} "
-                             f"vs {truth.shape}); resample it first")
+            raise InputError(
+                f"{name} '{getattr(args, name.replace(' ', '_'), '')}' is not on "
+                f"the grid of the truth mask '{args.truth}' (shape {volume.shape} "
+                f"vs {truth.shape}); resample it first"
+            )
     result = evaluate_case(pred.data > 0, truth.data > 0, truth.spacing, scores, mask)
     if args.json:
         print(json.dumps(result, indent=1))
@@ -106,12 +123,75 @@ def _run_evaluate(args) -> int:
     return 0
 
 
+def _add_preprocess(sub) -> None:
+    p = sub.add_parser("preprocess", help="bring a T1 (+T2) scan into model space")
+    p.add_argument("--t1", required=True, type=Path)
+    p.add_argument("--t2", type=Path)
+    p.add_argument("--mask", type=Path, help="brain mask (otherwise atlas-based extraction)")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--spacing", type=float, default=2.0, help="model grid spacing (mm)")
+    p.add_argument("--registration", default="affine", choices=["affine", "rigid", "none"])
+    p.add_argument("--no-n4", action="store_true", help="skip N4 bias correction")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_run_preprocess)
+
+
+def _run_preprocess(args) -> int:
+    from tqdm import tqdm
+
+    from .io import load_volume, save_volume
+    from .preprocessing import PreprocessConfig, preprocess_scan
+    from .template import DEFAULT_SHAPE, DEFAULT_SPACING_MM
+
+    shape = tuple(int(round(s * DEFAULT_SPACING_MM / args.spacing)) for s in DEFAULT_SHAPE)
+    config = PreprocessConfig(
+        spacing_mm=args.spacing, shape=shape, n4=not args.no_n4, registration=args.registration
+    )
+    t1 = load_volume(args.t1, what="T1")
+    t2 = load_volume(args.t2, what="T2") if args.t2 else None
+    mask = load_volume(args.mask, what="brain mask") if args.mask else None
+    outputs = [
+        "t1_model.nii.gz",
+        "brainmask_model.nii.gz",
+        "brainmask_native.nii.gz",
+        "mapping.json",
+    ] + (["t2_model.nii.gz"] if t2 is not None else [])
+    existing = [name for name in outputs if (args.out / name).exists()]
+    if existing and not args.overwrite:
+        raise InputError(f"'{args.out}' already holds {existing}; use --overwrite to replace")
+    with tqdm(total=100, desc="preprocess", unit="%") as bar:
+
+        def progress(message: str, fraction: float) -> None:
+            bar.set_postfix_str(message)
+            bar.update(int(fraction * 100) - bar.n)
+
+        result = preprocess_scan(
+            t1,
+            t2,
+            mask,
+            config,
+            progress=progress,
+            names={"t1": args.t1, "t2": args.t2, "mask": args.mask},
+        )
+    grid = result.mapping.model_grid
+    for index, name in enumerate(["t1_model.nii.gz", "t2_model.nii.gz"][: len(result.image)]):
+        save_volume(args.out / name, result.image[index], grid.affine, overwrite=True)
+    save_volume(args.out / "brainmask_model.nii.gz", result.brain_mask, grid.affine, overwrite=True)
+    save_volume(
+        args.out / "brainmask_native.nii.gz", result.native_brain_mask, t1.affine, overwrite=True
+    )
+    (args.out / "mapping.json").write_text(result.mapping.to_json())
+    print(f"wrote {args.out} (registration NCC {result.mapping.registration_ncc:.3f})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spatial-msma", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_make_benchmark(sub)
     _add_evaluate(sub)
+    _add_preprocess(sub)
     return parser
 
 

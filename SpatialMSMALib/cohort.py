@@ -39,7 +39,9 @@ class CohortSizes:
     n_loao_lesioned: int = 10
 
 
-def plan_cohort(anatomies: list[str], sizes: CohortSizes, seed: int) -> tuple[list[dict], str | None]:
+def plan_cohort(
+    anatomies: list[str], sizes: CohortSizes, seed: int
+) -> tuple[list[dict], str | None]:
     """Subject list (id, split, anatomy, lesioned, seed) and the held-out anatomy (or None)."""
     holdout = next((a for a in HOLDOUT_PREFERENCE if a in anatomies), None)
     training = [a for a in anatomies if a != holdout]
@@ -95,7 +97,9 @@ def make_benchmark(
     lesion_config = lesion_config or LesionConfig()
     manifest_path = out_dir / MANIFEST_NAME
     if manifest_path.exists() and not overwrite:
-        raise InputError(f"'{manifest_path}' already exists; refusing to overwrite (use --overwrite)")
+        raise InputError(
+            f"'{manifest_path}' already exists; refusing to overwrite (use --overwrite)"
+        )
     anatomy_names = available_anatomies(anatomy_dir)
     subjects, holdout = plan_cohort(anatomy_names, sizes, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -172,7 +176,7 @@ def lesion_statistics(subjects: list[dict]) -> dict:
         "lesion_volume_mm3": _describe(sizes),
         "size_bins_mm3": {
             f"{lo}-{hi - 1 if hi == 15001 else hi}": int(((sizes >= lo) & (sizes < hi)).sum())
-            for lo, hi in zip(edges[:-1], edges[1:])
+            for lo, hi in zip(edges[:-1], edges[1:], strict=True)
         },
     }
 
@@ -211,8 +215,20 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _write_csv(path: Path, subjects: list[dict]) -> None:
-    columns = ["id", "split", "anatomy", "lesioned", "seed", "n_lesions", "lesion_volume_ml",
-               "t1", "t2", "brain_mask", "lesion_mask", "tissue"]
+    columns = [
+        "id",
+        "split",
+        "anatomy",
+        "lesioned",
+        "seed",
+        "n_lesions",
+        "lesion_volume_ml",
+        "t1",
+        "t2",
+        "brain_mask",
+        "lesion_mask",
+        "tissue",
+    ]
     tmp = path.with_name(f".{path.name}.partial")
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
@@ -246,8 +262,11 @@ def save_montage(manifest_path: str | Path, out_png: str | Path, n_subjects: int
             ax = axes[row, col]
             ax.imshow(np.rot90(image[:, :, k]), cmap="gray")
             ax.contour(np.rot90(lesion[:, :, k]), levels=[0.5], colors="r", linewidths=0.8)
-            ax.set_title(f"{subject['id']} {name}\n{subject['anatomy']}, "
-                         f"{subject['lesion_volume_ml']:.1f} mL", fontsize=8)
+            ax.set_title(
+                f"{subject['id']} {name}\n{subject['anatomy']}, "
+                f"{subject['lesion_volume_ml']:.1f} mL",
+                fontsize=8,
+            )
             ax.axis("off")
     fig.tight_layout()
     out_png = Path(out_png)

@@ -98,7 +98,13 @@ def _read_nifti(path: Path, label: str) -> tuple[np.ndarray, np.ndarray]:
         image = nib.load(str(path))
         data = np.asanyarray(image.dataobj)
         affine = np.asarray(image.affine, dtype=float)
-    except (OSError, EOFError, ValueError, gzip.BadGzipFile, nib.filebasedimages.ImageFileError) as e:
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        gzip.BadGzipFile,
+        nib.filebasedimages.ImageFileError,
+    ) as e:
         raise InputError(f"{label}: cannot read NIfTI file ({type(e).__name__}: {e})") from e
     return data, affine
 
@@ -199,9 +205,10 @@ def save_volume(
         image.header.set_xyzt_units("mm")
         # gzip without a timestamp: same data -> same bytes
         if suffix == ".nii.gz":
-            with open(tmp, "wb") as raw, gzip.GzipFile(
-                filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6
-            ) as gz:
+            with (
+                open(tmp, "wb") as raw,
+                gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz,
+            ):
                 gz.write(image.to_bytes())
         else:
             nib.save(image, str(tmp))

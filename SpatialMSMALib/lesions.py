@@ -70,10 +70,16 @@ def _grow_lesion(
     low = np.maximum(center - half, 0)
     high = np.minimum(center + half + 1, allowed.shape)
     box_allowed = allowed[low[0] : high[0], low[1] : high[1], low[2] : high[2]]
-    grid = np.stack(
-        np.meshgrid(*[np.arange(lo, hi) - c for lo, hi, c in zip(low, high, center)], indexing="ij"),
-        axis=-1,
-    ) * spacing
+    grid = (
+        np.stack(
+            np.meshgrid(
+                *[np.arange(lo, hi) - c for lo, hi, c in zip(low, high, center, strict=True)],
+                indexing="ij",
+            ),
+            axis=-1,
+        )
+        * spacing
+    )
     # random anisotropic ellipsoid, randomly oriented, with a smooth irregular boundary
     q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
     axes = np.exp(rng.uniform(-0.4, 0.4, size=3))
@@ -167,8 +173,9 @@ def simulate_lesions(
         f1 = float(np.clip(rng.normal(*config.t1_factor), *config.t1_factor_range))
         f2 = float(np.clip(rng.normal(*config.t2_factor), *config.t2_factor_range))
         if config.kind == "mass":
-            f1, f2 = float(np.clip(rng.normal(0.7, 0.08), 0.4, 0.95)), float(
-                np.clip(rng.normal(1.6, 0.2), 1.1, 3.0)
+            f1, f2 = (
+                float(np.clip(rng.normal(0.7, 0.08), 0.4, 0.95)),
+                float(np.clip(rng.normal(1.6, 0.2), 1.1, 3.0)),
             )
         f1, f2 = _boosted(f1, config.contrast_boost), _boosted(f2, config.contrast_boost)
         smooth = _smoothed_patch(single, voxels, config.border_sigma_mm / spacing)
@@ -194,7 +201,7 @@ def _smoothed_patch(single: np.ndarray, voxels: np.ndarray, sigma_vox: np.ndarra
     margin = np.ceil(4 * sigma_vox).astype(int) + 1
     low = np.maximum(voxels.min(0) - margin, 0)
     high = np.minimum(voxels.max(0) + margin + 1, single.shape)
-    box = tuple(slice(lo, hi) for lo, hi in zip(low, high))
+    box = tuple(slice(lo, hi) for lo, hi in zip(low, high, strict=True))
     out = np.zeros(single.shape, np.float32)
     out[box] = ndimage.gaussian_filter(single[box].astype(np.float32), sigma_vox)
     return out

@@ -128,7 +128,7 @@ def tpr_by_size(sizes_mm3, detected, edges=SIZE_BIN_EDGES_MM3) -> list[dict]:
     sizes = np.asarray(sizes_mm3, dtype=float)
     hits = np.asarray(detected, dtype=bool)
     rows = []
-    for low, high in zip(edges[:-1], edges[1:]):
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
         in_bin = (sizes >= low) & (sizes < high)
         n = int(in_bin.sum())
         rows.append(

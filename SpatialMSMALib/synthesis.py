@@ -69,7 +69,7 @@ def smooth_random_field(
 ) -> np.ndarray:
     """Unit-SD-at-control-points random field, cubic-interpolated from a coarse grid."""
     coarse = rng.normal(size=control_shape)
-    zoom = [s / c for s, c in zip(shape, control_shape)]
+    zoom = [s / c for s, c in zip(shape, control_shape, strict=True)]
     field = ndimage.zoom(coarse, zoom, order=3, mode="nearest", grid_mode=True)
     return field[tuple(slice(0, s) for s in shape)]
 
@@ -100,7 +100,7 @@ def diffeomorphic_displacement(
             [ndimage.map_coordinates(d, warped, order=1, mode="nearest") for d in displacement]
         )
     displacement_mm = displacement * coarse_spacing[:, None, None, None]
-    zoom = [s / c for s, c in zip(shape, coarse_shape)]
+    zoom = [s / c for s, c in zip(shape, coarse_shape, strict=True)]
     return np.stack(
         [
             ndimage.zoom(d, zoom, order=1, mode="nearest", grid_mode=True)[
@@ -111,7 +111,9 @@ def diffeomorphic_displacement(
     ).astype(np.float32)
 
 
-def random_affine(center: np.ndarray, config: SubjectConfig, rng: np.random.Generator) -> np.ndarray:
+def random_affine(
+    center: np.ndarray, config: SubjectConfig, rng: np.random.Generator
+) -> np.ndarray:
     """4x4 RAS map subject -> anatomy: rotation, anisotropic scaling, translation."""
     angles = np.deg2rad(rng.uniform(-config.rotation_deg, config.rotation_deg, size=3))
     scales = np.exp(rng.normal(0, config.scale_sd, size=3))
@@ -148,7 +150,10 @@ def synthesize_subject(
     )
     # subject voxel -> subject RAS (+ deformation) -> anatomy RAS -> anatomy voxel
     world = np.indices(grid.shape, dtype=np.float32)
-    world = np.einsum("ij,j...->i...", grid.affine[:3, :3], world) + grid.affine[:3, 3, None, None, None]
+    world = (
+        np.einsum("ij,j...->i...", grid.affine[:3, :3], world)
+        + grid.affine[:3, 3, None, None, None]
+    )
     world += displacement
     to_voxel = np.linalg.inv(anatomy.affine) @ subject_to_anatomy
     coords = np.einsum("ij,j...->i...", to_voxel[:3, :3], world) + to_voxel[:3, 3, None, None, None]
@@ -160,7 +165,6 @@ def synthesize_subject(
     t1 = warp(anatomy.t1).astype(np.float32)
     tissue = np.stack([warp(p) for p in anatomy.tissue]).astype(np.float32)
     brain = warp(anatomy.brain_mask.astype(np.float32)) > 0.5
-    del coords
 
     gamma = float(np.exp(rng.normal(0, config.gamma_sd)))
     t1 = np.clip(t1, 0, None) ** gamma

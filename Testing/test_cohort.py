@@ -14,8 +14,9 @@ from SpatialMSMALib.io import load_volume
 from SpatialMSMALib.lesions import LesionConfig, simulate_lesions
 from SpatialMSMALib.synthesis import diffeomorphic_displacement, synthesize_subject
 
-TINY = CohortSizes(n_train=1, n_val=0, n_test_healthy=0, n_test_lesioned=2, n_loao_healthy=0,
-                   n_loao_lesioned=0)
+TINY = CohortSizes(
+    n_train=1, n_val=0, n_test_healthy=0, n_test_lesioned=2, n_loao_healthy=0, n_loao_lesioned=0
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,9 @@ def test_plan_holds_out_one_anatomy_for_loao():
         assert (s["anatomy"] == "colin27") == s["split"].startswith("loao")
     assert len({s["seed"] for s in subjects}) == len(subjects)
     assert {s["anatomy"] for s in subjects if s["split"] == "train"} == {
-        "mni152_2009a", "mni152nlin6asym"}
+        "mni152_2009a",
+        "mni152nlin6asym",
+    }
 
 
 def test_lesions_follow_the_protocol(mni):
@@ -101,15 +104,32 @@ def test_deformation_is_invertible():
     d = diffeomorphic_displacement((40, 48, 40), 2.0, 4.0, 20.0, np.random.default_rng(0))
     assert np.abs(d).max() > 1.0  # something happened (mm)
     grads = [np.gradient(d[i] / 2.0) for i in range(3)]
-    jac = np.array([[grads[i][j] for j in range(3)] for i in range(3)]) + np.eye(3)[:, :, None,
-                                                                                     None, None]
+    jac = (
+        np.array([[grads[i][j] for j in range(3)] for i in range(3)])
+        + np.eye(3)[:, :, None, None, None]
+    )
     det = np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1)))
     assert det.min() > 0
 
 
 def test_cli_make_benchmark_and_evaluate(tmp_path, capsys):
-    rc = main(["make-benchmark", "--out", str(tmp_path), "--n-train", "0", "--n-val", "0",
-               "--n-test-healthy", "0", "--n-test-lesioned", "1", "--seed", "5"])
+    rc = main(
+        [
+            "make-benchmark",
+            "--out",
+            str(tmp_path),
+            "--n-train",
+            "0",
+            "--n-val",
+            "0",
+            "--n-test-healthy",
+            "0",
+            "--n-test-lesioned",
+            "1",
+            "--seed",
+            "5",
+        ]
+    )
     assert rc == 0
     assert "manifest.json" in capsys.readouterr().out
     truth = tmp_path / "test_lesioned_000_lesionmask.nii.gz"

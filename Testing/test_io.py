@@ -79,10 +79,14 @@ def _write(tmp_path, data, affine=None, name="x.nii.gz"):
         (lambda p: _write(p, np.ones((5, 6, 7, 3), np.float32)), "single 3D volume"),
         (lambda p: _write(p, np.zeros((5, 6, 7), np.float32)), "all voxels are zero"),
         (lambda p: _write(p, _with_nan()), "NaN or Inf"),
-        (lambda p: _write(p, np.ones((5, 6, 7), np.float32), np.diag([0.001, 1, 1, 1])),
-         "absurd voxel spacing"),
-        (lambda p: _write(p, np.ones((5, 6, 7), np.float32), np.diag([50.0, 1, 1, 1])),
-         "absurd voxel spacing"),
+        (
+            lambda p: _write(p, np.ones((5, 6, 7), np.float32), np.diag([0.001, 1, 1, 1])),
+            "absurd voxel spacing",
+        ),
+        (
+            lambda p: _write(p, np.ones((5, 6, 7), np.float32), np.diag([50.0, 1, 1, 1])),
+            "absurd voxel spacing",
+        ),
     ],
 )
 def test_bad_input_gives_clear_error_naming_the_file(tmp_path, make, message):

@@ -1,0 +1,213 @@
+"""Native <-> model space mapping, registration and input checks of the pipeline."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from SpatialMSMALib.anatomy import load_mni152_2009a
+from SpatialMSMALib.errors import InputError, RegistrationError
+from SpatialMSMALib.geometry import Grid, affine_about_point, rotation_matrix
+from SpatialMSMALib.io import Volume
+from SpatialMSMALib.preprocessing import (
+    PreprocessConfig,
+    SpaceMapping,
+    normalize_percentiles,
+    preprocess_scan,
+)
+from SpatialMSMALib.synthesis import SubjectConfig, synthesize_subject
+from SpatialMSMALib.template import model_grid
+
+
+def _oblique_native_grid():
+    """A 1.1 x 0.9 x 1.4 mm LAS-like grid rotated by a few degrees."""
+    linear = rotation_matrix(np.deg2rad([7.0, -4.0, 11.0])) @ np.diag([-1.1, 0.9, 1.4])
+    affine = np.eye(4)
+    affine[:3, :3] = linear
+    affine[:3, 3] = [95.0, -120.0, -70.0]
+    return Grid((180, 240, 150), affine)
+
+
+def _known_mapping():
+    native = _oblique_native_grid()
+    model_to_native = affine_about_point(
+        rotation_matrix(np.deg2rad([-5.0, 3.0, 8.0])) @ np.diag([1.05, 0.97, 1.02]),
+        np.array([4.0, -6.0, 9.0]),
+        np.zeros(3),
+    )
+    return SpaceMapping(native, model_grid(), model_to_native)
+
+
+def _centroid_world(array, affine):
+    c = np.array(ndimage.center_of_mass(array))
+    return affine[:3, :3] @ c + affine[:3, 3]
+
+
+def test_blob_in_model_space_lands_where_it_should_in_native_space():
+    mapping = _known_mapping()
+    grid = mapping.model_grid
+    blob_center_index = np.array([30.0, 70.0, 55.0])
+    blob = (
+        np.linalg.norm(np.indices(grid.shape).transpose(1, 2, 3, 0) - blob_center_index, axis=-1)
+        <= 4
+    )
+    center_mni = grid.affine[:3, :3] @ blob_center_index + grid.affine[:3, 3]
+    expected_native = mapping.model_point_to_native(center_mni[None])[0]
+
+    heat = mapping.to_native(blob.astype(np.float32), order=1)
+    labels = mapping.to_native(blob.astype(np.uint8), order=0)
+    native = mapping.native_grid
+    half_voxel = 0.5 * native.spacing.max()
+    for array in (heat, labels):
+        got = _centroid_world(array, native.affine)
+        assert np.linalg.norm(got - expected_native) < half_voxel
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) == {0, 1}
+    # volume is preserved up to the affine's determinant
+    volume_model = blob.sum() * 8.0
+    volume_native = labels.sum() * np.prod(native.spacing)
+    det = abs(np.linalg.det(mapping.model_to_native[:3, :3]))
+    assert volume_native == pytest.approx(volume_model * det, rel=0.08)
+
+
+def test_round_trip_native_model_native_within_half_a_voxel():
+    mapping = _known_mapping()
+    native = mapping.native_grid
+    point = np.array([90.0, 110.0, 80.0])
+    blob = (
+        np.linalg.norm(np.indices(native.shape).transpose(1, 2, 3, 0) - point, axis=-1) <= 9
+    ).astype(np.float32)
+    there = mapping.to_model(blob)
+    back = mapping.to_native(there)
+    shift = _centroid_world(back, native.affine) - _centroid_world(blob, native.affine)
+    assert np.linalg.norm(shift) < 0.5 * native.spacing.min()
+    # and the mapping survives JSON
+    again = SpaceMapping.from_dict(mapping.to_dict())
+    np.testing.assert_array_equal(again.to_native(there), back)
+
+
+def test_normalize_percentiles():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 100, size=(20, 20, 20)).astype(np.float32)
+    mask = np.zeros(x.shape, bool)
+    mask[5:15, 5:15, 5:15] = True
+    out, (low, high) = normalize_percentiles(x, mask, (1, 99))
+    assert low == pytest.approx(np.percentile(x[mask], 1))
+    assert np.all(out[~mask] == -1)
+    inside = out[mask]
+    assert np.mean(inside < -0.999) == pytest.approx(0.01, abs=0.002)
+    assert np.mean(inside > 1.0) == pytest.approx(0.01, abs=0.002)
+    with pytest.raises(InputError, match="constant"):
+        normalize_percentiles(np.ones_like(x), mask)
+
+
+@pytest.fixture(scope="module")
+def subject():
+    config = SubjectConfig(deformation_mm=0.0)
+    return synthesize_subject(load_mni152_2009a(), seed=21, config=config)
+
+
+def test_registration_recovers_a_known_affine(subject):
+    t1 = Volume(subject.t1, subject.grid.affine)
+    t2 = Volume(subject.t2, subject.grid.affine)
+    result = preprocess_scan(t1, t2, Volume(subject.brain_mask, subject.grid.affine))
+    true_model_to_native = np.linalg.inv(subject.subject_to_anatomy)
+    grid = result.mapping.model_grid
+    points = np.argwhere(result.brain_mask)[::97] @ grid.affine[:3, :3].T + grid.affine[:3, 3]
+    estimated = result.mapping.model_point_to_native(points)
+    expected = points @ true_model_to_native[:3, :3].T + true_model_to_native[:3, 3]
+    error = np.linalg.norm(estimated - expected, axis=1)
+    assert error.mean() < 1.5 and np.percentile(error, 95) < 3.0  # mm, at 2 mm voxels
+    assert result.image.shape == (2, *grid.shape)
+    assert result.mapping.registration_ncc > 0.8
+    assert [s["step"] for s in result.mapping.steps][-1] == "total"
+
+
+def test_non_brain_image_is_refused():
+    rng = np.random.default_rng(0)
+    cube = np.zeros((90, 110, 90), np.float32)
+    cube[20:70, 25:85, 20:70] = 100
+    cube += rng.uniform(0, 5, cube.shape).astype(np.float32)
+    with pytest.raises(RegistrationError, match="registration to the MNI template failed"):
+        preprocess_scan(
+            Volume(cube, np.diag([2.0, 2.0, 2.0, 1.0])),
+            names={"t1": "cube.nii.gz"},
+            config=PreprocessConfig(n4=False),
+        )
+
+
+def test_t2_that_does_not_overlap_is_refused(subject):
+    far = subject.grid.affine.copy()
+    far[:3, 3] += [500.0, 0.0, 0.0]
+    with pytest.raises(InputError, match="T2 't2.nii.gz'.*does not overlap"):
+        preprocess_scan(
+            Volume(subject.t1, subject.grid.affine),
+            Volume(subject.t2, far),
+            names={"t2": "t2.nii.gz"},
+        )
+
+
+def test_t2_on_another_grid_is_resampled_onto_t1(subject):
+    affine = subject.grid.affine
+    even = [s - s % 2 for s in subject.t2.shape]
+    t2 = subject.t2[: even[0], : even[1], : even[2]]
+    coarse = t2.reshape(even[0] // 2, 2, even[1] // 2, 2, even[2] // 2, 2).mean(axis=(1, 3, 5))
+    coarse_affine = affine.copy()
+    coarse_affine[:3, :3] *= 2.0
+    coarse_affine[:3, 3] += 0.5 * np.diag(affine[:3, :3])  # voxel centres of 2x larger voxels
+    model_to_native = np.linalg.inv(subject.subject_to_anatomy)
+
+    def t2_in_model_space(t2_volume):
+        return preprocess_scan(
+            Volume(subject.t1, affine),
+            t2_volume,
+            Volume(subject.brain_mask, affine),
+            config=PreprocessConfig(n4=False),
+            model_to_native=model_to_native,
+        )
+
+    base = t2_in_model_space(Volume(subject.t2, affine))
+    other = t2_in_model_space(Volume(coarse, coarse_affine))
+    shifted_affine = coarse_affine.copy()
+    shifted_affine[:3, 3] += [4.0, 0.0, 0.0]
+    wrong = t2_in_model_space(Volume(coarse, shifted_affine))
+    assert other.mapping.steps[0]["resampled"] is True
+    assert base.mapping.steps[0]["resampled"] is False
+    inside = base.brain_mask
+
+    def correlation(result):
+        return np.corrcoef(base.image[1][inside], result.image[1][inside])[0, 1]
+
+    assert correlation(other) > 0.85
+    assert correlation(other) > correlation(wrong) + 0.05
+
+
+def test_cli_preprocess_writes_model_space_files_and_mapping(tmp_path, subject, capsys):
+    from SpatialMSMALib.cli import main
+    from SpatialMSMALib.io import load_volume, save_volume
+
+    save_volume(tmp_path / "t1.nii.gz", subject.t1, subject.grid.affine)
+    save_volume(tmp_path / "mask.nii.gz", subject.brain_mask, subject.grid.affine)
+    args = [
+        "preprocess",
+        "--t1",
+        str(tmp_path / "t1.nii.gz"),
+        "--mask",
+        str(tmp_path / "mask.nii.gz"),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-n4",
+    ]
+    assert main(args) == 0
+    mapping = SpaceMapping.from_dict(
+        __import__("json").loads((tmp_path / "out" / "mapping.json").read_text())
+    )
+    model_mask = load_volume(tmp_path / "out" / "brainmask_model.nii.gz").data > 0
+    back = mapping.to_native(model_mask.astype(np.uint8), order=0) > 0
+    from SpatialMSMALib.metrics import dice
+
+    assert dice(back, subject.brain_mask > 0) > 0.95
+    capsys.readouterr()
+    assert main(args) == 2  # refuses to overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    missing = ["preprocess", "--t1", str(tmp_path / "none.nii.gz"), "--out", str(tmp_path)]
+    assert main(missing) == 2
+    assert "none.nii.gz" in capsys.readouterr().err

@@ -132,6 +132,12 @@ def _add_preprocess(sub) -> None:
     p.add_argument("--spacing", type=float, default=2.0, help="model grid spacing (mm)")
     p.add_argument("--registration", default="affine", choices=["affine", "rigid", "none"])
     p.add_argument("--no-n4", action="store_true", help="skip N4 bias correction")
+    p.add_argument(
+        "--brain-extraction",
+        default="atlas",
+        choices=["atlas", "robex"],
+        help="method when no --mask is given (robex needs pip install .[robex])",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_run_preprocess)
 
@@ -145,7 +151,11 @@ def _run_preprocess(args) -> int:
 
     shape = tuple(int(round(s * DEFAULT_SPACING_MM / args.spacing)) for s in DEFAULT_SHAPE)
     config = PreprocessConfig(
-        spacing_mm=args.spacing, shape=shape, n4=not args.no_n4, registration=args.registration
+        spacing_mm=args.spacing,
+        shape=shape,
+        n4=not args.no_n4,
+        registration=args.registration,
+        brain_extraction=args.brain_extraction,
     )
     t1 = load_volume(args.t1, what="T1")
     t2 = load_volume(args.t2, what="T2") if args.t2 else None

@@ -118,9 +118,9 @@ def make_benchmark(
             subject_config,
             lesion_config if record["lesioned"] else None,
         )
-        files = {
-            "t1": subject.t1,
-            "t2": subject.t2,
+        files = {  # intensities are stored as int16 (WM ~ 1000, noise SD >= 10): lossless enough
+            "t1": _to_int16(subject.t1),
+            "t2": _to_int16(subject.t2),
             "brain_mask": subject.brain_mask,
             "lesion_mask": subject.lesion_mask,
             "tissue": subject.tissue_labels,
@@ -157,6 +157,10 @@ def make_benchmark(
     _write_text(manifest_path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     _write_csv(out_dir / "manifest.csv", subjects)
     return manifest_path
+
+
+def _to_int16(image: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(image), 0, np.iinfo(np.int16).max).astype(np.int16)
 
 
 def lesion_statistics(subjects: list[dict]) -> dict:

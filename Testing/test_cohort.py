@@ -139,3 +139,18 @@ def test_cli_make_benchmark_and_evaluate(tmp_path, capsys):
     rc = main(["evaluate", "--pred", str(tmp_path / "nope.nii.gz"), "--truth", str(truth)])
     err = capsys.readouterr().err
     assert rc == 2 and "nope.nii.gz" in err and "does not exist" in err
+
+
+@pytest.mark.slow
+def test_default_size_cohort_follows_the_protocol(tmp_path):
+    """The default-size cohort (about 4 minutes on 2 cores): splits and lesion statistics."""
+    manifest = load_manifest(make_benchmark(tmp_path, seed=0, progress=False))
+    splits = {}
+    for s in manifest["subjects"]:
+        splits[s["split"]] = splits.get(s["split"], 0) + 1
+    assert splits == {"train": 40, "val": 10, "test_healthy": 10, "test_lesioned": 20}
+    stats = manifest["lesion_statistics"]
+    assert stats["lesion_volume_mm3"]["min"] >= 50
+    assert stats["lesion_volume_mm3"]["max"] <= 15000
+    assert stats["load_ml"]["max"] <= 20.0
+    assert all(n > 0 for n in stats["size_bins_mm3"].values())

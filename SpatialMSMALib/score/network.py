@@ -1,0 +1,129 @@
+"""A small noise-conditional U-Net for 2D or 3D inputs, built for CPU throughput.
+
+Plain 3x3(x3) convolutions with GroupNorm and SiLU, FiLM conditioning (per-channel scale and
+shift) from an embedding of log(sigma), strided-convolution downsampling, transposed
+convolution upsampling, skip connections by concatenation, and no attention (self-attention
+blocks dominated the run time of MONAI's diffusion U-Net on 2 cores). Fully convolutional:
+trained on crops, evaluated on whole volumes; inputs whose size is not a multiple of
+2^(levels-1) are padded internally and cropped back. The output is divided by sigma
+(NCSNv2's parametrisation), so ``sigma * s(x, sigma)`` is O(1) at every level.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _conv(spatial_dims: int):
+    return nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+
+
+def sinusoidal_embedding(log_sigma: torch.Tensor, dim: int) -> torch.Tensor:
+    """``(B,)`` -> ``(B, dim)`` sinusoidal features of log(sigma) (frequencies 1 .. 1000)."""
+    half = dim // 2
+    frequencies = torch.exp(torch.linspace(0, math.log(1000.0), half, device=log_sigma.device))
+    angles = log_sigma[:, None].float() * frequencies[None]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class FiLMBlock(nn.Module):
+    """conv -> GroupNorm -> FiLM(embedding) -> SiLU, twice, with a residual connection."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, embed_dim: int):
+        super().__init__()
+        conv = _conv(spatial_dims)
+        self.conv1 = conv(in_channels, out_channels, 3, padding=1)
+        self.conv2 = conv(out_channels, out_channels, 3, padding=1)
+        self.norm1 = nn.GroupNorm(min(8, out_channels), out_channels)
+        self.norm2 = nn.GroupNorm(min(8, out_channels), out_channels)
+        self.film = nn.Linear(embed_dim, 2 * out_channels)
+        self.skip = conv(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        shape = (x.shape[0], -1) + (1,) * (x.dim() - 2)
+        scale, shift = self.film(embedding).chunk(2, dim=1)
+        h = self.norm1(self.conv1(x))
+        h = F.silu(h * (1 + scale.view(shape)) + shift.view(shape))
+        h = F.silu(self.norm2(self.conv2(h)))
+        return h + (x if self.skip is None else self.skip(x))
+
+
+class ScoreUNet(nn.Module):
+    """Noise-conditional score network ``s(x, sigma)``.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels (2 for T1 + T2).
+        channels: feature channels per resolution level.
+        embed_dim: size of the log(sigma) embedding.
+    Input ``(B, C, *spatial)`` and ``sigma (B,)``; output has the shape of the input.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 2,
+        channels: tuple[int, ...] = (16, 32, 64),
+        embed_dim: int = 64,
+    ):
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError("spatial_dims must be 2 or 3")
+        self.config = {
+            "spatial_dims": spatial_dims,
+            "in_channels": in_channels,
+            "channels": list(channels),
+            "embed_dim": embed_dim,
+        }
+        conv = _conv(spatial_dims)
+        transposed = nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
+        self.embed_dim = embed_dim
+        self.embed = nn.Sequential(
+            nn.Linear(embed_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim)
+        )
+        self.stem = conv(in_channels, channels[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        for i, c in enumerate(channels):
+            self.down_blocks.append(
+                FiLMBlock(spatial_dims, channels[max(i - 1, 0)] if i else channels[0], c, embed_dim)
+            )
+            if i < len(channels) - 1:
+                self.downsample.append(conv(c, c, 3, stride=2, padding=1))
+        self.up_blocks = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for i in range(len(channels) - 1, 0, -1):
+            self.upsample.append(transposed(channels[i], channels[i - 1], 2, stride=2))
+            self.up_blocks.append(
+                FiLMBlock(spatial_dims, 2 * channels[i - 1], channels[i - 1], embed_dim)
+            )
+        self.head = conv(channels[0], in_channels, 3, padding=1)
+        self.levels = len(channels)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigma = sigma.to(x.dtype).reshape(-1)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(x.shape[0])
+        factor = 2 ** (self.levels - 1)
+        spatial = x.shape[2:]
+        pad = [(-s) % factor for s in spatial]
+        if any(pad):
+            x = F.pad(x, [p for size in reversed(pad) for p in (0, size)])
+        embedding = self.embed(sinusoidal_embedding(torch.log(sigma), self.embed_dim))
+        h = self.stem(x)
+        skips = []
+        for i, block in enumerate(self.down_blocks):
+            h = block(h, embedding)
+            if i < self.levels - 1:
+                skips.append(h)
+                h = self.downsample[i](h)
+        for up, block in zip(self.upsample, self.up_blocks, strict=True):
+            h = block(torch.cat([up(h), skips.pop()], dim=1), embedding)
+        out = self.head(h)
+        out = out[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        return out / sigma.view(shape)

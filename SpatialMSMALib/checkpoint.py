@@ -32,8 +32,8 @@ def _digest(
     h.update(extra_json.encode())
     for name in sorted(states):
         for key in sorted(states[name]):
-            tensor = states[name][key].detach().cpu().contiguous()
-            h.update(f"{name}/{key}/{tensor.dtype}/{tuple(tensor.shape)}".encode())
+            tensor = states[name][key].detach().cpu().contiguous().reshape(-1)
+            h.update(f"{name}/{key}/{tensor.dtype}/{tuple(states[name][key].shape)}".encode())
             h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return h.hexdigest()
 

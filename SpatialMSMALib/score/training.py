@@ -1,0 +1,258 @@
+"""Training engine for the score model: random crops, EMA, clipping, checkpoints, resume.
+
+Pure training logic; ``training/train_score.py`` is the command line around it. Resuming
+from the last checkpoint continues the same schedule exactly: the model, EMA, optimiser,
+learning-rate schedule and the random generator state are all in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from .loss import denoising_score_matching_loss
+from .network import ScoreUNet
+from .schedule import GeometricNoiseSchedule
+
+CHECKPOINT_KIND = "score-model"
+
+
+@dataclass
+class ScoreTrainConfig:
+    """Plain-data training configuration (every field can be overridden on the CLI)."""
+
+    channels: list = field(default_factory=lambda: [16, 32, 64])
+    embed_dim: int = 64
+    sigma_min: float = 0.01
+    sigma_max: float = 2.0
+    num_levels: int = 20
+    crop: int = 32
+    batch_size: int = 8
+    steps: int = 3000
+    learning_rate: float = 2e-3
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    intensity_jitter: float = 0.05  # SD of a random per-crop scale and shift
+    flip_lr: bool = True
+    validate_every: int = 250
+    checkpoint_every: int = 250
+    seed: int = 0
+
+    def schedule(self) -> GeometricNoiseSchedule:
+        return GeometricNoiseSchedule(self.sigma_min, self.sigma_max, self.num_levels)
+
+    def build_model(self, in_channels: int, spatial_dims: int = 3) -> ScoreUNet:
+        return ScoreUNet(spatial_dims, in_channels, tuple(self.channels), self.embed_dim)
+
+
+def random_crops(
+    volumes: list[torch.Tensor], size: int, batch_size: int, generator: torch.Generator
+) -> torch.Tensor:
+    """``batch_size`` random ``size^d`` crops from a list of ``(C, *spatial)`` volumes."""
+    crops = []
+    for _ in range(batch_size):
+        volume = volumes[int(torch.randint(len(volumes), (1,), generator=generator))]
+        starts = [
+            int(torch.randint(max(1, s - size + 1), (1,), generator=generator))
+            for s in volume.shape[1:]
+        ]
+        index = (slice(None),) + tuple(slice(a, a + size) for a in starts)
+        crops.append(volume[index])
+    return torch.stack(crops)
+
+
+def augment(
+    batch: torch.Tensor, config: ScoreTrainConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """Random per-sample intensity scale/shift and left-right flip (axis 0 = i = R-L in RAS
+    model space)."""
+    shape = (batch.shape[0],) + (1,) * (batch.dim() - 1)
+    scale = 1 + config.intensity_jitter * torch.randn(shape, generator=generator)
+    shift = config.intensity_jitter * torch.randn(shape, generator=generator)
+    batch = batch * scale + shift
+    if config.flip_lr:
+        flip = torch.rand(batch.shape[0], generator=generator) < 0.5
+        batch[flip] = batch[flip].flip(2)
+    return batch
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict, dict]:
+    tensors, plain = {}, {"param_groups": state["param_groups"], "state_keys": {}}
+    for index, entry in state["state"].items():
+        plain["state_keys"][str(index)] = []
+        for key, value in entry.items():
+            tensors[f"{index}.{key}"] = torch.as_tensor(value)
+            plain["state_keys"][str(index)].append(key)
+    return tensors, plain
+
+
+def _unflatten_optimizer(tensors: dict, plain: dict) -> dict:
+    state = {
+        int(i): {k: tensors[f"{i}.{k}"] for k in keys} for i, keys in plain["state_keys"].items()
+    }
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+class ScoreTrainer:
+    """Holds model, EMA copy, optimiser, schedule and RNG; ``run`` trains to ``config.steps``.
+
+    Args:
+        config: training configuration.
+        train_volumes / val_volumes: lists of ``(C, *spatial)`` float tensors (model space).
+        out_dir: where ``last.pt``, ``best.pt`` and ``log.csv`` go.
+    """
+
+    def __init__(
+        self,
+        config: ScoreTrainConfig,
+        train_volumes: list[torch.Tensor],
+        val_volumes: list[torch.Tensor],
+        out_dir: str | Path,
+        device: str = "cpu",
+    ):
+        self.config = config
+        self.train_volumes, self.val_volumes = train_volumes, val_volumes
+        self.out_dir = Path(out_dir)
+        self.device = torch.device(device)
+        spatial_dims = train_volumes[0].dim() - 1
+        torch.manual_seed(config.seed)
+        self.model = config.build_model(train_volumes[0].shape[0], spatial_dims).to(self.device)
+        self.ema = copy.deepcopy(self.model).eval()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.noise = config.schedule()
+        self.step = 0
+        self.best_val = float("inf")
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to 5% at ``config.steps``."""
+        c = self.config
+        if step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        progress = min(1.0, (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps))
+        return 0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def save(self, name: str = "last.pt") -> Path:
+        optimizer_tensors, optimizer_plain = _flatten_optimizer(self.optimizer.state_dict())
+        extra = {
+            "step": self.step,
+            "best_val": self.best_val,
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "optimizer": optimizer_plain,
+            "in_channels": self.model.config["in_channels"],
+            "spatial_dims": self.model.config["spatial_dims"],
+        }
+        states = {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": optimizer_tensors,
+            "rng": {"generator": self.generator.get_state()},
+        }
+        return save_checkpoint(
+            self.out_dir / name, CHECKPOINT_KIND, asdict(self.config), states, extra
+        )
+
+    def resume(self, path: str | Path) -> None:
+        checkpoint = load_checkpoint(path, kind=CHECKPOINT_KIND)
+        if checkpoint["config"] != json.loads(json.dumps(asdict(self.config))):
+            raise ValueError(f"checkpoint '{path}' was trained with another configuration")
+        extra = checkpoint["extra"]
+        self.model.load_state_dict(checkpoint["states"]["model"])
+        self.ema.load_state_dict(checkpoint["states"]["ema"])
+        self.optimizer.load_state_dict(
+            _unflatten_optimizer(checkpoint["states"]["optimizer"], extra["optimizer"])
+        )
+        self.lr_schedule.load_state_dict(extra["lr_schedule"])
+        self.generator.set_state(checkpoint["states"]["rng"]["generator"])
+        self.step = int(extra["step"])
+        self.best_val = float(extra["best_val"])
+
+    # -- training ------------------------------------------------------------------------
+    def train_step(self) -> float:
+        c = self.config
+        batch = random_crops(self.train_volumes, c.crop, c.batch_size, self.generator)
+        batch = augment(batch, c, self.generator).to(self.device)
+        sigmas = self.noise.sample(c.batch_size, self.generator).to(self.device)
+        noise = torch.randn(batch.shape, generator=self.generator).to(self.device)
+        self.model.train()
+        loss = denoising_score_matching_loss(self.model, batch, sigmas, noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                e.lerp_(p, 1 - c.ema_decay)
+        self.step += 1
+        return float(loss.item())
+
+    @torch.no_grad()
+    def validate(self, n_batches: int = 4) -> float:
+        """DSM loss of the EMA model on fixed validation crops (same crops every time)."""
+        c = self.config
+        generator = torch.Generator().manual_seed(12345)
+        losses = []
+        for _ in range(n_batches):
+            batch = random_crops(self.val_volumes, c.crop, c.batch_size, generator)
+            sigmas = self.noise.sample(c.batch_size, generator)
+            noise = torch.randn(batch.shape, generator=generator)
+            losses.append(
+                denoising_score_matching_loss(
+                    self.ema, batch.to(self.device), sigmas.to(self.device), noise.to(self.device)
+                ).item()
+            )
+        return float(sum(losses) / len(losses))
+
+    def run(self, progress: bool = True, stop_after: int | None = None) -> dict:
+        """Train until ``config.steps`` (or ``stop_after`` more steps, for tests); returns
+        the last losses. Writes ``log.csv`` rows (step, train_loss, val_loss, lr, seconds)."""
+        from tqdm import tqdm
+
+        c = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.out_dir / "log.csv"
+        new_log = not log_path.exists()
+        end = c.steps if stop_after is None else min(c.steps, self.step + stop_after)
+        last = {"train_loss": float("nan"), "val_loss": float("nan")}
+        with (
+            open(log_path, "a", newline="") as log,
+            tqdm(total=c.steps, initial=self.step, disable=not progress, desc="score model") as bar,
+        ):
+            writer = csv.writer(log)
+            if new_log:
+                writer.writerow(["step", "train_loss", "val_loss", "lr", "seconds"])
+            start = time.perf_counter()
+            while self.step < end:
+                last["train_loss"] = self.train_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['train_loss']:.4f}")
+                val = ""
+                if self.step % c.validate_every == 0 or self.step == c.steps:
+                    last["val_loss"] = val = self.validate()
+                    if val < self.best_val:
+                        self.best_val = val
+                        self.save("best.pt")
+                writer.writerow(
+                    [
+                        self.step,
+                        f"{last['train_loss']:.6f}",
+                        val,
+                        f"{self.lr_schedule.get_last_lr()[0]:.3e}",
+                        f"{time.perf_counter() - start:.2f}",
+                    ]
+                )
+                if self.step % c.checkpoint_every == 0 or self.step == c.steps:
+                    log.flush()
+                    self.save("last.pt")
+        return last

@@ -117,6 +117,8 @@ class ScoreTrainer:
         val_volumes: list[torch.Tensor],
         out_dir: str | Path,
         device: str = "cpu",
+        rank: int = 0,
+        distributed: bool = False,
     ):
         self.config = config
         self.train_volumes, self.val_volumes = train_volumes, val_volumes
@@ -128,7 +130,17 @@ class ScoreTrainer:
         self.ema = copy.deepcopy(self.model).eval()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        # same initial weights on every rank (seeded above); different crops per rank
+        self.rank = rank
+        self.generator = torch.Generator().manual_seed(config.seed + 1000 * rank)
+        self.train_module = self.model
+        if distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_module = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.amp = self.device.type == "cuda"
         self.noise = config.schedule()
         self.step = 0
         self.best_val = float("inf")
@@ -185,7 +197,8 @@ class ScoreTrainer:
         sigmas = self.noise.sample(c.batch_size, self.generator).to(self.device)
         noise = torch.randn(batch.shape, generator=self.generator).to(self.device)
         self.model.train()
-        loss = denoising_score_matching_loss(self.model, batch, sigmas, noise)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            loss = denoising_score_matching_loss(self.train_module, batch, sigmas, noise)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
@@ -238,6 +251,8 @@ class ScoreTrainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['train_loss']:.4f}")
                 val = ""
+                if self.rank != 0:
+                    continue
                 if self.step % c.validate_every == 0 or self.step == c.steps:
                     last["val_loss"] = val = self.validate()
                     if val < self.best_val:

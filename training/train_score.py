@@ -68,7 +68,9 @@ def scan_triples(args) -> dict[str, list[tuple[str, Path, Path | None, Path | No
     return {"train": rows[n_val:] or rows, "val": rows[:n_val] or rows}
 
 
-def load_model_space(rows, cache_dir: Path, spacing: float) -> list[torch.Tensor]:
+def load_model_space(
+    rows, cache_dir: Path, spacing: float, progress: bool = True
+) -> list[torch.Tensor]:
     """Preprocess (or read from the cache) each scan; returns ``(C, X, Y, Z)`` tensors."""
     from SpatialMSMALib.io import load_volume
     from SpatialMSMALib.preprocessing import PreprocessConfig, preprocess_scan
@@ -77,7 +79,9 @@ def load_model_space(rows, cache_dir: Path, spacing: float) -> list[torch.Tensor
     shape = tuple(int(round(s * DEFAULT_SPACING_MM / spacing)) for s in DEFAULT_SHAPE)
     cache_dir.mkdir(parents=True, exist_ok=True)
     volumes = []
-    for subject_id, t1, t2, mask in rows:
+    from tqdm import tqdm
+
+    for subject_id, t1, t2, mask in tqdm(rows, desc="preprocess", disable=not progress):
         cached = cache_dir / f"{subject_id}_{spacing:g}mm.npz"
         if cached.exists():
             image = np.load(cached)["image"]
@@ -134,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         cache = args.out / "cache"
         if world_size > 1 and rank != 0:
             dist.barrier()  # rank 0 fills the preprocessing cache first
-        train = load_model_space(splits["train"], cache, args.spacing)
-        val = load_model_space(splits["val"], cache, args.spacing)
+        train = load_model_space(splits["train"], cache, args.spacing, rank == 0)
+        val = load_model_space(splits["val"], cache, args.spacing, rank == 0)
         if world_size > 1 and rank == 0:
             dist.barrier()
         trainer = ScoreTrainer(

@@ -35,6 +35,10 @@ TINY = [
 ]
 
 
+def _train_args(cohort, out, steps):
+    return ["--manifest", str(cohort), "--out", str(out), "--steps", str(steps), *TINY]
+
+
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("cohort")
@@ -48,22 +52,8 @@ def cohort(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(cohort, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--manifest",
-            str(cohort),
-            "--out",
-            str(out),
-            "--steps",
-            "4",
-            *TINY,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    command = [sys.executable, str(SCRIPT), *_train_args(cohort, out, steps=4)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     return out, result
 
@@ -87,14 +77,8 @@ def test_two_gloo_ranks_end_with_identical_weights(cohort, trained):
         "--nproc_per_node=2",
         "--standalone",
         str(SCRIPT),
-        "--manifest",
-        str(cohort),
-        "--out",
-        str(out),
-        "--steps",
-        "3",
+        *_train_args(cohort, out, steps=3),
         "--save-rank-weights",
-        *TINY,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)

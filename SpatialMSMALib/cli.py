@@ -196,6 +196,60 @@ def _run_preprocess(args) -> int:
     return 0
 
 
+def _add_typicality(sub) -> None:
+    p = sub.add_parser(
+        "typicality",
+        help="scan-level MSMA: how typical is this scan of the healthy training cohort",
+    )
+    p.add_argument("scan", type=Path, help="T1-weighted scan (NIfTI or NRRD)")
+    p.add_argument("--t2", type=Path, help="T2-weighted scan of the same session")
+    p.add_argument("--mask", type=Path, help="brain mask on the T1 grid (default: atlas)")
+    p.add_argument("--model", type=Path, help="model file (default: the bundled model)")
+    p.add_argument("--aux", default="gmm", choices=["gmm", "knn", "flow"],
+                   help="auxiliary model whose percentile gives the verdict")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_run_typicality)
+
+
+def _run_typicality(args) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from .inference import assess_typicality, select_device
+    from .io import load_volume
+    from .model import AnomalyModel
+
+    model = AnomalyModel.load(args.model)
+    t1 = load_volume(args.scan, what="T1")
+    t2 = load_volume(args.t2, what="T2") if args.t2 else None
+    mask = load_volume(args.mask, what="brain mask") if args.mask else None
+    with tqdm(total=100, desc="typicality", unit="%", disable=args.json) as bar:
+
+        def progress(message: str, fraction: float) -> None:
+            bar.set_postfix_str(message[:40])
+            bar.update(max(0, int(fraction * 100) - bar.n))
+
+        report = assess_typicality(
+            model, t1, t2, mask, primary=args.aux, device=select_device(args.device),
+            names={"t1": args.scan, "t2": args.t2, "mask": args.mask}, progress=progress,
+        )
+    if args.json:
+        print(json.dumps({"scan": str(args.scan), **report.to_dict()}, indent=2))
+        return 0
+    print(f"{args.scan}: {report.verdict.upper()}")
+    for name, entry in report.scores.items():
+        mark = "*" if name == report.primary else " "
+        print(f" {mark} {name:5s} score {entry['score']:10.3f}   percentile "
+              f"{entry['percentile']:5.1f} of {entry['reference_size']} healthy   "
+              f"{entry['verdict']}")
+    print(f"   registration NCC {report.registration_ncc:.3f}")
+    for warning in report.warnings:
+        print(f"warning: {warning}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spatial-msma", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -203,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_benchmark(sub)
     _add_evaluate(sub)
     _add_preprocess(sub)
+    _add_typicality(sub)
     return parser
 
 

@@ -42,6 +42,24 @@ def voxel_auroc_auprc(
     return float(roc_auc_score(y, s)), float(average_precision_score(y, s))
 
 
+def detection_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Scan/image-level out-of-distribution metrics, outliers (``labels == 1``) positive and
+    higher score = more anomalous: AUROC, AUPRC (average precision) and the false-positive
+    rate at 95% true-positive rate (``fpr95``, lower is better)."""
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    if labels.all() or not labels.any():
+        raise ValueError("detection_metrics needs both inliers and outliers")
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return {
+        "auroc": float(roc_auc_score(labels, scores)),
+        "auprc": float(average_precision_score(labels, scores)),
+        "fpr95": float(fpr[np.searchsorted(tpr, 0.95, side="left")]),
+    }
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
     """Boundary voxels: voxels of ``mask`` with a 6-neighbour outside it."""
     return mask & ~ndimage.binary_erosion(mask, border_value=0)

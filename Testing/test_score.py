@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,3 +84,37 @@ def test_features_by_hand():
     x[1, 2, 2, 2] = -4.0
     _, whole_opposite = score_norm_features(score, x, sigmas)
     torch.testing.assert_close(whole_opposite, 5.0 / sigmas)
+
+
+def test_crop_around_grows_to_multiples_inside_the_array():
+    from SpatialMSMALib.score.features import crop_around
+
+    mask = np.zeros((20, 30, 9), bool)
+    mask[5:8, 0:2, 3:5] = True
+    region = crop_around(mask, margin=2, multiple=4)
+    assert [(s.start, s.stop) for s in region] == [(3, 11), (0, 4), (1, 9)]
+    mask[:] = False
+    assert crop_around(mask, 2) == (slice(0, 20), slice(0, 30), slice(0, 9))
+
+
+def test_masked_features_equal_the_full_computation_for_a_pointwise_score():
+    """With a score that depends on each voxel only, cropping to the mask changes nothing
+    inside the crop; ``whole`` sums over the mask only."""
+    from SpatialMSMALib.score.features import score_norm_features
+
+    def pointwise(x, sigma):
+        return torch.sin(3 * x) / sigma.view(-1, 1, 1, 1, 1)
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(2, 24, 20, 16)).astype(np.float32))
+    mask = np.zeros((24, 20, 16), bool)
+    mask[6:14, 5:12, 4:9] = True
+    sigmas = torch.tensor([1.0, 0.5, 0.1])
+    full_local, _ = score_norm_features(pointwise, x, sigmas)
+    local, whole = score_norm_features(pointwise, x, sigmas, mask=mask, margin=2)
+    per_voxel = torch.sin(3 * x).pow(2).sum(0)
+    expected_whole = per_voxel[torch.from_numpy(mask)].sum().sqrt()
+    torch.testing.assert_close(whole, expected_whole.repeat(3))
+    inner = (slice(None), slice(5, 15), slice(4, 13), slice(3, 10))  # away from crop edges
+    torch.testing.assert_close(local[inner], full_local[inner])
+    assert local[:, 0].abs().sum() == 0  # outside the crop

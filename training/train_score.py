@@ -18,9 +18,9 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from SpatialMSMALib.dataset import ScanFiles, folder_scans, manifest_scans, model_space
 from SpatialMSMALib.errors import InputError
 from SpatialMSMALib.score.training import ScoreTrainConfig, ScoreTrainer
 
@@ -39,66 +39,17 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(name, type=type(default), default=default)
 
 
-def scan_triples(args) -> dict[str, list[tuple[str, Path, Path | None, Path | None]]]:
-    """(id, t1, t2, mask) per split ("train", "val") from a manifest or a folder."""
+def scan_lists(args) -> dict[str, list[ScanFiles]]:
+    """``train`` / ``val`` scans from a manifest, or from a folder (first 10% -> val)."""
     if args.manifest:
-        from SpatialMSMALib.cohort import load_manifest
-
-        manifest = load_manifest(args.manifest)
-        root = Path(manifest["root"])
-        out = {"train": [], "val": []}
-        for s in manifest["subjects"]:
-            if s["split"] in out:
-                out[s["split"]].append(
-                    (s["id"], root / s["t1"], root / s["t2"], root / s["brain_mask"])
-                )
-        return out
-    folder = Path(args.data_dir)
-    t1s = sorted(folder.glob("*_t1.nii*"))
-    if not t1s:
-        raise InputError(f"no '*_t1.nii[.gz]' files in '{folder}'")
-    rows = []
-    for t1 in t1s:
-        stem = t1.name.split("_t1.nii")[0]
-        suffix = t1.name[len(stem) + 3 :]
-        t2 = folder / f"{stem}_t2{suffix}"
-        mask = folder / f"{stem}_brainmask{suffix}"
-        rows.append((stem, t1, t2 if t2.exists() else None, mask if mask.exists() else None))
+        return manifest_scans(args.manifest, ("train", "val"))
+    rows = folder_scans(args.data_dir)
     n_val = max(1, len(rows) // 10) if len(rows) > 1 else 0
     return {"train": rows[n_val:] or rows, "val": rows[:n_val] or rows}
 
 
-def load_model_space(
-    rows, cache_dir: Path, spacing: float, progress: bool = True
-) -> list[torch.Tensor]:
-    """Preprocess (or read from the cache) each scan; returns ``(C, X, Y, Z)`` tensors."""
-    from SpatialMSMALib.io import load_volume
-    from SpatialMSMALib.preprocessing import PreprocessConfig, preprocess_scan
-    from SpatialMSMALib.template import DEFAULT_SHAPE, DEFAULT_SPACING_MM
-
-    shape = tuple(int(round(s * DEFAULT_SPACING_MM / spacing)) for s in DEFAULT_SHAPE)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    volumes = []
-    from tqdm import tqdm
-
-    for subject_id, t1, t2, mask in tqdm(rows, desc="preprocess", disable=not progress):
-        cached = cache_dir / f"{subject_id}_{spacing:g}mm.npz"
-        if cached.exists():
-            image = np.load(cached)["image"]
-        else:
-            result = preprocess_scan(
-                load_volume(t1, what="T1"),
-                load_volume(t2, what="T2") if t2 else None,
-                load_volume(mask, what="brain mask") if mask else None,
-                PreprocessConfig(spacing_mm=spacing, shape=shape),
-                names={"t1": t1, "t2": t2, "mask": mask},
-            )
-            image = result.image
-            tmp = cached.with_name(cached.name + ".partial.npz")
-            np.savez(tmp, image=image)
-            tmp.replace(cached)
-        volumes.append(torch.from_numpy(np.asarray(image, np.float32)))
-    return volumes
+def load_model_space(rows, cache_dir: Path, spacing: float, progress: bool) -> list[torch.Tensor]:
+    return [torch.from_numpy(s.image) for s in model_space(rows, cache_dir, spacing, progress)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if world_size > 1:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
-        splits = scan_triples(args)
+        splits = scan_lists(args)
         cache = args.out / "cache"
         if world_size > 1 and rank != 0:
             dist.barrier()  # rank 0 fills the preprocessing cache first

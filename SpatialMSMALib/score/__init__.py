@@ -4,7 +4,7 @@ The schedule, the loss and the network are separate objects; features take a net
 schedule.
 """
 
-from .features import score_norm_features
+from .features import score_norm_features, whole_score_norms
 from .loss import denoising_score_matching_loss
 from .network import ScoreUNet
 from .schedule import GeometricNoiseSchedule
@@ -14,4 +14,5 @@ __all__ = [
     "ScoreUNet",
     "denoising_score_matching_loss",
     "score_norm_features",
+    "whole_score_norms",
 ]

@@ -1,0 +1,100 @@
+"""Scan lists and a model-space preprocessing cache shared by the training and benchmark
+scripts.
+
+A scan is a ``ScanFiles`` row (id, T1, optional T2, optional brain mask). ``model_space``
+preprocesses each once and caches ``image`` ``(C, X, Y, Z)`` float32 and ``brain_mask``
+``(X, Y, Z)`` uint8 as ``CACHE/<id>_<spacing>mm.npz`` (written atomically).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class ScanFiles:
+    id: str
+    t1: Path
+    t2: Path | None = None
+    brain_mask: Path | None = None
+    lesion_mask: Path | None = None
+
+
+def manifest_scans(manifest_path: str | Path, splits: tuple[str, ...]) -> dict[str, list]:
+    """``split -> [ScanFiles]`` for the requested splits of a benchmark manifest."""
+    from .cohort import load_manifest
+
+    manifest = load_manifest(manifest_path)
+    root = Path(manifest["root"])
+    out = {split: [] for split in splits}
+    for s in manifest["subjects"]:
+        if s["split"] in out:
+            out[s["split"]].append(
+                ScanFiles(s["id"], root / s["t1"], root / s["t2"], root / s["brain_mask"],
+                          root / s["lesion_mask"] if s.get("lesion_mask") else None)
+            )
+    return out
+
+
+def folder_scans(folder: str | Path) -> list[ScanFiles]:
+    """``<id>_t1.nii[.gz]`` files with optional ``<id>_t2`` and ``<id>_brainmask`` beside."""
+    folder = Path(folder)
+    t1s = sorted(folder.glob("*_t1.nii*"))
+    if not t1s:
+        raise InputError(f"no '*_t1.nii[.gz]' files in '{folder}'")
+    rows = []
+    for t1 in t1s:
+        stem = t1.name.split("_t1.nii")[0]
+        suffix = t1.name[len(stem) + 3 :]
+        t2 = folder / f"{stem}_t2{suffix}"
+        mask = folder / f"{stem}_brainmask{suffix}"
+        rows.append(ScanFiles(stem, t1, t2 if t2.exists() else None,
+                              mask if mask.exists() else None))
+    return rows
+
+
+@dataclass
+class ModelSpaceScan:
+    id: str
+    image: np.ndarray  # (C, X, Y, Z) float32
+    brain_mask: np.ndarray  # (X, Y, Z) bool
+
+
+def model_space(
+    rows: list[ScanFiles], cache_dir: str | Path, spacing: float = 2.0, progress: bool = True
+) -> list[ModelSpaceScan]:
+    """Preprocess (or read from the cache) each scan onto the model grid at ``spacing`` mm."""
+    from tqdm import tqdm
+
+    from .io import load_volume
+    from .preprocessing import PreprocessConfig, preprocess_scan
+    from .template import DEFAULT_SHAPE, DEFAULT_SPACING_MM
+
+    shape = tuple(int(round(s * DEFAULT_SPACING_MM / spacing)) for s in DEFAULT_SHAPE)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for row in tqdm(rows, desc="preprocess", disable=not progress):
+        cached = cache_dir / f"{row.id}_{spacing:g}mm.npz"
+        stored = np.load(cached) if cached.exists() else None
+        if stored is not None and "brain_mask" in stored:
+            image, mask = stored["image"], stored["brain_mask"]
+        else:
+            result = preprocess_scan(
+                load_volume(row.t1, what="T1"),
+                load_volume(row.t2, what="T2") if row.t2 else None,
+                load_volume(row.brain_mask, what="brain mask") if row.brain_mask else None,
+                PreprocessConfig(spacing_mm=spacing, shape=shape),
+                names={"t1": row.t1, "t2": row.t2, "mask": row.brain_mask},
+            )
+            image, mask = result.image, result.brain_mask
+            tmp = cached.with_name(cached.name + ".partial.npz")
+            np.savez(tmp, image=image, brain_mask=mask.astype(np.uint8))
+            tmp.replace(cached)
+        out.append(ModelSpaceScan(row.id, np.asarray(image, np.float32), np.asarray(mask, bool)))
+    return out

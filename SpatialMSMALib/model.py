@@ -1,0 +1,131 @@
+"""The deployable anomaly model: one safe checkpoint file with everything inference needs.
+
+``AnomalyModel`` holds the score network (EMA weights) with its noise schedule, the feature
+settings, the preprocessing grid, and the MSMA typicality model (auxiliary density models and
+their healthy reference scores). The Spatial-MSMA flow joins it in the same file. It is what
+the CLI, the Slicer module and the browser viewer load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .errors import InputError
+from .score.network import ScoreUNet
+from .score.schedule import GeometricNoiseSchedule
+from .typicality import TypicalityModel
+
+MODEL_KIND = "spatial-msma-model"
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "spatial_msma.pt"
+
+
+@dataclass
+class FeatureConfig:
+    neighbourhood: int = 3
+    sigmas_per_pass: int = 4
+    margin: int = 8
+
+
+@dataclass
+class AnomalyModel:
+    """Score network + schedule + settings (+ typicality model).
+
+    Attributes:
+        score_net: the noise-conditional network (eval mode, EMA weights).
+        schedule: its noise levels; ``schedule.sigmas`` is ``(L,)``, descending.
+        spacing_mm / shape: the model grid (see ``template.model_grid``).
+        channel_names: e.g. ``["T1", "T2"]``; the input channels the network expects.
+        features: score-norm feature settings.
+        typicality: MSMA auxiliary models, or None.
+        provenance: plain data on how it was made (checkpoint digests, cohort, steps).
+    """
+
+    score_net: ScoreUNet
+    schedule: GeometricNoiseSchedule
+    spacing_mm: float = 2.0
+    shape: tuple[int, int, int] = (96, 112, 96)
+    channel_names: list = field(default_factory=lambda: ["T1", "T2"])
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    typicality: TypicalityModel | None = None
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        return self.schedule.sigmas
+
+    @classmethod
+    def from_score_checkpoint(cls, path: str | Path, **kwargs) -> AnomalyModel:
+        """Build from a ``training/train_score.py`` checkpoint (EMA weights)."""
+        from .score.training import CHECKPOINT_KIND, ScoreTrainConfig
+
+        checkpoint = load_checkpoint(path, kind=CHECKPOINT_KIND)
+        config = ScoreTrainConfig(**checkpoint["config"])
+        extra = checkpoint["extra"]
+        net = config.build_model(extra["in_channels"], extra.get("spatial_dims", 3))
+        net.load_state_dict(checkpoint["states"]["ema"])
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        provenance = {"score_checkpoint_sha256": digest, "score_training_step": extra["step"],
+                      "score_train_config": checkpoint["config"]}
+        provenance.update(kwargs.pop("provenance", {}))
+        channel_names = ["T1", "T2"][: extra["in_channels"]]
+        return cls(net.eval(), config.schedule(), channel_names=channel_names,
+                   provenance=provenance, **kwargs)
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        config = {
+            "score_net": self.score_net.config,
+            "schedule": {"sigma_min": self.schedule.sigma_min,
+                         "sigma_max": self.schedule.sigma_max,
+                         "num_levels": self.schedule.num_levels},
+            "spacing_mm": self.spacing_mm,
+            "shape": list(self.shape),
+            "channel_names": list(self.channel_names),
+            "features": vars(self.features),
+            "typicality": None,
+        }
+        states = {"score_net": self.score_net.state_dict()}
+        if self.typicality is not None:
+            config["typicality"], states["typicality"] = self.typicality.to_state()
+        return save_checkpoint(path, MODEL_KIND, config, states, {"provenance": self.provenance},
+                               overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> AnomalyModel:
+        """Load a model file (default: the bundled model); raises InputError if unusable."""
+        if path is None:
+            path = BUNDLED_MODEL
+            if not path.exists():
+                raise InputError(
+                    "no bundled model is installed yet: pass --model MODEL (a file written by "
+                    "training/fit_msma.py)"
+                )
+        checkpoint = load_checkpoint(path, kind=MODEL_KIND)
+        config = checkpoint["config"]
+        net_config = config["score_net"]
+        net = ScoreUNet(net_config["spatial_dims"], net_config["in_channels"],
+                        tuple(net_config["channels"]), net_config["embed_dim"])
+        net.load_state_dict(checkpoint["states"]["score_net"])
+        typicality = None
+        if config.get("typicality") is not None:
+            typicality = TypicalityModel.from_state(config["typicality"],
+                                                    checkpoint["states"]["typicality"])
+        s = config["schedule"]
+        return cls(
+            net.eval(),
+            GeometricNoiseSchedule(s["sigma_min"], s["sigma_max"], s["num_levels"]),
+            spacing_mm=config["spacing_mm"],
+            shape=tuple(config["shape"]),
+            channel_names=config["channel_names"],
+            features=FeatureConfig(**config["features"]),
+            typicality=typicality,
+            provenance=checkpoint["extra"].get("provenance", {}),
+        )
+
+    def to(self, device: str | torch.device) -> AnomalyModel:
+        self.score_net.to(device)
+        return self

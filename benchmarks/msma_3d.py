@@ -1,0 +1,89 @@
+"""Scan-level MSMA on the benchmark cohort: held-out healthy vs lesioned scans.
+
+    python benchmarks/msma_3d.py --model runs/model.pt --manifest benchmark \\
+        [--cache runs/score/cache] [--n-healthy 10] [--n-lesioned 20] [--out results.json]
+
+PROTOCOLS.md sec. 2 splits: ``test_healthy`` scans are inliers, ``test_lesioned`` scans
+outliers; the model file (training/fit_msma.py) was fitted on ``train`` + ``val`` only.
+Prints AUROC / AUPRC / FPR95 for every auxiliary model of the model file and, as
+likelihood-free energy baselines, the single whole-brain score norm at the smallest and the
+largest noise level, plus the fraction of test scans called "atypical" at the healthy 99th
+percentile (the operating point of ``spatial-msma typicality``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from SpatialMSMALib.dataset import manifest_scans, model_space
+from SpatialMSMALib.inference import compute_features, select_device
+from SpatialMSMALib.metrics import detection_metrics
+from SpatialMSMALib.model import AnomalyModel
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--manifest", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, default=Path("runs/cache"))
+    parser.add_argument("--n-healthy", type=int, default=10)
+    parser.add_argument("--n-lesioned", type=int, default=20)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    model = AnomalyModel.load(args.model)
+    device = select_device(args.device)
+    splits = manifest_scans(args.manifest, ("test_healthy", "test_lesioned"))
+    rows = splits["test_healthy"][: args.n_healthy] + splits["test_lesioned"][: args.n_lesioned]
+    labels = np.r_[np.zeros(min(args.n_healthy, len(splits["test_healthy"]))),
+                   np.ones(min(args.n_lesioned, len(splits["test_lesioned"])))]
+    scans = model_space(rows, args.cache, model.spacing_mm)
+    digest = model.provenance["score_checkpoint_sha256"][:12]
+    feature_dir = args.cache / f"features_{digest}"
+    feature_dir.mkdir(parents=True, exist_ok=True)
+    features, seconds = [], []
+    for scan in scans:
+        path = feature_dir / f"{scan.id}.npz"
+        if path.exists():
+            features.append(np.load(path)["whole"])
+            continue
+        start = time.perf_counter()
+        _, whole = compute_features(model, scan, device)
+        seconds.append(time.perf_counter() - start)
+        np.savez(path, whole=whole)
+        features.append(whole)
+        print(f"{scan.id}: features {seconds[-1]:.1f} s", flush=True)
+    features = np.stack(features)
+    typ = model.typicality
+    results = {"n_healthy": int((labels == 0).sum()), "n_lesioned": int((labels == 1).sum()),
+               "score_training_step": model.provenance.get("score_training_step"),
+               "n_fit_healthy": model.provenance.get("n_healthy"), "detectors": {}}
+    for name in typ.models:
+        scores = typ.score(features, name)
+        metrics = detection_metrics(scores, labels)
+        atypical = typ.percentile(scores, name) >= 99
+        metrics["healthy_called_atypical"] = float(atypical[labels == 0].mean())
+        metrics["lesioned_called_atypical"] = float(atypical[labels == 1].mean())
+        results["detectors"][f"MSMA {name}"] = metrics
+    sigmas = model.sigmas
+    for i in (len(sigmas) - 1, 0):
+        results["detectors"][f"single norm sigma={float(sigmas[i]):.3g}"] = detection_metrics(
+            features[:, i], labels)
+    print(f"\n{results['n_healthy']} healthy vs {results['n_lesioned']} lesioned test scans")
+    print(f"{'detector':28s} {'AUROC':>7s} {'AUPRC':>7s} {'FPR95':>7s}  atypical@p99 h / l")
+    for name, m in results["detectors"].items():
+        extra = ""
+        if "healthy_called_atypical" in m:
+            extra = f"  {m['healthy_called_atypical']:.2f} / {m['lesioned_called_atypical']:.2f}"
+        print(f"{name:28s} {m['auroc']:7.3f} {m['auprc']:7.3f} {m['fpr95']:7.3f}{extra}")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Fit the MSMA typicality model on healthy scans and write the deployable model file.
+
+    python training/fit_msma.py --score-checkpoint runs/score/best.pt --manifest benchmark \\
+        --out runs/model.pt [--cache runs/score/cache] [--save-local]
+
+Healthy scans: the ``train`` and ``val`` splits of a manifest, or every scan of
+``--data-dir``. For each scan (preprocessed once; the cache of train_score.py is reused) the
+score network's whole-brain score norms (an L-vector) are computed and cached under
+``CACHE/features_<checkpoint digest>/``; ``--save-local`` also keeps the (L, X, Y, Z) local
+feature maps (float16) there for later stages. The auxiliary models (GMM, k-NN, flow) are
+fitted on all healthy vectors; their healthy reference scores come from 5-fold cross-fitting,
+so every percentile is computed against scans the model was not fitted on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from SpatialMSMALib.dataset import folder_scans, manifest_scans, model_space
+from SpatialMSMALib.errors import InputError
+from SpatialMSMALib.inference import compute_features, select_device
+from SpatialMSMALib.model import AnomalyModel
+from SpatialMSMALib.typicality import MODEL_NAMES, TypicalityModel
+
+
+def scan_features(model, scans, feature_dir: Path, device, save_local: bool) -> np.ndarray:
+    """``(N, L)`` whole-brain score norms, read from or written to ``feature_dir``."""
+    feature_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for scan in tqdm(scans, desc="score-norm features"):
+        path = feature_dir / f"{scan.id}.npz"
+        if path.exists() and (not save_local or "local" in np.load(path)):
+            rows.append(np.load(path)["whole"])
+            continue
+        local, whole = compute_features(model, scan, device)
+        arrays = {"whole": whole}
+        if save_local:
+            arrays["local"] = local.astype(np.float16)
+        tmp = path.with_name(path.name + ".partial.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+        rows.append(whole)
+    return np.stack(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--score-checkpoint", type=Path, required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", type=Path)
+    source.add_argument("--data-dir", type=Path)
+    parser.add_argument("--out", type=Path, required=True, help="model file to write")
+    parser.add_argument("--cache", type=Path, help="preprocessing cache (default OUT.cache/)")
+    parser.add_argument("--save-local", action="store_true")
+    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.out.exists() and not args.overwrite:
+            raise InputError(f"'{args.out}' exists; use --overwrite to replace it")
+        if args.manifest:
+            splits = manifest_scans(args.manifest, ("train", "val"))
+            rows = splits["train"] + splits["val"]
+            cohort = {"manifest": str(args.manifest), "splits": ["train", "val"]}
+        else:
+            rows = folder_scans(args.data_dir)
+            cohort = {"data_dir": str(args.data_dir)}
+        if len(rows) < 8:
+            raise InputError(f"{len(rows)} healthy scans: need at least 8 to fit and cross-fit")
+        cache = args.cache or args.out.with_name(args.out.name + ".cache")
+        model = AnomalyModel.from_score_checkpoint(args.score_checkpoint)
+        digest = model.provenance["score_checkpoint_sha256"][:12]
+        scans = model_space(rows, cache, model.spacing_mm)
+        device = select_device(args.device)
+        start = time.perf_counter()
+        features = scan_features(model, scans, cache / f"features_{digest}", device,
+                                 args.save_local)
+        print(f"features of {len(scans)} scans in {time.perf_counter() - start:.0f} s")
+        model.typicality = TypicalityModel.fit(features, models=tuple(args.models))
+        model.provenance.update({"typicality_cohort": cohort, "n_healthy": len(rows),
+                                 "healthy_ids_sha256": hashlib.sha256(
+                                     "\n".join(r.id for r in rows).encode()).hexdigest()})
+        model.save(args.out, overwrite=args.overwrite)
+        for name in model.typicality.models:
+            ref = model.typicality.reference_scores[name]
+            print(f"{name}: healthy out-of-fold scores median {np.median(ref):.3f}, "
+                  f"95th percentile {np.percentile(ref, 95):.3f}")
+        print(f"wrote {args.out}")
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,7 +8,9 @@ outliers; the model file (training/fit_msma.py) was fitted on ``train`` + ``val`
 Prints AUROC / AUPRC / FPR95 for every auxiliary model of the model file and, as
 likelihood-free energy baselines, the single whole-brain score norm at the smallest and the
 largest noise level, plus the fraction of test scans called "atypical" at the healthy 99th
-percentile (the operating point of ``spatial-msma typicality``).
+percentile (the operating point of ``spatial-msma typicality``), and the verdicts for inputs
+that are not what the model expects (swapped channels, inverted contrast, noise, intensity
+drop).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from SpatialMSMALib.dataset import manifest_scans, model_space
+from SpatialMSMALib.dataset import ModelSpaceScan, manifest_scans, model_space
 from SpatialMSMALib.inference import compute_features, select_device
 from SpatialMSMALib.metrics import detection_metrics
 from SpatialMSMALib.model import AnomalyModel
@@ -33,6 +35,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("runs/cache"))
     parser.add_argument("--n-healthy", type=int, default=10)
     parser.add_argument("--n-lesioned", type=int, default=20)
+    parser.add_argument("--n-wrong", type=int, default=3,
+                        help="healthy test scans used for the wrong-input checks")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -81,8 +85,36 @@ def main() -> None:
         if "healthy_called_atypical" in m:
             extra = f"  {m['healthy_called_atypical']:.2f} / {m['lesioned_called_atypical']:.2f}"
         print(f"{name:28s} {m['auroc']:7.3f} {m['auprc']:7.3f} {m['fpr95']:7.3f}{extra}")
+    results["wrong_inputs"] = wrong_input_verdicts(model, scans[: args.n_wrong], device)
+    print("\nverdicts (GMM) for model-space corruptions of healthy test scans:")
+    for kind, verdicts in results["wrong_inputs"].items():
+        print(f"  {kind:28s} {verdicts}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
+
+
+def wrong_input_verdicts(model, healthy_scans, device) -> dict:
+    """What the typicality verdict says for inputs that are not what the model expects:
+    T1 and T2 swapped, contrast inverted, strong noise (SD 0.3 in normalised units) and a
+    brain-wide intensity drop of half the range, all applied in model space to healthy scans."""
+    rng = np.random.default_rng(0)
+    variants = {
+        "T1/T2 swapped": lambda im, m: im[::-1].copy(),
+        "contrast inverted": lambda im, m: np.where(m, -im, im),
+        "noise SD 0.3": lambda im, m: im + rng.normal(0, 0.3, im.shape) * m,
+        "intensity drop 0.5": lambda im, m: im - 0.5 * m,
+    }
+    out = {}
+    for kind, corrupt in variants.items():
+        verdicts = []
+        for scan in healthy_scans:
+            image = corrupt(scan.image, scan.brain_mask[None]).astype(np.float32)
+            _, whole = compute_features(model, ModelSpaceScan(scan.id, image, scan.brain_mask),
+                                        device)
+            a = model.typicality.assess(whole[None], "gmm")[0]
+            verdicts.append(f"{a.verdict} (p{a.percentile:.0f})")
+        out[kind] = verdicts
+    return out
 
 
 if __name__ == "__main__":

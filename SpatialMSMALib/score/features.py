@@ -36,7 +36,7 @@ def score_norm_features(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     neighbourhood: int = 3,
-    sigmas_per_pass: int = 4,
+    sigmas_per_pass: int = 2,
     mask: np.ndarray | torch.Tensor | None = None,
     margin: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +74,8 @@ def score_norm_features(
     for start in range(0, len(sigmas), sigmas_per_pass):
         chunk = sigmas[start : start + sigmas_per_pass].to(x.device, x.dtype)
         batch = x.unsqueeze(0).expand(len(chunk), *x.shape)
+        if spatial_dims == 3:  # oneDNN's channels-last 3D convolutions: ~1.6x on 2 cores
+            batch = batch.contiguous(memory_format=torch.channels_last_3d)
         scaled = score_fn(batch, chunk) * chunk.view((-1,) + (1,) * (spatial_dims + 1))
         squared.append(scaled.float().pow(2).sum(dim=1))  # (l, *crop)
     per_voxel_sq = torch.cat(squared)  # (L, *crop)

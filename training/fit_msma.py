@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, help="preprocessing cache (default OUT.cache/)")
     parser.add_argument("--save-local", action="store_true")
     parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
+    parser.add_argument("--limit", type=int, help="use only the first N healthy scans")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rows = folder_scans(args.data_dir)
             cohort = {"data_dir": str(args.data_dir)}
+        rows = rows[: args.limit] if args.limit else rows
         if len(rows) < 8:
             raise InputError(f"{len(rows)} healthy scans: need at least 8 to fit and cross-fit")
         cache = args.cache or args.out.with_name(args.out.name + ".cache")

@@ -249,6 +249,131 @@ def _run_typicality(args) -> int:
         print(f"warning: {warning}")
     return 0
 
+def _progress_bar(desc: str, disable: bool = False):
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, desc=desc, unit="%", disable=disable)
+
+    def progress(message: str, fraction: float) -> None:
+        bar.set_postfix_str(message[:40])
+        bar.update(max(0, int(fraction * 100) - bar.n))
+
+    return bar, progress
+
+
+def _add_detect(sub) -> None:
+    p = sub.add_parser("detect", help="Spatial-MSMA: anomaly heat map and labels for a scan")
+    p.add_argument("--t1", type=Path, help="T1-weighted scan (NIfTI or NRRD)")
+    p.add_argument("--t2", type=Path, help="T2-weighted scan of the same session")
+    p.add_argument("--mask", type=Path, help="brain mask on the T1 grid (default: atlas)")
+    p.add_argument("--list", type=Path, dest="scan_list",
+                   help="CSV with columns id,t1[,t2][,mask] for a cohort run (outputs in "
+                        "OUT/<id>/; split across torchrun ranks)")
+    p.add_argument("--model", type=Path, help="model file (default: the bundled model)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    operating = p.add_mutually_exclusive_group()
+    operating.add_argument("--fpr", type=float,
+                           help="voxel false-positive rate on healthy brains (default: the "
+                                "model's, 0.01)")
+    operating.add_argument("--threshold", type=float, help="raw heat-map threshold (nats)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=_run_detect)
+
+
+def _detect_rows(args) -> list[dict]:
+    import csv
+    import os
+
+    if args.scan_list is None:
+        if args.t1 is None:
+            raise InputError("give --t1 (and --t2), or --list CSV")
+        return [{"id": None, "t1": args.t1, "t2": args.t2, "mask": args.mask}]
+    if not args.scan_list.exists():
+        raise InputError(f"scan list '{args.scan_list}' does not exist")
+    with open(args.scan_list, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "t1" not in rows[0] or "id" not in rows[0]:
+        raise InputError(f"'{args.scan_list}': needs a header with at least 'id' and 't1'")
+    base = args.scan_list.parent
+    out = []
+    for row in rows:
+        out.append({key: (base / row[key] if row.get(key) else None)
+                    for key in ("t1", "t2", "mask")} | {"id": row["id"]})
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return out[rank::world]
+
+
+def _run_detect(args) -> int:
+    from .detection import check_outputs_free, detect, write_outputs
+    from .inference import select_device
+    from .io import load_volume
+    from .model import resolve_model
+
+    rows = _detect_rows(args)
+    device = select_device(args.device)
+    for row in rows:
+        check_outputs_free(args.out / row["id"] if row["id"] else args.out, args.overwrite)
+    for row in rows:
+        model = resolve_model(args.model, has_t2=row["t2"] is not None, t1_name=row["t1"])
+        names = {"t1": row["t1"], "t2": row["t2"], "mask": row["mask"]}
+        out_dir = args.out / row["id"] if row["id"] else args.out
+        t1 = load_volume(row["t1"], what="T1")
+        t2 = load_volume(row["t2"], what="T2") if row["t2"] else None
+        mask = load_volume(row["mask"], what="brain mask") if row["mask"] else None
+        bar, progress = _progress_bar(f"detect {row['id'] or row['t1'].name}")
+        with bar:
+            detection = detect(model, t1, t2, mask, fpr=args.fpr, threshold=args.threshold,
+                               device=device, names=names, progress=progress)
+        paths = write_outputs(detection, out_dir, model, names, overwrite=args.overwrite)
+        _print_detection(detection, paths)
+    return 0
+
+
+def _print_detection(detection, paths) -> None:
+    typ = detection.typicality
+    print(f"{len(detection.components)} components at voxel FPR {detection.fpr:.3g} "
+          f"(threshold {detection.threshold:.3f} nats)"
+          + (f"; scan-level MSMA: {typ['verdict']}" if typ else ""))
+    for c in detection.components[:10]:
+        print(f"  #{c.label}: {c.volume_ml:.2f} mL at RAS {c.centroid_ras_mm} mm, peak "
+              f"{c.peak_score:.2f} (voxel FPR {c.peak_voxel_fpr:.2g})")
+    if len(detection.components) > 10:
+        print(f"  ... {len(detection.components) - 10} more in the report")
+    for warning in detection.warnings:
+        print(f"warning: {warning}")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="build a sample scan with simulated lesions and run "
+                                    "detection with the bundled model")
+    p.add_argument("--out", type=Path, default=Path("spatial_msma_demo"), help="output folder")
+    p.add_argument("--model", type=Path, help="model file (default: the bundled model)")
+    p.add_argument("--seed", type=int, default=7, help="seed of the sample subject")
+    p.add_argument("--spacing", type=float, default=1.0, help="voxel size of the sample (mm)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo's outputs")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from .demo import run_demo
+    from .inference import select_device
+
+    bar, progress = _progress_bar("demo")
+    with bar:
+        result = run_demo(args.out, model_path=args.model, seed=args.seed, spacing=args.spacing,
+                          device=select_device(args.device), overwrite=args.overwrite,
+                          progress=progress)
+    _print_detection(result["detection"], result["paths"])
+    m = result["metrics"]
+    print(f"against the {m['n_truth']} simulated lesions ({result['lesion_volume_ml']:.1f} mL): "
+          f"lesion TPR {m['tpr']:.2f}, PPV {m['ppv']:.2f}, Dice {m['dice']:.3f}, "
+          f"voxel AUROC {m['auroc']:.3f}")
+    print(f"inputs and outputs in {args.out}/ (timings: {result['detection'].timings})")
+    return 0
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spatial-msma", description=__doc__.splitlines()[0])
@@ -258,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_preprocess(sub)
     _add_typicality(sub)
+    _add_detect(sub)
+    _add_demo(sub)
     return parser
 
 

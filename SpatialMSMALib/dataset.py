@@ -3,11 +3,13 @@ scripts.
 
 A scan is a ``ScanFiles`` row (id, T1, optional T2, optional brain mask). ``model_space``
 preprocesses each once and caches ``image`` ``(C, X, Y, Z)`` float32 and ``brain_mask``
-``(X, Y, Z)`` uint8 as ``CACHE/<id>_<spacing>mm.npz`` (written atomically).
+``(X, Y, Z)`` uint8 as ``CACHE/<id>_<spacing>mm.npz`` (written atomically), with the
+native <-> model mapping (JSON text) for mapping results back to the scan.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,16 +65,23 @@ class ModelSpaceScan:
     id: str
     image: np.ndarray  # (C, X, Y, Z) float32
     brain_mask: np.ndarray  # (X, Y, Z) bool
+    mapping: object = None  # preprocessing.SpaceMapping, when cached
 
 
 def model_space(
-    rows: list[ScanFiles], cache_dir: str | Path, spacing: float = 2.0, progress: bool = True
+    rows: list[ScanFiles],
+    cache_dir: str | Path,
+    spacing: float = 2.0,
+    progress: bool = True,
+    need_mapping: bool = False,
 ) -> list[ModelSpaceScan]:
-    """Preprocess (or read from the cache) each scan onto the model grid at ``spacing`` mm."""
+    """Preprocess (or read from the cache) each scan onto the model grid at ``spacing`` mm.
+    With ``need_mapping`` a cache entry from an older version without the mapping is
+    recomputed (preprocessing is deterministic, so the image is the same)."""
     from tqdm import tqdm
 
     from .io import load_volume
-    from .preprocessing import PreprocessConfig, preprocess_scan
+    from .preprocessing import PreprocessConfig, SpaceMapping, preprocess_scan
     from .template import DEFAULT_SHAPE, DEFAULT_SPACING_MM
 
     shape = tuple(int(round(s * DEFAULT_SPACING_MM / spacing)) for s in DEFAULT_SHAPE)
@@ -82,8 +91,13 @@ def model_space(
     for row in tqdm(rows, desc="preprocess", disable=not progress):
         cached = cache_dir / f"{row.id}_{spacing:g}mm.npz"
         stored = np.load(cached) if cached.exists() else None
-        if stored is not None and "brain_mask" in stored:
+        usable = stored is not None and "brain_mask" in stored
+        if usable and need_mapping and "mapping" not in stored:
+            usable = False
+        if usable:
             image, mask = stored["image"], stored["brain_mask"]
+            mapping = (SpaceMapping.from_dict(json.loads(str(stored["mapping"])))
+                       if "mapping" in stored else None)
         else:
             result = preprocess_scan(
                 load_volume(row.t1, what="T1"),
@@ -92,9 +106,11 @@ def model_space(
                 PreprocessConfig(spacing_mm=spacing, shape=shape),
                 names={"t1": row.t1, "t2": row.t2, "mask": row.brain_mask},
             )
-            image, mask = result.image, result.brain_mask
+            image, mask, mapping = result.image, result.brain_mask, result.mapping
             tmp = cached.with_name(cached.name + ".partial.npz")
-            np.savez(tmp, image=image, brain_mask=mask.astype(np.uint8))
+            np.savez(tmp, image=image, brain_mask=mask.astype(np.uint8),
+                     mapping=np.array(mapping.to_json()))
             tmp.replace(cached)
-        out.append(ModelSpaceScan(row.id, np.asarray(image, np.float32), np.asarray(mask, bool)))
+        out.append(ModelSpaceScan(row.id, np.asarray(image, np.float32), np.asarray(mask, bool),
+                                  mapping))
     return out

@@ -2,14 +2,14 @@
 
 ``AnomalyModel`` holds the score network (EMA weights) with its noise schedule, the feature
 settings, the preprocessing grid, and the MSMA typicality model (auxiliary density models and
-their healthy reference scores). The Spatial-MSMA flow joins it in the same file. It is what
+their healthy reference scores), and the Spatial-MSMA flow with its calibration. It is what
 the CLI, the Slicer module and the browser viewer load.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,10 +18,14 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import InputError
 from .score.network import ScoreUNet
 from .score.schedule import GeometricNoiseSchedule
+from .spatial import Calibration, SpatialFlow, SpatialFlowConfig
 from .typicality import TypicalityModel
 
 MODEL_KIND = "spatial-msma-model"
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "spatial_msma.pt"
+MODEL_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
+BUNDLED_MODEL = MODEL_DIR / "spatial_msma.pt"
+#: describes the bundled models: file, sha256, channels, resolution, training data, costs
+REGISTRY = MODEL_DIR / "registry.json"
 
 
 @dataclass
@@ -42,6 +46,8 @@ class AnomalyModel:
         channel_names: e.g. ``["T1", "T2"]``; the input channels the network expects.
         features: score-norm feature settings.
         typicality: MSMA auxiliary models, or None.
+        spatial: the Spatial-MSMA conditional flow, or None (MSMA-only model).
+        calibration: healthy heat-map quantiles and post-processing settings (with spatial).
         provenance: plain data on how it was made (checkpoint digests, cohort, steps).
     """
 
@@ -52,6 +58,8 @@ class AnomalyModel:
     channel_names: list = field(default_factory=lambda: ["T1", "T2"])
     features: FeatureConfig = field(default_factory=FeatureConfig)
     typicality: TypicalityModel | None = None
+    spatial: SpatialFlow | None = None
+    calibration: Calibration | None = None
     provenance: dict = field(default_factory=dict)
 
     @property
@@ -87,10 +95,17 @@ class AnomalyModel:
             "channel_names": list(self.channel_names),
             "features": vars(self.features),
             "typicality": None,
+            "spatial": None,
+            "calibration": None,
         }
         states = {"score_net": self.score_net.state_dict()}
         if self.typicality is not None:
             config["typicality"], states["typicality"] = self.typicality.to_state()
+        if self.spatial is not None:
+            config["spatial"] = asdict(self.spatial.config)
+            states["spatial"] = {k: v.detach().cpu() for k, v in self.spatial.state_dict().items()}
+        if self.calibration is not None:
+            config["calibration"] = self.calibration.to_dict()
         return save_checkpoint(path, MODEL_KIND, config, states, {"provenance": self.provenance},
                                overwrite=overwrite)
 
@@ -114,6 +129,13 @@ class AnomalyModel:
         if config.get("typicality") is not None:
             typicality = TypicalityModel.from_state(config["typicality"],
                                                     checkpoint["states"]["typicality"])
+        spatial = None
+        if config.get("spatial") is not None:
+            spatial = SpatialFlow(SpatialFlowConfig(**config["spatial"]))
+            spatial.load_state_dict(checkpoint["states"]["spatial"])
+            spatial.eval()
+        calibration = (Calibration(**config["calibration"])
+                       if config.get("calibration") is not None else None)
         s = config["schedule"]
         return cls(
             net.eval(),
@@ -123,6 +145,8 @@ class AnomalyModel:
             channel_names=config["channel_names"],
             features=FeatureConfig(**config["features"]),
             typicality=typicality,
+            spatial=spatial,
+            calibration=calibration,
             provenance=checkpoint["extra"].get("provenance", {}),
         )
 
@@ -133,4 +157,41 @@ class AnomalyModel:
 
     def to(self, device: str | torch.device) -> AnomalyModel:
         self.score_net.to(device)
+        if self.spatial is not None:
+            self.spatial.to(device)
         return self
+
+
+def bundled_models() -> list[dict]:
+    """Entries of the bundled model registry (empty when none is installed)."""
+    import json
+
+    if not REGISTRY.exists():
+        return []
+    return json.loads(REGISTRY.read_text())["models"]
+
+
+def resolve_model(path: str | Path | None, has_t2: bool, t1_name=None) -> AnomalyModel:
+    """The model to run on a scan: ``path`` if given, else the bundled model whose channels
+    match the inputs (T1 + T2, or T1 only). Refuses a T1-only scan for a two-channel model
+    with a message that says what is missing."""
+    scan = f"'{t1_name}'" if t1_name else "this scan"
+    if path is not None:
+        model = AnomalyModel.load(path)
+        if len(model.channel_names) == 2 and not has_t2:
+            raise InputError(f"model '{path}' needs T1 + T2; give --t2 for {scan} (or use a "
+                             "T1-only model)")
+        return model
+    entries = bundled_models()
+    wanted = ["T1", "T2"] if has_t2 else ["T1"]
+    for entry in entries:
+        if entry["channels"] == wanted:
+            file = MODEL_DIR / entry["file"]
+            if not file.exists():
+                raise InputError(f"bundled model '{file}' listed in {REGISTRY.name} is missing; "
+                                 "reinstall the package")
+            return AnomalyModel.load(file)
+    if not has_t2 and any(e["channels"] == ["T1", "T2"] for e in entries):
+        raise InputError(f"the bundled model needs T1 + T2 and no T1-only model is installed; "
+                         f"give --t2 for {scan}")
+    return AnomalyModel.load(None)

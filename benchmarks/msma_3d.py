@@ -23,7 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from SpatialMSMALib.dataset import ModelSpaceScan, manifest_scans, model_space
-from SpatialMSMALib.inference import compute_features, select_device
+from SpatialMSMALib.inference import (
+    cached_features,
+    compute_features,
+    contrast_problems,
+    select_device,
+    typicality_report,
+)
 from SpatialMSMALib.metrics import detection_metrics
 from SpatialMSMALib.model import AnomalyModel
 
@@ -38,6 +44,8 @@ def main() -> None:
     parser.add_argument("--n-wrong", type=int, default=3,
                         help="healthy test scans used for the wrong-input checks")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--save-local", action="store_true",
+                        help="also cache the local feature maps (for the Spatial-MSMA stage)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     model = AnomalyModel.load(args.model)
@@ -46,23 +54,12 @@ def main() -> None:
     rows = splits["test_healthy"][: args.n_healthy] + splits["test_lesioned"][: args.n_lesioned]
     labels = np.r_[np.zeros(min(args.n_healthy, len(splits["test_healthy"]))),
                    np.ones(min(args.n_lesioned, len(splits["test_lesioned"])))]
-    scans = model_space(rows, args.cache, model.spacing_mm)
+    scans = model_space(rows, args.cache, model.spacing_mm, need_mapping=True)
     digest = model.provenance["score_checkpoint_sha256"][:12]
     feature_dir = args.cache / f"features_{digest}"
-    feature_dir.mkdir(parents=True, exist_ok=True)
-    features, seconds = [], []
-    for scan in scans:
-        path = feature_dir / f"{scan.id}.npz"
-        if path.exists():
-            features.append(np.load(path)["whole"])
-            continue
-        start = time.perf_counter()
-        _, whole = compute_features(model, scan, device)
-        seconds.append(time.perf_counter() - start)
-        np.savez(path, whole=whole)
-        features.append(whole)
-        print(f"{scan.id}: features {seconds[-1]:.1f} s", flush=True)
-    features = np.stack(features)
+    start = time.perf_counter()
+    features, _ = cached_features(model, scans, feature_dir, device, save_local=args.save_local)
+    print(f"features of {len(scans)} test scans in {time.perf_counter() - start:.0f} s")
     typ = model.typicality
     results = {"n_healthy": int((labels == 0).sum()), "n_lesioned": int((labels == 1).sum()),
                "score_training_step": model.provenance.get("score_training_step"),
@@ -86,7 +83,8 @@ def main() -> None:
             extra = f"  {m['healthy_called_atypical']:.2f} / {m['lesioned_called_atypical']:.2f}"
         print(f"{name:28s} {m['auroc']:7.3f} {m['auprc']:7.3f} {m['fpr95']:7.3f}{extra}")
     results["wrong_inputs"] = wrong_input_verdicts(model, scans[: args.n_wrong], device)
-    print("\nverdicts (GMM) for model-space corruptions of healthy test scans:")
+    print("\nverdicts for model-space corruptions of healthy test scans (contrast check, then "
+          "GMM):")
     for kind, verdicts in results["wrong_inputs"].items():
         print(f"  {kind:28s} {verdicts}")
     if args.out:
@@ -111,8 +109,9 @@ def wrong_input_verdicts(model, healthy_scans, device) -> dict:
             image = corrupt(scan.image, scan.brain_mask[None]).astype(np.float32)
             _, whole = compute_features(model, ModelSpaceScan(scan.id, image, scan.brain_mask),
                                         device)
-            a = model.typicality.assess(whole[None], "gmm")[0]
-            verdicts.append(f"{a.verdict} (p{a.percentile:.0f})")
+            problems = contrast_problems(model, image, scan.brain_mask)
+            report = typicality_report(model, whole, float("nan"), problems, "gmm")
+            verdicts.append(f"{report.verdict} (GMM p{report.scores['gmm']['percentile']:.0f})")
         out[kind] = verdicts
     return out
 

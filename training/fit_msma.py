@@ -21,33 +21,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from SpatialMSMALib.dataset import folder_scans, manifest_scans, model_space
 from SpatialMSMALib.errors import InputError
-from SpatialMSMALib.inference import compute_features, select_device
+from SpatialMSMALib.inference import cached_features, select_device
 from SpatialMSMALib.model import AnomalyModel
 from SpatialMSMALib.typicality import MODEL_NAMES, TypicalityModel
-
-
-def scan_features(model, scans, feature_dir: Path, device, save_local: bool) -> np.ndarray:
-    """``(N, L)`` whole-brain score norms, read from or written to ``feature_dir``."""
-    feature_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for scan in tqdm(scans, desc="score-norm features"):
-        path = feature_dir / f"{scan.id}.npz"
-        if path.exists() and (not save_local or "local" in np.load(path)):
-            rows.append(np.load(path)["whole"])
-            continue
-        local, whole = compute_features(model, scan, device)
-        arrays = {"whole": whole}
-        if save_local:
-            arrays["local"] = local.astype(np.float16)
-        tmp = path.with_name(path.name + ".partial.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
-        rows.append(whole)
-    return np.stack(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         scans = model_space(rows, cache, model.spacing_mm)
         device = select_device(args.device)
         start = time.perf_counter()
-        features = scan_features(model, scans, cache / f"features_{digest}", device,
-                                 args.save_local)
+        features, _ = cached_features(model, scans, cache / f"features_{digest}", device,
+                                      save_local=args.save_local)
         print(f"features of {len(scans)} scans in {time.perf_counter() - start:.0f} s")
         model.typicality = TypicalityModel.fit(features, models=tuple(args.models))
         model.provenance.update({"typicality_cohort": cohort, "n_healthy": len(rows),

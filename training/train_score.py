@@ -23,6 +23,7 @@ import torch
 from SpatialMSMALib.dataset import ScanFiles, folder_scans, manifest_scans, model_space
 from SpatialMSMALib.errors import InputError
 from SpatialMSMALib.score.training import ScoreTrainConfig, ScoreTrainer
+from SpatialMSMALib.training_utils import training_device
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,12 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
+    device = training_device(args.device)
     import torch.distributed as dist
 
     if world_size > 1:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_checkpoint, save_checkpoint
+from ..training_utils import warmup_cosine
 from .loss import denoising_score_matching_loss
 from .network import ScoreUNet
 from .schedule import GeometricNoiseSchedule
@@ -148,10 +149,7 @@ class ScoreTrainer:
     def _lr_factor(self, step: int) -> float:
         """Linear warm-up, then cosine decay to 5% at ``config.steps``."""
         c = self.config
-        if step < c.warmup_steps:
-            return (step + 1) / c.warmup_steps
-        progress = min(1.0, (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps))
-        return 0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+        return warmup_cosine(step, c.warmup_steps, c.steps, 0.05)
 
     # -- checkpoints ---------------------------------------------------------------------
     def save(self, name: str = "last.pt") -> Path:

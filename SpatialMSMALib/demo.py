@@ -1,0 +1,83 @@
+"""``spatial-msma demo``: a sample scan with known lesions, detection, and its metrics.
+
+The sample is a synthetic subject made from the nilearn MNI152 2009a template (the same
+generator as the benchmark cohort: deformation, affine jitter, bias field, Rician noise, and
+the reference study's white-matter lesion simulator), written to ``OUT/input/``. Detection
+runs with the bundled model (or ``model_path``) through the same path as
+``spatial-msma detect``; outputs go to ``OUT/``; the result is compared with the simulated
+lesion mask using the benchmark metrics (PROTOCOLS.md section 1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .inference import Progress
+
+
+def make_sample(out_dir: Path, seed: int = 7, spacing: float = 1.0,
+                overwrite: bool = False) -> dict:
+    """Write ``t1``, ``t2``, ``lesion_mask`` NIfTI files of one lesioned synthetic subject;
+    returns their paths and the lesion list."""
+    from .anatomy import load_mni152_2009a
+    from .io import save_volume
+    from .lesions import LesionConfig
+    from .synthesis import SubjectConfig, synthesize_subject
+
+    subject = synthesize_subject(load_mni152_2009a(), seed, SubjectConfig(spacing_mm=spacing),
+                                 LesionConfig())
+    paths = {}
+    for key, array in (("t1", subject.t1), ("t2", subject.t2),
+                       ("lesion_mask", subject.lesion_mask)):
+        paths[key] = save_volume(out_dir / f"sample_{key}.nii.gz", array, subject.grid.affine,
+                                 overwrite=overwrite)
+    voxel_ml = float(np.prod(subject.grid.spacing)) / 1000
+    return {"paths": paths, "lesions": subject.lesions,
+            "lesion_volume_ml": float(subject.lesion_mask.sum() * voxel_ml),
+            "lesion_mask": subject.lesion_mask > 0, "spacing": subject.grid.spacing}
+
+
+def run_demo(out_dir: str | Path, *, model_path=None, seed: int = 7, spacing: float = 1.0,
+             device="cpu", overwrite: bool = False, progress: Progress | None = None) -> dict:
+    from .detection import OUTPUT_NAMES, detect, save_figure, write_outputs
+    from .io import load_volume
+    from .metrics import evaluate_case
+    from .model import resolve_model
+
+    out_dir = Path(out_dir)
+    existing = [out_dir / n for n in OUTPUT_NAMES.values() if (out_dir / n).exists()]
+    if existing and not overwrite:
+        raise InputError(f"'{out_dir}' already holds demo outputs; pass --overwrite or "
+                         "choose another --out")
+    model = resolve_model(model_path, has_t2=True)
+    if progress:
+        progress("building the sample scan", 0.0)
+    sample = make_sample(out_dir / "input", seed, spacing, overwrite=True)
+    names = {"t1": sample["paths"]["t1"], "t2": sample["paths"]["t2"]}
+    detection = detect(model, load_volume(names["t1"], what="T1"),
+                       load_volume(names["t2"], what="T2"), device=device, names=names,
+                       progress=progress)
+    metrics = evaluate_case(detection.labels > 0, sample["lesion_mask"], sample["spacing"],
+                            detection.heat, detection.brain_mask)
+    summary = {key: metrics[key] for key in ("n_truth", "n_detected", "n_pred", "tpr", "ppv",
+                                             "dice", "auroc", "auprc", "fp_volume_ml")}
+    paths = write_outputs(detection, out_dir, model, names, overwrite=True,
+                          extra_report={"demo": {"seed": seed, "spacing_mm": spacing,
+                                                 "lesions": sample["lesions"],
+                                                 "metrics_vs_simulated_lesions": summary}})
+    # figure with the simulated lesions outlined (model grid)
+    truth_model = _truth_on_model_grid(model, detection, sample)
+    save_figure(detection, paths["figure"], truth_model=truth_model)
+    return {"detection": detection, "paths": paths, "metrics": summary,
+            "lesion_volume_ml": sample["lesion_volume_ml"]}
+
+
+def _truth_on_model_grid(model, detection, sample) -> np.ndarray | None:
+    """The lesion mask resampled onto the model grid (via the detection's mapping)."""
+    mapping = getattr(detection, "mapping", None)
+    if mapping is None:
+        return None
+    return mapping.to_model(sample["lesion_mask"].astype(np.float32), order=1) > 0.5

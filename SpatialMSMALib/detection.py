@@ -1,0 +1,320 @@
+"""Spatial-MSMA detection: heat map, calibrated threshold, labelled components, outputs.
+
+One path for the CLI (``spatial-msma detect``), the Slicer module and the browser viewer:
+
+    prepare (native -> model grid) -> score-norm features -> flow NLL -> smoothing
+    -> native grid -> threshold (voxel false-positive rate from healthy calibration)
+    -> connected components -> report
+
+``relabel`` recomputes the label volume and components from the native heat map at a new
+threshold without touching the networks (what the GUI sliders call).
+
+Coordinates: the heat map and labels are on the native T1 grid (``affine``: voxel index ->
+RAS mm); component centroids are RAS mm; volumes are mL.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .inference import (
+    Progress,
+    compute_features,
+    contrast_problems,
+    prepare,
+    typicality_report,
+)
+from .io import Volume, save_volume
+from .model import AnomalyModel
+from .spatial import label_anomalies, smooth_in_region
+
+
+@dataclass
+class Component:
+    label: int
+    volume_ml: float
+    centroid_ras_mm: list
+    peak_score: float
+    mean_score: float
+    peak_voxel_fpr: float
+
+
+@dataclass
+class Detection:
+    """Everything ``detect`` produces (arrays on the native T1 grid unless stated).
+
+    Attributes:
+        heat: ``(I, J, K)`` float32 anomaly score (NLL, nats); outside the brain it holds
+            ``floor`` (the lowest healthy calibration value), so no threshold flags it.
+        brain_mask: ``(I, J, K)`` bool, where the heat map is defined.
+        labels: ``(I, J, K)`` int16, components 1..n ordered by peak score.
+        affine: ``(4, 4)`` native voxel index -> RAS mm.
+        threshold / fpr: the operating point used (voxel false-positive rate on healthy
+            validation brains at that threshold).
+        components: per-component statistics.
+        heat_model / image_model / brain_mask_model: the model-grid heat map (NaN outside
+            the brain), scan and mask, for figures.
+        typicality: the scan-level MSMA report (dict) or None.
+        warnings: input-check and registration messages.
+        timings: seconds per stage.
+    """
+
+    heat: np.ndarray
+    brain_mask: np.ndarray
+    labels: np.ndarray
+    affine: np.ndarray
+    threshold: float
+    fpr: float
+    floor: float
+    components: list
+    heat_model: np.ndarray
+    image_model: np.ndarray
+    brain_mask_model: np.ndarray
+    typicality: dict | None = None
+    warnings: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    registration_ncc: float = float("nan")
+    mapping: object = None  # preprocessing.SpaceMapping (native <-> model grid)
+
+    def report(self, model: AnomalyModel | None = None, inputs: dict | None = None) -> dict:
+        spacing = np.linalg.norm(self.affine[:3, :3], axis=0)
+        voxel_ml = float(np.prod(spacing)) / 1000
+        out = {
+            "inputs": {k: str(v) for k, v in (inputs or {}).items() if v},
+            "threshold": self.threshold,
+            "voxel_false_positive_rate": self.fpr,
+            "flagged_volume_ml": float((self.labels > 0).sum() * voxel_ml),
+            "n_components": len(self.components),
+            "components": [asdict(c) for c in self.components],
+            "typicality": self.typicality,
+            "registration_ncc": self.registration_ncc,
+            "warnings": self.warnings,
+            "timings_s": self.timings,
+        }
+        if model is not None:
+            out["model"] = {"channels": list(model.channel_names),
+                            "spacing_mm": model.spacing_mm,
+                            "provenance": model.provenance,
+                            "post_processing": {
+                                "smoothing_mm": model.calibration.smoothing_mm,
+                                "min_component_ml": model.calibration.min_component_ml}}
+        return out
+
+
+def resolve_threshold(model: AnomalyModel, fpr: float | None = None,
+                      threshold: float | None = None) -> tuple[float, float]:
+    """``(threshold, voxel FPR)`` from either a false-positive rate or a raw threshold
+    (default: the model's calibrated default rate)."""
+    calibration = model.calibration
+    if fpr is not None and threshold is not None:
+        raise InputError("give either a false-positive rate or a threshold, not both")
+    if threshold is not None:
+        return float(threshold), float(calibration.fpr_of_score(threshold))
+    fpr = calibration.default_fpr if fpr is None else float(fpr)
+    try:
+        return calibration.threshold_for_fpr(fpr), fpr
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def model_heat_map(model: AnomalyModel, image: np.ndarray, brain_mask: np.ndarray,
+                   local: np.ndarray, device: str | torch.device = "cpu",
+                   progress=None) -> np.ndarray:
+    """Smoothed flow NLL ``(X, Y, Z)`` on the model grid; NaN outside ``brain_mask``.
+
+    Args:
+        image: ``(C, X, Y, Z)`` model-space scan; brain_mask: ``(X, Y, Z)`` bool;
+        local: ``(L, X, Y, Z)`` local score norms of that scan.
+    """
+    if model.spatial is None or model.calibration is None:
+        raise InputError("this model file has no Spatial-MSMA flow (it is an MSMA-only model "
+                         "from fit_msma.py); train one with training/train_spatial.py")
+    raw = model.spatial.heat_map(local, image, brain_mask, device=device, progress=progress)
+    sigma_vox = model.calibration.smoothing_mm / model.spacing_mm
+    return smooth_in_region(raw, brain_mask, sigma_vox)
+
+
+def components_of(labels: np.ndarray, count: int, heat: np.ndarray, affine: np.ndarray,
+                  calibration) -> list[Component]:
+    """Volume (mL), centroid (RAS mm), peak / mean score and peak voxel FPR of each label."""
+    from scipy import ndimage
+
+    if count == 0:
+        return []
+    ids = np.arange(1, count + 1)
+    voxel_ml = float(np.prod(np.linalg.norm(affine[:3, :3], axis=0))) / 1000
+    sizes = ndimage.sum_labels(np.ones(labels.shape), labels, ids)
+    centroids = ndimage.center_of_mass(np.ones(labels.shape), labels, ids)
+    peaks = ndimage.maximum(heat, labels, ids)
+    means = ndimage.mean(heat, labels, ids)
+    out = []
+    for i, label in enumerate(ids):
+        ras = affine[:3, :3] @ np.asarray(centroids[i]) + affine[:3, 3]
+        out.append(Component(int(label), round(float(sizes[i] * voxel_ml), 4),
+                             [round(float(v), 2) for v in ras], float(peaks[i]),
+                             float(means[i]), float(calibration.fpr_of_score(peaks[i]))))
+    return out
+
+
+def relabel(detection: Detection, model: AnomalyModel, *, fpr: float | None = None,
+            threshold: float | None = None,
+            min_component_ml: float | None = None) -> Detection:
+    """Labels and components at a new operating point, from the stored native heat map
+    (fast: no network runs). Returns an updated copy."""
+    threshold, fpr = resolve_threshold(model, fpr, threshold)
+    min_ml = model.calibration.min_component_ml if min_component_ml is None else min_component_ml
+    spacing = np.linalg.norm(detection.affine[:3, :3], axis=0)
+    labels, count = label_anomalies(detection.heat, detection.brain_mask, threshold, spacing,
+                                    min_ml)
+    components = components_of(labels, count, detection.heat, detection.affine,
+                               model.calibration)
+    from dataclasses import replace
+
+    return replace(detection, labels=labels, threshold=threshold, fpr=fpr,
+                   components=components)
+
+
+def native_detection(model: AnomalyModel, heat_model: np.ndarray, mapping,
+                     native_brain_mask: np.ndarray, *, image_model=None, brain_mask_model=None,
+                     fpr: float | None = None, threshold: float | None = None) -> Detection:
+    """Map a model-grid heat map to the native grid and label it."""
+    floor = float(model.calibration.scores[-1])
+    heat = mapping.to_native(np.nan_to_num(heat_model, nan=floor), order=1, fill=floor)
+    heat = np.where(native_brain_mask, heat, floor).astype(np.float32)
+    detection = Detection(heat, np.asarray(native_brain_mask, bool), np.zeros(heat.shape, np.int16),
+                          np.asarray(mapping.native_grid.affine, float), 0.0, 0.0, floor, [],
+                          heat_model, image_model, brain_mask_model,
+                          registration_ncc=float(mapping.registration_ncc), mapping=mapping)
+    return relabel(detection, model, fpr=fpr, threshold=threshold)
+
+
+def detect(
+    model: AnomalyModel,
+    t1: Volume,
+    t2: Volume | None = None,
+    brain_mask: Volume | None = None,
+    *,
+    fpr: float | None = None,
+    threshold: float | None = None,
+    device: str | torch.device = "cpu",
+    names: dict | None = None,
+    progress: Progress | None = None,
+) -> Detection:
+    """The whole detection for one native scan (see the module docstring)."""
+    if model.spatial is None or model.calibration is None:
+        raise InputError("this model file has no Spatial-MSMA flow (it is an MSMA-only model "
+                         "from fit_msma.py); train one with training/train_spatial.py")
+    resolve_threshold(model, fpr, threshold)  # fail early on a bad operating point
+    timings = {}
+    t0 = time.perf_counter()
+    scan = prepare(model, t1, t2, brain_mask, names=names, progress=progress)
+    timings["preprocess"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    local, whole = compute_features(model, scan, device, progress)
+    timings["score_features"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    if progress:
+        progress("flow likelihood", 0.95)
+    heat_model = model_heat_map(model, scan.image, scan.brain_mask, local, device)
+    timings["flow"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    detection = native_detection(model, heat_model, scan.mapping, scan.native_brain_mask,
+                                 image_model=scan.image, brain_mask_model=scan.brain_mask,
+                                 fpr=fpr, threshold=threshold)
+    problems = contrast_problems(model, scan.image, scan.brain_mask, names)
+    if model.typicality is not None:
+        report = typicality_report(model, whole, scan.mapping.registration_ncc, problems)
+        detection.typicality = report.to_dict()
+        detection.warnings = list(report.warnings)
+    else:
+        detection.warnings = problems
+    timings["post_process"] = round(time.perf_counter() - t0, 2)
+    detection.timings = timings
+    if progress:
+        progress("done", 1.0)
+    return detection
+
+
+# -- outputs -----------------------------------------------------------------------------
+OUTPUT_NAMES = {"heat": "heatmap.nii.gz", "labels": "labels.nii.gz", "report": "report.json",
+                "figure": "figure.png"}
+
+
+def check_outputs_free(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Refuse early (before any computation) when outputs would be overwritten."""
+    existing = [str(Path(out_dir) / n) for n in OUTPUT_NAMES.values()
+                if (Path(out_dir) / n).exists()]
+    if existing and not overwrite:
+        raise InputError(f"outputs already exist ({', '.join(existing)}); pass --overwrite "
+                         "to replace them")
+
+
+def write_outputs(detection: Detection, out_dir: str | Path, model: AnomalyModel,
+                  inputs: dict | None = None, overwrite: bool = False,
+                  extra_report: dict | None = None) -> dict[str, Path]:
+    """Heat map and label volume (NIfTI, native grid), JSON report and PNG figure in
+    ``out_dir``; refuses to replace existing outputs unless ``overwrite``."""
+    out_dir = Path(out_dir)
+    paths = {key: out_dir / name for key, name in OUTPUT_NAMES.items()}
+    check_outputs_free(out_dir, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_volume(paths["heat"], detection.heat, detection.affine, overwrite=True)
+    save_volume(paths["labels"], detection.labels, detection.affine, overwrite=True)
+    report = detection.report(model, inputs)
+    report.update(extra_report or {})
+    tmp = paths["report"].with_name(".report.json.partial")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(paths["report"])
+    save_figure(detection, paths["figure"])
+    return paths
+
+
+def save_figure(detection: Detection, path: str | Path, truth_model: np.ndarray | None = None
+                ) -> Path:
+    """Three orthogonal model-grid slices through the top component (or the brain centre):
+    T1 with the heat map above the threshold in colour and the component outlines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image = detection.image_model[0]
+    heat = detection.heat_model
+    region = detection.brain_mask_model
+    if np.isfinite(heat).any() and (np.nan_to_num(heat, nan=-np.inf) >= detection.threshold).any():
+        flagged = np.nan_to_num(heat, nan=-np.inf) >= detection.threshold
+        masked = np.where(flagged, np.nan_to_num(heat, nan=-np.inf), -np.inf)
+        centre = np.unravel_index(np.argmax(masked), heat.shape)
+    else:
+        centre = tuple(int(c) for c in np.argwhere(region).mean(0))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    views = [("sagittal", (centre[0], slice(None), slice(None))),
+             ("coronal", (slice(None), centre[1], slice(None))),
+             ("axial", (slice(None), slice(None), centre[2]))]
+    vmax = np.nanpercentile(heat, 99.9) if np.isfinite(heat).any() else 1
+    for ax, (name, index) in zip(axes, views, strict=True):
+        ax.imshow(image[index].T, cmap="gray", origin="lower")
+        h = heat[index].T
+        shown = np.where(h >= detection.threshold, h, np.nan)
+        ax.imshow(shown, cmap="hot", origin="lower", vmin=detection.threshold, vmax=vmax,
+                  alpha=0.8)
+        if truth_model is not None:
+            ax.contour(truth_model[index].T, levels=[0.5], colors="cyan", linewidths=0.8)
+        ax.set_title(f"{name} (model grid)")
+        ax.axis("off")
+    fig.suptitle(f"Spatial-MSMA: {len(detection.components)} components at voxel FPR "
+                 f"{detection.fpr:.2g} (threshold {detection.threshold:.2f} nats)")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name("." + path.name + ".partial.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,339 @@
+"""Spatial-MSMA: a conditional normalizing flow over per-location score-norm features.
+
+For every location of the model grid the score model gives an L-vector of local score norms
+(``score.features.score_norm_features``, shape ``(L, X, Y, Z)``). The flow models their
+density conditioned on
+
+- where the location is: a sinusoidal encoding of its position in the model grid
+  (normalised to [-1, 1] per axis, axis order i, j, k of the RAS model grid), and
+- what the whole scan looks like: a small 3D CNN (``GlobalEncoder``) of the scan downsampled
+  to 8 mm, trained jointly with the flow.
+
+The per-location negative log-likelihood (nats) is the anomaly heat map. ``Calibration``
+turns heat-map values into voxel-wise false-positive rates measured on healthy validation
+scans, so thresholds are set without ground truth (PROTOCOLS.md section 1).
+
+Features enter the flow as ``(log(norm + eps) - mean) / sd`` per noise level, with mean and
+SD measured on the healthy training locations (stored in the model).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: avoids log(0) for locations whose norm is exactly zero (outside the network's crop)
+LOG_EPS = 1e-6
+
+
+@dataclass
+class SpatialFlowConfig:
+    """Architecture of the conditional flow (plain data, stored in the model file)."""
+
+    num_features: int = 20  # L, the number of noise levels
+    in_channels: int = 2  # of the scan given to the global encoder
+    flow_layers: int = 5
+    hidden: int = 64
+    position_frequencies: int = 4  # sin/cos at 2^0..2^(F-1) * pi per axis
+    global_features: int = 8  # 0 disables the global encoder
+    encoder_downsample: int = 4  # model grid (2 mm) -> 8 mm for the encoder
+    mixture_components: int = 1  # > 1: diagonal Gaussian mixture base distribution
+    dropout: float = 0.0
+
+    @property
+    def position_dim(self) -> int:
+        return 3 + 6 * self.position_frequencies
+
+    @property
+    def context_dim(self) -> int:
+        return self.position_dim + self.global_features
+
+
+def normalised_positions(voxel_index: torch.Tensor, shape) -> torch.Tensor:
+    """Voxel indices ``(N, 3)`` (int) -> positions in [-1, 1] ``(N, 3)`` float32."""
+    size = torch.as_tensor(shape, dtype=torch.float32, device=voxel_index.device)
+    return voxel_index.float() / (size - 1).clamp(min=1) * 2 - 1
+
+
+def positional_encoding(positions: torch.Tensor, frequencies: int) -> torch.Tensor:
+    """``(N, 3)`` positions in [-1, 1] -> ``(N, 3 + 6 F)``: the positions, then
+    ``sin(2^f pi p)`` and ``cos(2^f pi p)`` for f = 0..F-1 (per axis)."""
+    parts = [positions]
+    for f in range(frequencies):
+        angle = positions * (math.pi * 2.0**f)
+        parts += [torch.sin(angle), torch.cos(angle)]
+    return torch.cat(parts, dim=1)
+
+
+class GlobalEncoder(nn.Module):
+    """Downsampled scan ``(B, C, x, y, z)`` -> global image features ``(B, out_dim)``."""
+
+    def __init__(self, in_channels: int, out_dim: int, width: int = 8):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv3d(in_channels, width, 3, padding=1), nn.SiLU(),
+            nn.Conv3d(width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv3d(2 * width, 4 * width, 3, stride=2, padding=1), nn.SiLU(),
+            nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+            nn.Linear(4 * width, out_dim), nn.Tanh(),
+        )
+
+    def forward(self, lowres: torch.Tensor) -> torch.Tensor:
+        return self.net(lowres)
+
+
+def downsample_scan(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """``(C, X, Y, Z)`` or ``(B, C, X, Y, Z)`` -> average-pooled by ``factor`` per axis."""
+    batched = image.dim() == 5
+    x = image if batched else image[None]
+    x = F.avg_pool3d(x.float(), factor, ceil_mode=True)
+    return x if batched else x[0]
+
+
+def _mixture_base(features: int, components: int):
+    from nflows.distributions.base import Distribution
+
+    class DiagonalGaussianMixture(Distribution):
+        """Unconditional mixture of ``components`` diagonal Gaussians (learned)."""
+
+        def __init__(self):
+            super().__init__()
+            generator = torch.Generator().manual_seed(0)
+            self.means = nn.Parameter(0.5 * torch.randn(components, features, generator=generator))
+            self.log_scales = nn.Parameter(torch.zeros(components, features))
+            self.logits = nn.Parameter(torch.zeros(components))
+
+        def _log_prob(self, inputs, context):
+            z = (inputs[:, None, :] - self.means) * torch.exp(-self.log_scales)
+            per_component = (-0.5 * z.pow(2) - self.log_scales
+                             - 0.5 * math.log(2 * math.pi)).sum(-1)
+            return torch.logsumexp(per_component + F.log_softmax(self.logits, 0), dim=1)
+
+        def _sample(self, num_samples, context):
+            which = torch.multinomial(F.softmax(self.logits, 0), num_samples, replacement=True)
+            noise = torch.randn(num_samples, features, device=self.means.device)
+            return self.means[which] + noise * torch.exp(self.log_scales[which])
+
+    return DiagonalGaussianMixture()
+
+
+class SpatialFlow(nn.Module):
+    """Conditional MAF over standardised log score norms, with position + global context.
+
+    Buffers ``feature_mean`` / ``feature_sd`` ``(L,)`` hold the standardisation (set by
+    ``set_feature_statistics`` from healthy training locations).
+    """
+
+    def __init__(self, config: SpatialFlowConfig):
+        super().__init__()
+        from nflows.distributions import StandardNormal
+        from nflows.flows import Flow
+        from nflows.transforms import (
+            CompositeTransform,
+            MaskedAffineAutoregressiveTransform,
+            ReversePermutation,
+        )
+
+        self.config = config
+        L = config.num_features
+        transforms = []
+        for _ in range(config.flow_layers):
+            transforms.append(ReversePermutation(L))
+            transforms.append(MaskedAffineAutoregressiveTransform(
+                L, config.hidden, context_features=config.context_dim, num_blocks=2,
+                dropout_probability=config.dropout))
+        base = (StandardNormal([L]) if config.mixture_components <= 1
+                else _mixture_base(L, config.mixture_components))
+        self.flow = Flow(CompositeTransform(transforms), base)
+        self.encoder = (GlobalEncoder(config.in_channels, config.global_features)
+                        if config.global_features > 0 else None)
+        self.register_buffer("feature_mean", torch.zeros(L))
+        self.register_buffer("feature_sd", torch.ones(L))
+
+    # -- inputs ------------------------------------------------------------------------
+    def set_feature_statistics(self, raw_norms: torch.Tensor) -> None:
+        """Standardisation from healthy raw norms ``(N, L)``."""
+        logs = torch.log(raw_norms.float() + LOG_EPS)
+        self.feature_mean.copy_(logs.mean(0))
+        self.feature_sd.copy_(logs.std(0).clamp(min=1e-3))
+
+    def transform_features(self, raw_norms: torch.Tensor) -> torch.Tensor:
+        """Raw local score norms ``(N, L)`` -> flow inputs ``(N, L)``."""
+        return (torch.log(raw_norms.float() + LOG_EPS) - self.feature_mean) / self.feature_sd
+
+    def global_context(self, lowres: torch.Tensor) -> torch.Tensor:
+        """``(B, C, x, y, z)`` downsampled scans -> ``(B, global_features)``."""
+        if self.encoder is None:
+            return lowres.new_zeros(lowres.shape[0], 0)
+        return self.encoder(lowres)
+
+    def context(self, positions: torch.Tensor, global_features: torch.Tensor) -> torch.Tensor:
+        """``(N, 3)`` positions in [-1, 1] and ``(N, G)`` global features -> ``(N, D)``."""
+        return torch.cat(
+            [positional_encoding(positions, self.config.position_frequencies), global_features],
+            dim=1)
+
+    # -- densities ---------------------------------------------------------------------
+    def forward(self, raw_norms: torch.Tensor, positions: torch.Tensor, lowres: torch.Tensor,
+                owner: torch.Tensor) -> torch.Tensor:
+        """Training entry point (what DDP wraps): log-density ``(N,)`` of locations whose
+        scans are ``lowres[owner]`` (``lowres`` ``(B, C, x, y, z)``, ``owner`` ``(N,)``)."""
+        return self.log_prob(raw_norms, positions, self.global_context(lowres)[owner])
+
+    def log_prob(self, raw_norms: torch.Tensor, positions: torch.Tensor,
+                 global_features: torch.Tensor) -> torch.Tensor:
+        """Log-density (nats) ``(N,)`` of raw norms ``(N, L)`` at positions ``(N, 3)`` in
+        [-1, 1] with per-location global features ``(N, G)``. The standardisation's
+        Jacobian is included, so values are densities of the log norms."""
+        inputs = self.transform_features(raw_norms)
+        log_p = self.flow.log_prob(inputs, context=self.context(positions, global_features))
+        return log_p - torch.log(self.feature_sd).sum()
+
+    @torch.no_grad()
+    def heat_map(
+        self,
+        local: np.ndarray | torch.Tensor,
+        image: np.ndarray | torch.Tensor,
+        region: np.ndarray,
+        chunk: int = 65536,
+        device: str | torch.device = "cpu",
+        progress=None,
+    ) -> np.ndarray:
+        """Negative log-likelihood map ``(X, Y, Z)`` float32 (nats) of one scan.
+
+        Args:
+            local: ``(L, X, Y, Z)`` raw local score norms.
+            image: ``(C, X, Y, Z)`` the model-space scan (for the global encoder).
+            region: ``(X, Y, Z)`` bool, where to evaluate (the brain mask); NaN elsewhere.
+            chunk: locations per flow evaluation (bounds memory).
+            progress: optional ``callable(fraction)``.
+        """
+        device = torch.device(device)
+        self.eval().to(device)
+        local = torch.as_tensor(local)
+        shape = tuple(local.shape[1:])
+        index = torch.from_numpy(np.argwhere(region)).to(device)
+        lowres = downsample_scan(torch.as_tensor(image, dtype=torch.float32),
+                                 self.config.encoder_downsample)[None].to(device)
+        global_features = self.global_context(lowres)
+        values = local.reshape(local.shape[0], -1)
+        flat = torch.from_numpy(np.flatnonzero(region.reshape(-1))).to(values.device)
+        nll = torch.empty(len(index), dtype=torch.float32)
+        for start in range(0, len(index), chunk):
+            stop = min(start + chunk, len(index))
+            norms = values[:, flat[start:stop]].T.to(device)
+            positions = normalised_positions(index[start:stop], shape)
+            g = global_features.expand(stop - start, -1)
+            nll[start:stop] = -self.log_prob(norms, positions, g).float().cpu()
+            if progress:
+                progress(stop / len(index))
+        out = np.full(shape, np.nan, np.float32)
+        out[region] = nll.numpy()
+        return out
+
+
+def build_spatial_flow(config: SpatialFlowConfig | dict) -> SpatialFlow:
+    if isinstance(config, dict):
+        config = SpatialFlowConfig(**config)
+    return SpatialFlow(config)
+
+
+# -- calibration and post-processing -----------------------------------------------------
+#: false-positive rates at which the healthy heat-map quantiles are stored (log-spaced)
+CALIBRATION_FPRS = np.logspace(-6, 0, 241)
+
+
+@dataclass
+class Calibration:
+    """Maps heat-map values to voxel-wise false-positive rates on healthy validation scans.
+
+    Attributes:
+        fprs: ``(K,)`` ascending false-positive rates (fraction of healthy brain voxels).
+        scores: ``(K,)`` the heat-map value exceeded by that fraction (descending).
+        default_fpr: the default operating point (PROTOCOLS.md: 1% of brain voxels).
+        smoothing_mm: Gaussian sigma applied to the heat map before anything else.
+        min_component_ml: components smaller than this are removed from the label volume.
+        n_scans / n_voxels: how much healthy data the quantiles come from.
+    """
+
+    fprs: list
+    scores: list
+    default_fpr: float = 0.01
+    smoothing_mm: float = 2.0
+    min_component_ml: float = 0.1
+    n_scans: int = 0
+    n_voxels: int = 0
+    notes: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_healthy(cls, brain_values: list[np.ndarray], **settings) -> Calibration:
+        """Quantiles of the pooled healthy brain heat-map values (one array per scan)."""
+        pooled = np.concatenate([np.asarray(v, np.float64).ravel() for v in brain_values])
+        pooled = pooled[np.isfinite(pooled)]
+        if pooled.size < 1000:
+            raise ValueError(f"{pooled.size} healthy voxels are too few to calibrate")
+        scores = np.quantile(pooled, 1 - CALIBRATION_FPRS)
+        return cls(CALIBRATION_FPRS.tolist(), scores.tolist(), n_scans=len(brain_values),
+                   n_voxels=int(pooled.size), **settings)
+
+    def threshold_for_fpr(self, fpr: float) -> float:
+        """Heat-map threshold flagging a fraction ``fpr`` of healthy brain voxels."""
+        fprs, scores = np.asarray(self.fprs), np.asarray(self.scores)
+        if not fprs[0] <= fpr <= 1:
+            raise ValueError(f"false-positive rate {fpr} outside [{fprs[0]:.0e}, 1]")
+        return float(np.interp(np.log(fpr), np.log(fprs), scores))
+
+    def fpr_of_score(self, score) -> np.ndarray:
+        """Voxel-wise false-positive rate of heat-map values (clipped to the stored range)."""
+        fprs, scores = np.asarray(self.fprs), np.asarray(self.scores)
+        # scores descend with fpr ascending: interpolate on the reversed arrays
+        log_fpr = np.interp(np.asarray(score, float), scores[::-1], np.log(fprs)[::-1])
+        return np.exp(log_fpr)
+
+    @property
+    def default_threshold(self) -> float:
+        return self.threshold_for_fpr(self.default_fpr)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def smooth_in_region(heat: np.ndarray, region: np.ndarray, sigma_vox: float) -> np.ndarray:
+    """Gaussian smoothing of ``heat`` restricted to ``region`` (normalised convolution, so
+    values outside the region do not leak in); NaN outside the region."""
+    from scipy.ndimage import gaussian_filter
+
+    filled = np.where(region, np.nan_to_num(heat), 0.0).astype(np.float32)
+    if sigma_vox > 0:
+        weight = gaussian_filter(region.astype(np.float32), sigma_vox)
+        filled = gaussian_filter(filled, sigma_vox) / np.maximum(weight, 1e-6)
+    return np.where(region, filled, np.nan).astype(np.float32)
+
+
+def label_anomalies(
+    heat: np.ndarray, region: np.ndarray, threshold: float, spacing_mm, min_component_ml: float
+) -> tuple[np.ndarray, int]:
+    """Threshold ``heat`` inside ``region``, keep 26-connected components of at least
+    ``min_component_ml``; returns ``(labels int16 (I, J, K), count)``, labels 1..count ordered
+    by decreasing peak score."""
+    from scipy import ndimage
+
+    flagged = region & (np.nan_to_num(heat, nan=-np.inf) >= threshold)
+    structure = np.ones((3, 3, 3), bool)
+    components, count = ndimage.label(flagged, structure)
+    if count == 0:
+        return np.zeros(heat.shape, np.int16), 0
+    voxel_ml = float(np.prod(np.asarray(spacing_mm, float))) / 1000.0
+    ids = np.arange(1, count + 1)
+    sizes = ndimage.sum_labels(flagged, components, ids) * voxel_ml
+    peaks = ndimage.maximum(np.nan_to_num(heat, nan=-np.inf), components, ids)
+    keep = ids[sizes >= min_component_ml]
+    order = keep[np.argsort(-np.asarray(peaks)[keep - 1], kind="stable")]
+    relabel = np.zeros(count + 1, np.int16)
+    relabel[order] = np.arange(1, len(order) + 1, dtype=np.int16)
+    return relabel[components], len(order)

@@ -1,0 +1,288 @@
+"""Spatial-MSMA: flow, calibration, post-processing, trainer resume, model file, detection."""
+
+import json
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from SpatialMSMALib.spatial import (
+    Calibration,
+    SpatialFlow,
+    SpatialFlowConfig,
+    label_anomalies,
+    normalised_positions,
+    positional_encoding,
+    smooth_in_region,
+)
+from SpatialMSMALib.spatial_training import LocationSet, SpatialTrainConfig, SpatialTrainer
+
+
+def test_positional_encoding_values():
+    positions = torch.tensor([[0.0, 0.5, -1.0]])
+    enc = positional_encoding(positions, 2)
+    assert enc.shape == (1, 3 + 12)
+    torch.testing.assert_close(enc[0, :3], positions[0])
+    torch.testing.assert_close(enc[0, 3:6], torch.sin(torch.pi * positions[0]))
+    torch.testing.assert_close(enc[0, 9:12], torch.sin(2 * torch.pi * positions[0]))
+    corners = normalised_positions(torch.tensor([[0, 0, 0], [9, 4, 1]]), (10, 5, 2))
+    torch.testing.assert_close(corners, torch.tensor([[-1.0, -1, -1], [1, 1, 1]]))
+
+
+def test_calibration_thresholds_are_healthy_quantiles(rng):
+    values = [rng.normal(size=50_000) for _ in range(4)]
+    cal = Calibration.from_healthy(values)
+    pooled = np.concatenate(values)
+    threshold = cal.threshold_for_fpr(0.01)
+    assert np.mean(pooled >= threshold) == pytest.approx(0.01, abs=5e-4)
+    assert cal.fpr_of_score(threshold) == pytest.approx(0.01, rel=0.02)
+    assert cal.fpr_of_score(cal.threshold_for_fpr(1e-4)) == pytest.approx(1e-4, rel=0.05)
+    assert cal.fpr_of_score(-100) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="outside"):
+        cal.threshold_for_fpr(2.0)
+
+
+def test_label_anomalies_sizes_order_and_minimum():
+    heat = np.zeros((20, 20, 20), np.float32)
+    heat[2:5, 2:5, 2:5] = 3.0  # 27 voxels, peak 3
+    heat[10:14, 10:14, 10:14] = 2.0  # 64 voxels, peak 5 at one voxel
+    heat[12, 12, 12] = 5.0
+    heat[18, 18, 18] = 9.0  # single voxel: below the minimum size
+    region = np.ones(heat.shape, bool)
+    labels, count = label_anomalies(heat, region, 1.0, (2.0, 2.0, 2.0), min_component_ml=0.1)
+    assert count == 2  # 0.1 mL = 12.5 voxels of 8 mm^3
+    assert (labels == 1).sum() == 64 and labels[12, 12, 12] == 1  # highest peak first
+    assert (labels == 2).sum() == 27
+    assert labels[18, 18, 18] == 0
+    region[:, :, :8] = False  # outside the region nothing is flagged
+    labels, count = label_anomalies(heat, region, 1.0, (2.0, 2.0, 2.0), 0.1)
+    assert count == 1 and labels[3, 3, 3] == 0
+
+
+def test_smoothing_does_not_leak_from_outside_the_region():
+    region = np.zeros((16, 16, 16), bool)
+    region[4:12, 4:12, 4:12] = True
+    heat = np.where(region, 2.0, 100.0).astype(np.float32)
+    smooth = smooth_in_region(heat, region, 1.5)
+    np.testing.assert_allclose(smooth[region], 2.0, rtol=1e-5)
+    assert np.isnan(smooth[~region]).all()
+
+
+def _location_sets(rng, n, shift=0.0):
+    """Features whose log mean depends on the position along axis 0 (a flow without the
+    position could not model them as sharply)."""
+    shape = (12, 10, 8)
+    region = np.ones(shape, bool)
+    x = np.linspace(-1, 1, shape[0])[None, :, None, None]
+    sets = []
+    for _ in range(n):
+        log_norm = 1.5 * x + shift + rng.normal(0, 0.2, (4, *shape))
+        sets.append(LocationSet.from_arrays(np.exp(log_norm).astype(np.float32),
+                                            rng.normal(size=(2, *shape)).astype(np.float32),
+                                            region, 4))
+    return sets
+
+
+def _config(steps):
+    flow = asdict(SpatialFlowConfig(num_features=4, flow_layers=2, hidden=16,
+                                    position_frequencies=2, global_features=2))
+    return SpatialTrainConfig(flow=flow, steps=steps, scans_per_batch=4, locations_per_scan=128,
+                              learning_rate=3e-3, warmup_steps=10, validate_every=50,
+                              checkpoint_every=50, val_locations_per_scan=512)
+
+
+def test_flow_learns_position_dependent_features(rng, tmp_path):
+    train, val = _location_sets(rng, 6), _location_sets(rng, 2)
+    trainer = SpatialTrainer(_config(300), train, val, tmp_path)
+    initial = trainer.validate()
+    trainer.run(progress=False)
+    final = trainer.validate()
+    # true density of the log norms: 4 independent N(., 0.2^2) -> entropy 4 * -0.19 = -0.78
+    assert final < initial - 2
+    assert final < 0.5
+    flow = trainer.flow.eval()
+    s = val[0]
+    positions = normalised_positions(s.index, s.shape)
+    g = flow.global_context(s.lowres[None]).expand(len(s.index), -1)
+    with torch.no_grad():
+        healthy = -flow.log_prob(s.norms.float(), positions, g)
+        # the same features shown at the mirrored position along axis 0 are atypical there
+        mirrored = positions * torch.tensor([-1.0, 1, 1])
+        moved = -flow.log_prob(s.norms.float(), mirrored, g)
+    far = positions[:, 0].abs() > 0.5
+    assert (moved[far] > healthy[far] + 5).float().mean() > 0.9
+
+
+def test_trainer_resume_continues_the_same_run(rng, tmp_path):
+    train, val = _location_sets(rng, 4), _location_sets(rng, 1)
+    straight = SpatialTrainer(_config(100), train, val, tmp_path / "a")
+    straight.run(progress=False)
+    first = SpatialTrainer(_config(100), train, val, tmp_path / "b")
+    first.run(progress=False, stop_after=50)  # "killed" after its checkpoint at step 50
+    resumed = SpatialTrainer(_config(100), train, val, tmp_path / "b")
+    resumed.resume(tmp_path / "b" / "last.pt")
+    assert resumed.step == 50
+    resumed.run(progress=False)
+    for a, b in zip(straight.flow.state_dict().values(), resumed.flow.state_dict().values(),
+                    strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="another configuration"):
+        SpatialTrainer(_config(200), train, val, tmp_path / "c").resume(
+            tmp_path / "b" / "last.pt")
+
+
+def test_mixture_base_flow_has_a_normalised_density():
+    torch.manual_seed(0)
+    flow = SpatialFlow(SpatialFlowConfig(num_features=2, flow_layers=1, hidden=8,
+                                         position_frequencies=1, global_features=0,
+                                         mixture_components=3)).eval()
+    # integrate the density over a 2D grid at a fixed position: must be ~1
+    grid = torch.linspace(-8, 8, 321)
+    xx, yy = torch.meshgrid(grid, grid, indexing="ij")
+    log_norms = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
+    n = len(log_norms)
+    with torch.no_grad():
+        log_p = flow.flow.log_prob(log_norms, context=flow.context(torch.zeros(n, 3),
+                                                                   torch.zeros(n, 0)))
+    step = float(grid[1] - grid[0])
+    assert float(log_p.exp().sum() * step**2) == pytest.approx(1.0, abs=0.02)
+
+
+# -- model file, detection and the CLI ---------------------------------------------------
+@pytest.fixture(scope="module")
+def detection_setup(tmp_path_factory):
+    """A tiny score net + a flow trained on noisy model-space copies of one healthy scan,
+    calibrated on two more; and a copy of that scan with a lesion."""
+    from SpatialMSMALib.anatomy import load_mni152_2009a
+    from SpatialMSMALib.inference import compute_features, prepare
+    from SpatialMSMALib.io import Volume, save_volume
+    from SpatialMSMALib.model import AnomalyModel
+    from SpatialMSMALib.score import GeometricNoiseSchedule, ScoreUNet
+    from SpatialMSMALib.synthesis import SubjectConfig, synthesize_subject
+    from SpatialMSMALib.typicality import TypicalityModel
+
+    folder = tmp_path_factory.mktemp("detect")
+    torch.manual_seed(0)
+    model = AnomalyModel(ScoreUNet(3, 2, (4, 8), 8).eval(), GeometricNoiseSchedule(0.05, 1.0, 4))
+    subject = synthesize_subject(load_mni152_2009a(), seed=3, config=SubjectConfig())
+    base = prepare(model, Volume(subject.t1, subject.grid.affine),
+                   Volume(subject.t2, subject.grid.affine))
+    rng = np.random.default_rng(0)
+    sets, wholes = [], []
+    for _ in range(6):
+        image = (base.image + rng.normal(0, 0.03, base.image.shape) * base.brain_mask)
+        scan = type("S", (), {"image": image.astype(np.float32), "brain_mask": base.brain_mask})
+        local, whole = compute_features(model, scan)
+        sets.append(LocationSet.from_arrays(local, scan.image, base.brain_mask, 4))
+        wholes.append(whole)
+    config = _config(200)
+    config.flow.update(num_features=4, hidden=32, flow_layers=3)
+    trainer = SpatialTrainer(config, sets[:4], sets[4:], folder / "flow")
+    trainer.run(progress=False)
+    model.spatial = trainer.flow.eval()
+    model.calibration = Calibration([1e-6, 1.0], [1.0, 0.0], smoothing_mm=2.0)
+    from SpatialMSMALib.detection import model_heat_map
+
+    healthy = []
+    for s in sets[4:]:
+        local = s.norms.float().numpy()
+        full = np.zeros((4, *base.brain_mask.shape), np.float32)
+        full[:, base.brain_mask] = local.T
+        heat = model_heat_map(model, base.image, base.brain_mask, full)
+        healthy.append(heat[base.brain_mask])
+    model.calibration = Calibration.from_healthy(healthy, min_component_ml=0.2)
+    model.typicality = TypicalityModel.fit(np.stack(wholes), models=("knn",))
+    path = model.save(folder / "model.pt")
+
+    # a lesion: 12 mm radius ball in the right hemisphere, T1 x0.5, T2 x2
+    ijk = np.indices(subject.t1.shape)
+    centre_ras = np.array([26.0, -10.0, 20.0])
+    centre_ijk = np.linalg.solve(subject.grid.affine, np.r_[centre_ras, 1])[:3]
+    ball = (((ijk - centre_ijk[:, None, None, None]) * 2.0) ** 2).sum(0) <= 12.0**2
+    ball &= subject.brain_mask > 0
+    paths = {}
+    for name, data in (("t1", np.where(ball, subject.t1 * 0.5, subject.t1)),
+                       ("t2", np.where(ball, subject.t2 * 2.0, subject.t2)),
+                       ("lesion", ball.astype(np.uint8))):
+        paths[name] = save_volume(folder / f"les_{name}.nii.gz", data.astype(np.float32),
+                                  subject.grid.affine)
+    return {"model": model, "path": path, "paths": paths, "centre_ras": centre_ras,
+            "folder": folder}
+
+
+def test_model_file_round_trip_with_flow_and_calibration(detection_setup):
+    from SpatialMSMALib.model import AnomalyModel
+
+    model = detection_setup["model"]
+    loaded = AnomalyModel.load(detection_setup["path"])
+    rng = np.random.default_rng(3)
+    local = np.exp(rng.normal(size=(4, 8, 9, 10))).astype(np.float32)
+    image = rng.normal(size=(2, 8, 9, 10)).astype(np.float32)
+    region = rng.random((8, 9, 10)) > 0.3
+    np.testing.assert_allclose(loaded.spatial.heat_map(local, image, region),
+                               model.spatial.heat_map(local, image, region), rtol=1e-6)
+    assert loaded.calibration.scores == model.calibration.scores
+    assert loaded.calibration.min_component_ml == 0.2
+
+
+def test_detect_cli_finds_the_lesion_and_writes_every_output(detection_setup, capsys):
+    from SpatialMSMALib.cli import main
+    from SpatialMSMALib.io import load_volume
+
+    paths, out = detection_setup["paths"], detection_setup["folder"] / "out"
+    args = ["detect", "--t1", str(paths["t1"]), "--t2", str(paths["t2"]), "--model",
+            str(detection_setup["path"]), "--out", str(out), "--device", "cpu"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    labels = load_volume(out / "labels.nii.gz", allow_empty=True)
+    heat = load_volume(out / "heatmap.nii.gz")
+    t1 = load_volume(paths["t1"])
+    assert labels.shape == t1.shape and np.allclose(labels.affine, t1.affine)
+    assert (out / "figure.png").stat().st_size > 10_000
+    assert report["n_components"] == int(labels.data.max()) >= 1
+    top = report["components"][0]
+    # the strongest component is the simulated lesion (12 mm radius): centroid inside it,
+    # covering a good part of it (an untrained 4/8-channel score net sees intensity only)
+    lesion = load_volume(paths["lesion"]).data > 0
+    lesion_centre = labels.affine[:3, :3] @ np.argwhere(lesion).mean(0) + labels.affine[:3, 3]
+    assert np.linalg.norm(np.asarray(top["centroid_ras_mm"]) - lesion_centre) < 12
+    assert (labels.data[lesion] == 1).mean() > 0.3
+    # the component statistics agree with the volumes written
+    voxel_ml = 8 / 1000
+    assert top["volume_ml"] == pytest.approx((labels.data == 1).sum() * voxel_ml, rel=1e-6)
+    assert top["peak_score"] == pytest.approx(float(heat.data[labels.data == 1].max()), rel=1e-5)
+    assert report["voxel_false_positive_rate"] == pytest.approx(0.01)
+    assert report["typicality"]["scores"]["knn"]["percentile"] >= 0
+    # outputs are never overwritten silently (refused before any computation)
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    # a stricter operating point flags less
+    assert main(args + ["--overwrite", "--fpr", "0.0001"]) == 0
+    strict = json.loads((out / "report.json").read_text())
+    assert strict["flagged_volume_ml"] < report["flagged_volume_ml"]
+    assert strict["threshold"] > report["threshold"]
+    # moving the threshold afterwards (the GUI sliders) gives what a fresh run gives
+    from SpatialMSMALib.detection import Detection, relabel
+
+    model = detection_setup["model"]
+    # outside the brain the heat map holds the calibration floor, below any threshold
+    everywhere = np.ones(heat.shape, bool)
+    stored = Detection(heat.data.astype(np.float32), everywhere, labels.data, heat.affine,
+                       0.0, 0.0, float(model.calibration.scores[-1]), [], None, None, None)
+    moved = relabel(stored, model, fpr=0.0001)
+    strict_labels = load_volume(out / "labels.nii.gz", allow_empty=True).data
+    np.testing.assert_array_equal(moved.labels, strict_labels)
+    assert len(moved.components) == strict["n_components"]
+
+
+def test_detect_without_t2_says_the_model_needs_it(detection_setup, capsys):
+    from SpatialMSMALib.cli import main
+
+    paths = detection_setup["paths"]
+    code = main(["detect", "--t1", str(paths["t1"]), "--model", str(detection_setup["path"]),
+                 "--out", str(detection_setup["folder"] / "t1only")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "T1 + T2" in err and "les_t1.nii.gz" in err

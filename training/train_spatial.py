@@ -1,0 +1,223 @@
+"""Train Spatial-MSMA end to end and write the model file that `spatial-msma detect` loads.
+
+    python training/train_spatial.py --manifest benchmark --score-checkpoint runs/score/best.pt \\
+        --out runs/spatial_msma.pt [--work runs/spatial] [--steps 3000 ...]
+    python training/train_spatial.py --data-dir healthy_scans/ --score-steps 2500 --out model.pt
+    torchrun --nproc_per_node=N training/train_spatial.py ...
+
+Healthy scans only: the ``train`` / ``val`` splits of a benchmark manifest, or a folder of
+``*_t1/_t2/_brainmask`` NIfTI files (10% -> validation). Steps:
+
+1. score model: ``--score-checkpoint``, or trained first with training/train_score.py
+   (``--score-steps``) into ``WORK/score``;
+2. score-norm features of every scan, cached under ``WORK/cache/features_<digest>/`` (the
+   local maps as float16; a rerun reuses them; under torchrun each rank computes a share);
+3. MSMA typicality model on the whole-brain norms (train + val, cross-fitted references);
+4. the conditional flow on random brain locations of the training scans, validated by the
+   NLL of the validation scans; checkpoints ``WORK/flow/{last,best}.pt``, ``--resume``
+   continues a killed run;
+5. calibration on the validation scans: healthy heat-map quantiles (voxel false-positive
+   rates), default 1% rate, smoothing and minimum component size;
+6. one model file (atomic, safe to load, config + version + checksum inside).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from SpatialMSMALib.dataset import model_space  # noqa: E402
+from SpatialMSMALib.detection import model_heat_map  # noqa: E402
+from SpatialMSMALib.errors import InputError  # noqa: E402
+from SpatialMSMALib.inference import cached_features  # noqa: E402
+from SpatialMSMALib.model import AnomalyModel  # noqa: E402
+from SpatialMSMALib.spatial import Calibration, SpatialFlowConfig  # noqa: E402
+from SpatialMSMALib.spatial_training import (  # noqa: E402
+    LocationSet,
+    SpatialTrainConfig,
+    SpatialTrainer,
+    load_best_flow,
+)
+from SpatialMSMALib.training_utils import training_device  # noqa: E402
+from SpatialMSMALib.typicality import MODEL_NAMES, TypicalityModel  # noqa: E402
+
+TRAIN_FIELDS = [f for f in dataclasses.fields(SpatialTrainConfig) if f.name != "flow"]
+FLOW_FIELDS = [f for f in dataclasses.fields(SpatialFlowConfig)
+               if f.name not in ("num_features", "in_channels")]
+
+
+def _add_fields(parser, fields, prefix: str = "") -> None:
+    for f in fields:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        parser.add_argument("--" + prefix + f.name.replace("_", "-"), type=type(default),
+                            default=default, dest=prefix.replace("-", "_") + f.name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", type=Path, help="benchmark manifest (file or folder)")
+    source.add_argument("--data-dir", type=Path, help="folder of healthy *_t1/_t2 NIfTI")
+    parser.add_argument("--out", type=Path, required=True, help="model file to write")
+    parser.add_argument("--work", type=Path, help="caches and checkpoints (default OUT.work/)")
+    parser.add_argument("--score-checkpoint", type=Path,
+                        help="train_score.py checkpoint (default: train one first)")
+    parser.add_argument("--score-steps", type=int, default=2500,
+                        help="steps when the score model is trained first")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--resume", action="store_true", help="continue WORK/flow/last.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--aux-models", nargs="+", default=list(MODEL_NAMES),
+                        choices=MODEL_NAMES, help="MSMA auxiliary models")
+    parser.add_argument("--fpr", type=float, default=0.01, help="default voxel FPR")
+    parser.add_argument("--smoothing-mm", type=float, default=2.0)
+    parser.add_argument("--min-component-ml", type=float, default=0.1)
+    _add_fields(parser, TRAIN_FIELDS)
+    _add_fields(parser, FLOW_FIELDS, prefix="flow-")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = training_device(args.device)
+    work = args.work or args.out.with_name(args.out.name + ".work")
+    try:
+        if args.out.exists() and not args.overwrite:
+            raise InputError(f"'{args.out}' exists; pass --overwrite to replace it")
+        score_checkpoint = args.score_checkpoint
+        if score_checkpoint is None:
+            score_checkpoint = train_score_first(args, work / "score")
+        if not Path(score_checkpoint).exists():
+            raise InputError(f"score checkpoint '{score_checkpoint}' does not exist")
+        return run(args, Path(score_checkpoint), work, device, rank, world_size)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def train_score_first(args, out: Path) -> Path:
+    import train_score
+
+    source = (["--manifest", str(args.manifest)] if args.manifest
+              else ["--data-dir", str(args.data_dir)])
+    code = train_score.main(source + ["--out", str(out), "--steps", str(args.score_steps),
+                                      "--device", args.device, "--resume"])
+    if code != 0:
+        raise InputError("score-model training failed")
+    return out / "best.pt"
+
+
+def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
+        world_size: int) -> int:
+    import torch.distributed as dist
+    from train_score import scan_lists
+
+    distributed = world_size > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        splits = scan_lists(args)
+        rows = splits["train"] + splits["val"]
+        model = AnomalyModel.from_score_checkpoint(score_checkpoint)
+        digest = model.provenance["score_checkpoint_sha256"][:12]
+        cache = work / "cache"
+        feature_dir = cache / f"features_{digest}"
+        start = time.perf_counter()
+        # every rank computes a share of the features, then all read the full cache
+        share = rows[rank::world_size]
+        scans = model_space(share, cache, model.spacing_mm, progress=rank == 0)
+        cached_features(model, scans, feature_dir, device, save_local=True,
+                        progress_bar=rank == 0)
+        if distributed:
+            dist.barrier()
+        train_scans = model_space(splits["train"], cache, model.spacing_mm, progress=False)
+        val_scans = model_space(splits["val"], cache, model.spacing_mm, progress=False)
+        train_whole, train_paths = cached_features(model, train_scans, feature_dir, device,
+                                                   save_local=True, progress_bar=False)
+        val_whole, val_paths = cached_features(model, val_scans, feature_dir, device,
+                                               save_local=True, progress_bar=False)
+        feature_seconds = time.perf_counter() - start
+        if rank == 0:
+            print(f"score-norm features of {len(rows)} scans ready in {feature_seconds:.0f} s")
+
+        flow_config = {f.name: getattr(args, "flow_" + f.name) for f in FLOW_FIELDS}
+        flow_config.update(num_features=len(model.sigmas), in_channels=len(model.channel_names))
+        config = SpatialTrainConfig(
+            flow=dataclasses.asdict(SpatialFlowConfig(**flow_config)),
+            **{f.name: getattr(args, f.name) for f in TRAIN_FIELDS})
+        downsample = config.flow["encoder_downsample"]
+
+        def locations(scans, paths):
+            out = []
+            for scan, path in zip(scans, paths, strict=True):
+                with np.load(path) as cached:
+                    out.append(LocationSet.from_arrays(cached["local"], scan.image,
+                                                       scan.brain_mask, downsample))
+            return out
+
+        train_sets = locations(train_scans, train_paths)
+        val_sets = locations(val_scans, val_paths)
+        trainer = SpatialTrainer(config, train_sets, val_sets, work / "flow", device=device,
+                                 rank=rank, distributed=distributed)
+        if args.resume and (work / "flow" / "last.pt").exists():
+            trainer.resume(work / "flow" / "last.pt")
+        t0 = time.perf_counter()
+        trainer.run(progress=rank == 0)
+        flow_seconds = time.perf_counter() - t0
+        if rank != 0:
+            return 0
+
+        model.spatial = load_best_flow(work / "flow" / "best.pt")
+        model.calibration = Calibration([1e-6, 1.0], [1.0, 0.0],
+                                        smoothing_mm=args.smoothing_mm)  # smoothing only
+        healthy_values = []
+        t0 = time.perf_counter()
+        for scan, path in zip(val_scans, val_paths, strict=True):
+            with np.load(path) as cached:
+                heat = model_heat_map(model, scan.image, scan.brain_mask,
+                                      cached["local"].astype(np.float32), device)
+            healthy_values.append(heat[scan.brain_mask])
+        model.calibration = Calibration.from_healthy(
+            healthy_values, default_fpr=args.fpr, smoothing_mm=args.smoothing_mm,
+            min_component_ml=args.min_component_ml,
+            notes={"calibration_scans": [s.id for s in val_scans],
+                   "grid": "model grid (2 mm), smoothed heat map, brain voxels"})
+        calibration_seconds = time.perf_counter() - t0
+
+        whole = np.concatenate([train_whole, val_whole])
+        model.typicality = TypicalityModel.fit(whole, models=tuple(args.aux_models))
+        ids = [r.id for r in rows]
+        model.provenance.update({
+            "cohort": ({"manifest": str(args.manifest), "splits": ["train", "val"]}
+                       if args.manifest else {"data_dir": str(args.data_dir)}),
+            "n_healthy": len(rows), "n_flow_train": len(train_scans),
+            "n_flow_val": len(val_scans),
+            "healthy_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+            "flow_train_config": dataclasses.asdict(config),
+            "flow_best_val_nll": trainer.best_val,
+            "seconds": {"features": round(feature_seconds, 1), "flow": round(flow_seconds, 1),
+                        "calibration": round(calibration_seconds, 1)},
+        })
+        model.save(args.out, overwrite=args.overwrite)
+        print(f"flow: best validation NLL {trainer.best_val:.3f} nats; default threshold "
+              f"{model.calibration.default_threshold:.3f} (voxel FPR {args.fpr:g}); "
+              f"wrote {args.out}")
+        return 0
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

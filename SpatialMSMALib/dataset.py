@@ -74,10 +74,12 @@ def model_space(
     spacing: float = 2.0,
     progress: bool = True,
     need_mapping: bool = False,
+    channels: int | None = None,
 ) -> list[ModelSpaceScan]:
     """Preprocess (or read from the cache) each scan onto the model grid at ``spacing`` mm.
     With ``need_mapping`` a cache entry from an older version without the mapping is
-    recomputed (preprocessing is deterministic, so the image is the same)."""
+    recomputed (preprocessing is deterministic, so the image is the same). ``channels=1``
+    keeps only the T1 (for T1-only models; the cache always holds every channel)."""
     from tqdm import tqdm
 
     from .io import load_volume
@@ -111,6 +113,6 @@ def model_space(
             np.savez(tmp, image=image, brain_mask=mask.astype(np.uint8),
                      mapping=np.array(mapping.to_json()))
             tmp.replace(cached)
-        out.append(ModelSpaceScan(row.id, np.asarray(image, np.float32), np.asarray(mask, bool),
-                                  mapping))
+        image = np.asarray(image, np.float32)[:channels]
+        out.append(ModelSpaceScan(row.id, image, np.asarray(mask, bool), mapping))
     return out

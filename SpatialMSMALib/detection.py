@@ -33,7 +33,7 @@ from .inference import (
 )
 from .io import Volume, save_volume
 from .model import AnomalyModel
-from .spatial import label_anomalies, smooth_in_region
+from .spatial import label_anomalies, scored_region, smooth_in_region
 
 
 @dataclass
@@ -104,6 +104,7 @@ class Detection:
                             "provenance": model.provenance,
                             "post_processing": {
                                 "smoothing_mm": model.calibration.smoothing_mm,
+                                "rim_mm": model.calibration.rim_mm,
                                 "min_component_ml": model.calibration.min_component_ml}}
         return out
 
@@ -127,7 +128,8 @@ def resolve_threshold(model: AnomalyModel, fpr: float | None = None,
 def model_heat_map(model: AnomalyModel, image: np.ndarray, brain_mask: np.ndarray,
                    local: np.ndarray, device: str | torch.device = "cpu",
                    progress=None) -> np.ndarray:
-    """Smoothed flow NLL ``(X, Y, Z)`` on the model grid; NaN outside ``brain_mask``.
+    """Smoothed flow NLL ``(X, Y, Z)`` on the model grid; NaN outside the scored region
+    (``brain_mask`` without the calibration's ``rim_mm``).
 
     Args:
         image: ``(C, X, Y, Z)`` model-space scan; brain_mask: ``(X, Y, Z)`` bool;
@@ -136,9 +138,10 @@ def model_heat_map(model: AnomalyModel, image: np.ndarray, brain_mask: np.ndarra
     if model.spatial is None or model.calibration is None:
         raise InputError("this model file has no Spatial-MSMA flow (it is an MSMA-only model "
                          "from fit_msma.py); train one with training/train_spatial.py")
-    raw = model.spatial.heat_map(local, image, brain_mask, device=device, progress=progress)
+    region = scored_region(brain_mask, model.calibration.rim_mm, model.spacing_mm)
+    raw = model.spatial.heat_map(local, image, region, device=device, progress=progress)
     sigma_vox = model.calibration.smoothing_mm / model.spacing_mm
-    return smooth_in_region(raw, brain_mask, sigma_vox)
+    return smooth_in_region(raw, region, sigma_vox)
 
 
 def components_of(labels: np.ndarray, count: int, heat: np.ndarray, affine: np.ndarray,

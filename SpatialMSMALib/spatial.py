@@ -257,6 +257,8 @@ class Calibration:
         scores: ``(K,)`` the heat-map value exceeded by that fraction (descending).
         default_fpr: the default operating point (PROTOCOLS.md: 1% of brain voxels).
         smoothing_mm: Gaussian sigma applied to the heat map before anything else.
+        rim_mm: the outer ``rim_mm`` of the brain mask is not scored (registration and
+            mask differences make the brain's edge atypical in healthy scans too).
         min_component_ml: components smaller than this are removed from the label volume.
         n_scans / n_voxels: how much healthy data the quantiles come from.
     """
@@ -266,6 +268,7 @@ class Calibration:
     default_fpr: float = 0.01
     smoothing_mm: float = 2.0
     min_component_ml: float = 0.1
+    rim_mm: float = 0.0
     n_scans: int = 0
     n_voxels: int = 0
     notes: dict = field(default_factory=dict)
@@ -301,6 +304,16 @@ class Calibration:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def scored_region(brain_mask: np.ndarray, rim_mm: float, spacing_mm: float) -> np.ndarray:
+    """The brain mask without its outer ``rim_mm`` (binary erosion, 6-connected steps of one
+    voxel, ``round(rim_mm / spacing_mm)`` of them)."""
+    from scipy.ndimage import binary_erosion
+
+    steps = int(round(rim_mm / spacing_mm))
+    mask = np.asarray(brain_mask, bool)
+    return binary_erosion(mask, iterations=steps) if steps > 0 else mask
 
 
 def smooth_in_region(heat: np.ndarray, region: np.ndarray, sigma_vox: float) -> np.ndarray:

@@ -69,6 +69,16 @@ def test_smoothing_does_not_leak_from_outside_the_region():
     assert np.isnan(smooth[~region]).all()
 
 
+def test_scored_region_drops_the_brain_rim():
+    from SpatialMSMALib.spatial import scored_region
+
+    brain = np.zeros((20, 20, 20), bool)
+    brain[2:18, 2:18, 2:18] = True
+    assert scored_region(brain, 0.0, 2.0).sum() == 16**3
+    assert scored_region(brain, 4.0, 2.0).sum() == 12**3  # 2 voxels of 2 mm off each face
+    assert not scored_region(brain, 4.0, 2.0)[3, 10, 10]
+
+
 def _location_sets(rng, n, shift=0.0):
     """Features whose log mean depends on the position along axis 0 (a flow without the
     position could not model them as sharply)."""

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = args.cache or args.out.with_name(args.out.name + ".cache")
         model = AnomalyModel.from_score_checkpoint(args.score_checkpoint)
         digest = model.provenance["score_checkpoint_sha256"][:12]
-        scans = model_space(rows, cache, model.spacing_mm)
+        scans = model_space(rows, cache, model.spacing_mm, channels=len(model.channel_names))
         device = select_device(args.device)
         start = time.perf_counter()
         features, _ = cached_features(model, scans, cache / f"features_{digest}", device,

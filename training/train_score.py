@@ -49,8 +49,10 @@ def scan_lists(args) -> dict[str, list[ScanFiles]]:
     return {"train": rows[n_val:] or rows, "val": rows[:n_val] or rows}
 
 
-def load_model_space(rows, cache_dir: Path, spacing: float, progress: bool) -> list[torch.Tensor]:
-    return [torch.from_numpy(s.image) for s in model_space(rows, cache_dir, spacing, progress)]
+def load_model_space(rows, cache_dir: Path, spacing: float, progress: bool,
+                     channels: int | None = None) -> list[torch.Tensor]:
+    return [torch.from_numpy(s.image)
+            for s in model_space(rows, cache_dir, spacing, progress, channels=channels)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spacing", type=float, default=2.0, help="model grid spacing (mm)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.add_argument("--t1-only", action="store_true",
+                        help="train on the T1 channel only (a model for scans without T2)")
     parser.add_argument(
         "--save-rank-weights",
         action="store_true",
@@ -85,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         cache = args.out / "cache"
         if world_size > 1 and rank != 0:
             dist.barrier()  # rank 0 fills the preprocessing cache first
-        train = load_model_space(splits["train"], cache, args.spacing, rank == 0)
-        val = load_model_space(splits["val"], cache, args.spacing, rank == 0)
+        channels = 1 if args.t1_only else None
+        train = load_model_space(splits["train"], cache, args.spacing, rank == 0, channels)
+        val = load_model_space(splits["val"], cache, args.spacing, rank == 0, channels)
         if world_size > 1 and rank == 0:
             dist.barrier()
         trainer = ScoreTrainer(

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train_score.py checkpoint (default: train one first)")
     parser.add_argument("--score-steps", type=int, default=2500,
                         help="steps when the score model is trained first")
+    parser.add_argument("--t1-only", action="store_true",
+                        help="when training the score model first: T1 channel only")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--resume", action="store_true", help="continue WORK/flow/last.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -80,7 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=MODEL_NAMES, help="MSMA auxiliary models")
     parser.add_argument("--fpr", type=float, default=0.01, help="default voxel FPR")
     parser.add_argument("--smoothing-mm", type=float, default=2.0)
-    parser.add_argument("--min-component-ml", type=float, default=0.1)
+    parser.add_argument("--rim-mm", type=float, default=4.0,
+                        help="outer brain rim left unscored (mm)")
+    parser.add_argument("--min-component-ml", default="auto",
+                        help="minimum component size (mL), or 'auto' (from healthy "
+                             "validation scans, see --healthy-budget-ml)")
+    parser.add_argument("--healthy-budget-ml", type=float, default=1.0,
+                        help="'auto' picks the smallest minimum size whose median flagged "
+                             "volume on the healthy validation scans is within this")
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="skip flow training: recalibrate WORK/flow/best.pt with new "
+                             "post-processing settings")
     _add_fields(parser, TRAIN_FIELDS)
     _add_fields(parser, FLOW_FIELDS, prefix="flow-")
     return parser
@@ -112,10 +124,57 @@ def train_score_first(args, out: Path) -> Path:
     source = (["--manifest", str(args.manifest)] if args.manifest
               else ["--data-dir", str(args.data_dir)])
     code = train_score.main(source + ["--out", str(out), "--steps", str(args.score_steps),
-                                      "--device", args.device, "--resume"])
+                                      "--device", args.device, "--resume"]
+                            + (["--t1-only"] if args.t1_only else []))
     if code != 0:
         raise InputError("score-model training failed")
     return out / "best.pt"
+
+
+#: minimum component sizes tried by ``--min-component-ml auto`` (mL)
+AUTO_MIN_COMPONENT_ML = (0.05, 0.1, 0.15, 0.2, 0.3)  # below the 0.5 mL lesions of interest
+
+
+def calibrate(model, val_scans, val_paths, device, args) -> Calibration:
+    """Healthy heat-map quantiles of the validation scans (inside the scored region), and
+    the post-processing settings; with ``--min-component-ml auto`` the smallest size of
+    ``AUTO_MIN_COMPONENT_ML`` whose median flagged volume on these healthy scans is within
+    ``--healthy-budget-ml`` at the default rate (healthy data only, no lesion labels)."""
+    from SpatialMSMALib.spatial import label_anomalies, scored_region
+
+    settings = {"smoothing_mm": args.smoothing_mm, "rim_mm": args.rim_mm}
+    model.calibration = Calibration([1e-6, 1.0], [1.0, 0.0], **settings)  # for the maps only
+    heats, regions = [], []
+    for scan, path in zip(val_scans, val_paths, strict=True):
+        with np.load(path) as cached:
+            heats.append(model_heat_map(model, scan.image, scan.brain_mask,
+                                        cached["local"].astype(np.float32), device))
+        regions.append(scored_region(scan.brain_mask, args.rim_mm, model.spacing_mm))
+    calibration = Calibration.from_healthy(
+        [h[r] for h, r in zip(heats, regions, strict=True)], default_fpr=args.fpr,
+        notes={"calibration_scans": [s.id for s in val_scans],
+               "grid": "model grid, smoothed heat map, brain voxels inside the scored region"},
+        **settings)
+    spacing = (model.spacing_mm,) * 3
+    threshold = calibration.default_threshold
+    flagged = {}
+    for size in AUTO_MIN_COMPONENT_ML:
+        volumes = [float((label_anomalies(h, r, threshold, spacing, size)[0] > 0).sum())
+                   * model.spacing_mm**3 / 1000 for h, r in zip(heats, regions, strict=True)]
+        flagged[size] = float(np.median(volumes))
+    calibration.notes["healthy_median_flagged_ml_by_min_component_ml"] = flagged
+    if args.min_component_ml == "auto":
+        within = [size for size, ml in flagged.items() if ml <= args.healthy_budget_ml]
+        calibration.min_component_ml = within[0] if within else AUTO_MIN_COMPONENT_ML[-1]
+        calibration.notes["min_component_rule"] = (
+            f"smallest size with healthy validation median flagged volume <= "
+            f"{args.healthy_budget_ml} mL (else the largest tried)")
+    else:
+        calibration.min_component_ml = float(args.min_component_ml)
+    print(f"calibration: threshold {threshold:.3f} at voxel FPR {args.fpr:g}; healthy "
+          f"validation median flagged mL by minimum component size {flagged}; using "
+          f"{calibration.min_component_ml} mL")
+    return calibration
 
 
 def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
@@ -131,18 +190,22 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
         rows = splits["train"] + splits["val"]
         model = AnomalyModel.from_score_checkpoint(score_checkpoint)
         digest = model.provenance["score_checkpoint_sha256"][:12]
+        n_channels = len(model.channel_names)
         cache = work / "cache"
         feature_dir = cache / f"features_{digest}"
         start = time.perf_counter()
         # every rank computes a share of the features, then all read the full cache
         share = rows[rank::world_size]
-        scans = model_space(share, cache, model.spacing_mm, progress=rank == 0)
+        scans = model_space(share, cache, model.spacing_mm, progress=rank == 0,
+                            channels=n_channels)
         cached_features(model, scans, feature_dir, device, save_local=True,
                         progress_bar=rank == 0)
         if distributed:
             dist.barrier()
-        train_scans = model_space(splits["train"], cache, model.spacing_mm, progress=False)
-        val_scans = model_space(splits["val"], cache, model.spacing_mm, progress=False)
+        train_scans = model_space(splits["train"], cache, model.spacing_mm, progress=False,
+                                  channels=n_channels)
+        val_scans = model_space(splits["val"], cache, model.spacing_mm, progress=False,
+                                channels=n_channels)
         train_whole, train_paths = cached_features(model, train_scans, feature_dir, device,
                                                    save_local=True, progress_bar=False)
         val_whole, val_paths = cached_features(model, val_scans, feature_dir, device,
@@ -173,26 +236,19 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
         if args.resume and (work / "flow" / "last.pt").exists():
             trainer.resume(work / "flow" / "last.pt")
         t0 = time.perf_counter()
-        trainer.run(progress=rank == 0)
+        if not args.recalibrate:
+            trainer.run(progress=rank == 0)
+        elif not (work / "flow" / "best.pt").exists():
+            raise InputError(f"--recalibrate needs a trained flow in '{work / 'flow'}'")
+        else:
+            trainer.resume(work / "flow" / "last.pt")  # for its best validation NLL
         flow_seconds = time.perf_counter() - t0
         if rank != 0:
             return 0
 
         model.spatial = load_best_flow(work / "flow" / "best.pt")
-        model.calibration = Calibration([1e-6, 1.0], [1.0, 0.0],
-                                        smoothing_mm=args.smoothing_mm)  # smoothing only
-        healthy_values = []
         t0 = time.perf_counter()
-        for scan, path in zip(val_scans, val_paths, strict=True):
-            with np.load(path) as cached:
-                heat = model_heat_map(model, scan.image, scan.brain_mask,
-                                      cached["local"].astype(np.float32), device)
-            healthy_values.append(heat[scan.brain_mask])
-        model.calibration = Calibration.from_healthy(
-            healthy_values, default_fpr=args.fpr, smoothing_mm=args.smoothing_mm,
-            min_component_ml=args.min_component_ml,
-            notes={"calibration_scans": [s.id for s in val_scans],
-                   "grid": "model grid (2 mm), smoothed heat map, brain voxels"})
+        model.calibration = calibrate(model, val_scans, val_paths, device, args)
         calibration_seconds = time.perf_counter() - t0
 
         whole = np.concatenate([train_whole, val_whole])

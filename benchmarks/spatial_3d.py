@@ -1,0 +1,151 @@
+"""Spatial-MSMA localisation on the benchmark cohort (PROTOCOLS.md section 1).
+
+    python benchmarks/spatial_3d.py --model runs/spatial_msma.pt --manifest benchmark \\
+        [--cache runs/spatial.work/cache] [--out results/spatial_3d.json]
+
+For the held-out test splits (``test_healthy`` + ``test_lesioned``: new subjects of the
+training anatomies) and the leave-one-anatomy-out splits (``loao_*``: an anatomy the model
+never saw), every scan goes through the detection path (features from the cache when
+present), at the model's label-free default threshold (voxel FPR from healthy validation
+scans) and fixed post-processing, on the scan's native grid. Metrics per split: Dice, HD99,
+MSD (symmetric and ground-truth-to-prediction), component TPR / PPV per volume and pooled,
+TPR by lesion size (and for lesions >= 0.5 mL), voxel AUROC / AUPRC of the heat map inside
+the brain, and the false-positive burden of healthy scans (flagged mL, components). Costs:
+seconds per volume for the flow and for post-processing (features are reported when they
+were computed in this run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from SpatialMSMALib.dataset import manifest_scans, model_space
+from SpatialMSMALib.detection import model_heat_map, native_detection
+from SpatialMSMALib.inference import cached_features, select_device
+from SpatialMSMALib.io import load_volume
+from SpatialMSMALib.metrics import evaluate_case, summarize
+from SpatialMSMALib.model import AnomalyModel
+
+SPLITS = {"test": ("test_healthy", "test_lesioned"),
+          "loao": ("loao_healthy", "loao_lesioned")}
+LARGE_LESION_MM3 = 500.0
+
+
+def evaluate_split(model, rows, cache: Path, device, fpr=None) -> dict:
+    scans = model_space(rows, cache, model.spacing_mm, need_mapping=True,
+                        channels=len(model.channel_names))
+    digest = model.provenance["score_checkpoint_sha256"][:12]
+    start = time.perf_counter()
+    _, paths = cached_features(model, scans, cache / f"features_{digest}", device,
+                               save_local=True)
+    feature_seconds = time.perf_counter() - start
+    cases, seconds = [], {"flow": [], "post_process": []}
+    for row, scan, path in zip(rows, scans, paths, strict=True):
+        with np.load(path) as cached:
+            local = cached["local"].astype(np.float32)
+        t0 = time.perf_counter()
+        heat_model = model_heat_map(model, scan.image, scan.brain_mask, local, device)
+        seconds["flow"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        brain = load_volume(row.brain_mask, what="brain mask").data > 0
+        detection = native_detection(model, heat_model, scan.mapping, brain, fpr=fpr)
+        seconds["post_process"].append(time.perf_counter() - t0)
+        truth = load_volume(row.lesion_mask, what="lesion mask", allow_empty=True)
+        case = evaluate_case(detection.labels > 0, truth.data > 0, truth.spacing,
+                             detection.heat, brain)
+        case["id"] = row.id
+        cases.append(case)
+        print(f"{row.id}: {len(detection.components)} components, "
+              f"flagged {case['fp_volume_ml']:.2f} mL, truth {case['n_truth']} lesions, "
+              f"TPR {case['tpr']:.2f} PPV {case['ppv']:.2f} Dice {case['dice']:.3f} "
+              f"AUROC {case.get('auroc', float('nan')):.3f}", flush=True)
+    return {"cases": cases, "seconds": {k: float(np.median(v)) for k, v in seconds.items()},
+            "feature_seconds_total": feature_seconds}
+
+
+def split_summary(cases: list[dict]) -> dict:
+    lesioned = [c for c in cases if not c["healthy"]]
+    healthy = [c for c in cases if c["healthy"]]
+    out = {"n_lesioned": len(lesioned), "n_healthy": len(healthy)}
+    if lesioned:
+        out["lesioned"] = summarize(lesioned)
+        sizes = np.array([s for c in lesioned for s in c["truth_sizes_mm3"]])
+        hits = np.array([h for c in lesioned for h in c["truth_detected"]], bool)
+        large = sizes >= LARGE_LESION_MM3
+        out["pooled_tpr_lesions_ge_0.5ml"] = float(hits[large].mean()) if large.any() else None
+        out["n_lesions_ge_0.5ml"] = int(large.sum())
+    if healthy:
+        fp = np.array([c["fp_volume_ml"] for c in healthy])
+        comps = np.array([c["fp_components"] for c in healthy])
+        out["healthy"] = {"median_flagged_ml": float(np.median(fp)),
+                          "mean_flagged_ml": float(fp.mean()),
+                          "max_flagged_ml": float(fp.max()),
+                          "mean_false_components": float(comps.mean())}
+    return out
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{'split':6s} {'n':>5s} {'TPR':>6s} {'PPV':>6s} {'TPR>=0.5mL':>10s} "
+          f"{'Dice':>6s} {'HD99 mm':>8s} {'MSD mm':>7s} {'AUROC':>6s} {'AUPRC':>6s} "
+          f"{'healthy mL (median)':>20s}")
+    for split, r in results["splits"].items():
+        les = r["summary"].get("lesioned", {})
+
+        def mean(key, les=les):
+            return les.get(key, {}).get("mean", float("nan"))
+
+        healthy = r["summary"].get("healthy", {}).get("median_flagged_ml", float("nan"))
+        large = r["summary"].get("pooled_tpr_lesions_ge_0.5ml")
+        print(f"{split:6s} {r['summary']['n_lesioned']:2d}+{r['summary']['n_healthy']:<2d} "
+              f"{les.get('pooled_tpr', float('nan')):6.3f} "
+              f"{les.get('pooled_ppv', float('nan')):6.3f} "
+              f"{large if large is not None else float('nan'):10.3f} {mean('dice'):6.3f} "
+              f"{mean('hd99'):8.2f} {mean('msd'):7.2f} {mean('auroc'):6.3f} "
+              f"{mean('auprc'):6.3f} {healthy:20.2f}")
+    print("TPR/PPV pooled over lesions/components; Dice, HD99, MSD, AUROC, AUPRC: mean over "
+          "lesioned volumes; threshold: model default (label-free)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--manifest", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, default=Path("runs/cache"))
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
+    parser.add_argument("--limit", type=int, help="first N scans of each split (quick runs)")
+    parser.add_argument("--fpr", type=float, help="voxel FPR (default: the model's)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    model = AnomalyModel.load(args.model)
+    device = select_device(args.device)
+    results = {"model": str(args.model), "provenance": model.provenance,
+               "calibration": {"default_fpr": model.calibration.default_fpr,
+                               "threshold": model.calibration.default_threshold,
+                               "smoothing_mm": model.calibration.smoothing_mm,
+                               "min_component_ml": model.calibration.min_component_ml},
+               "machine": {"cpu_threads": torch.get_num_threads(), "device": str(device),
+                           "platform": platform.platform()},
+               "splits": {}}
+    for split in args.splits:
+        names = SPLITS[split]
+        rows_by_split = manifest_scans(args.manifest, names)
+        rows = [r for name in names for r in rows_by_split[name][: args.limit]]
+        r = evaluate_split(model, rows, args.cache, device, args.fpr)
+        r["summary"] = split_summary(r["cases"])
+        results["splits"][split] = r
+    print_table(results)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Install a trained model file as a bundled model and describe it in the registry.
+
+    python training/bundle_model.py --model runs/spatial_msma.pt --file spatial_msma.pt \\
+        [--benchmark results/spatial_3d.json] [--cost results/detect_cost.json] [--overwrite]
+
+Copies the model into ``Resources/Models/`` and writes its entry in
+``Resources/Models/registry.json``: file, SHA-256, channels, grid, training data
+(from the model's provenance), calibration, measured costs and benchmark figures when given,
+and the intended-use statement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from SpatialMSMALib import __version__
+from SpatialMSMALib.model import MODEL_DIR, REGISTRY, AnomalyModel
+
+INTENDED_USE = (
+    "Research software, NOT for clinical use. Trained only on synthetic variations (random "
+    "deformation, affine jitter, bias field, Rician noise, contrast change) of a few public "
+    "brain templates (nilearn MNI152 2009a and the anatomies listed in the training data), "
+    "with a T2-like channel synthesised from tissue maps. It has never seen a real patient "
+    "scan; scores on real scans are not validated."
+)
+
+
+def entry_for(model: AnomalyModel, file: Path, benchmark: dict | None,
+              cost: dict | None) -> dict:
+    p = model.provenance
+    entry = {
+        "file": file.name,
+        "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
+        "size_bytes": file.stat().st_size,
+        "channels": list(model.channel_names),
+        "grid": {"spacing_mm": model.spacing_mm, "shape": list(model.shape),
+                 "space": "MNI152 2009a (RAS), affine registration"},
+        "noise_levels": {"L": len(model.sigmas), "sigma_max": float(model.sigmas[0]),
+                         "sigma_min": float(model.sigmas[-1])},
+        "training_data": {
+            "cohort": p.get("cohort"), "n_healthy_scans": p.get("n_healthy"),
+            "n_flow_train": p.get("n_flow_train"), "n_flow_val": p.get("n_flow_val"),
+            "score_training_steps": p.get("score_training_step"),
+            "description": "synthetic healthy subjects of the benchmark cohort "
+                           "(spatial-msma make-benchmark, seed 0); see training/README.md",
+        },
+        "calibration": {"default_voxel_fpr": model.calibration.default_fpr,
+                        "default_threshold": model.calibration.default_threshold,
+                        "smoothing_mm": model.calibration.smoothing_mm,
+                        "min_component_ml": model.calibration.min_component_ml,
+                        "healthy_scans": model.calibration.n_scans},
+        "msma_auxiliary_models": sorted(model.typicality.models) if model.typicality else [],
+        "package_version": __version__,
+        "intended_use": INTENDED_USE,
+    }
+    if cost:
+        entry["expected_time"] = cost
+    if benchmark:
+        entry["benchmark"] = benchmark
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--file", required=True, help="name under Resources/Models/")
+    parser.add_argument("--benchmark", type=Path, help="summary JSON to quote in the registry")
+    parser.add_argument("--cost", type=Path, help="measured costs JSON")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    model = AnomalyModel.load(args.model)
+    if model.spatial is None or model.calibration is None:
+        print(f"error: '{args.model}' has no Spatial-MSMA flow", file=sys.stderr)
+        return 2
+    target = MODEL_DIR / args.file
+    if target.exists() and not args.overwrite:
+        print(f"error: '{target}' exists; pass --overwrite", file=sys.stderr)
+        return 2
+    MODEL_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name("." + target.name + ".partial")
+    shutil.copyfile(args.model, tmp)
+    tmp.replace(target)
+    registry = json.loads(REGISTRY.read_text()) if REGISTRY.exists() else {"models": []}
+    registry["models"] = [m for m in registry["models"] if m["file"] != target.name]
+    benchmark = json.loads(args.benchmark.read_text()) if args.benchmark else None
+    cost = json.loads(args.cost.read_text()) if args.cost else None
+    registry["models"].append(entry_for(model, target, benchmark, cost))
+    registry["models"].sort(key=lambda m: -len(m["channels"]))
+    tmp = REGISTRY.with_name(".registry.json.partial")
+    tmp.write_text(json.dumps(registry, indent=1) + "\n")
+    tmp.replace(REGISTRY)
+    print(f"installed {target} ({target.stat().st_size / 1e6:.1f} MB) and updated {REGISTRY}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

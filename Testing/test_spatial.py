@@ -296,3 +296,32 @@ def test_detect_without_t2_says_the_model_needs_it(detection_setup, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "T1 + T2" in err and "les_t1.nii.gz" in err
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    data = np.random.default_rng(0)  # same cohort on both ranks; each draws its own batches
+    train, val = _location_sets(data, 4), _location_sets(data, 1)
+    trainer = SpatialTrainer(_config(5), train, val, out_dir, rank=rank, distributed=True)
+    trainer.run(progress=False)
+    torch.save(trainer.flow.state_dict(), f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_train_the_flow_to_identical_weights(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    torch.manual_seed(0)
+    initial = SpatialFlow(SpatialFlowConfig(**_config(5).flow)).state_dict()
+    changed = False
+    for key in rank0:
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
+        changed |= not torch.equal(rank0[key], initial[key])
+    assert changed

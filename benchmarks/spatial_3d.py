@@ -30,7 +30,7 @@ from SpatialMSMALib.dataset import manifest_scans, model_space
 from SpatialMSMALib.detection import model_heat_map, native_detection
 from SpatialMSMALib.inference import cached_features, select_device
 from SpatialMSMALib.io import load_volume
-from SpatialMSMALib.metrics import evaluate_case, summarize
+from SpatialMSMALib.metrics import detection_metrics, evaluate_case, summarize
 from SpatialMSMALib.model import AnomalyModel
 
 SPLITS = {"test": ("test_healthy", "test_lesioned"),
@@ -61,6 +61,9 @@ def evaluate_split(model, rows, cache: Path, device, fpr=None) -> dict:
         case = evaluate_case(detection.labels > 0, truth.data > 0, truth.spacing,
                              detection.heat, brain)
         case["id"] = row.id
+        in_brain = detection.heat[brain]
+        case["heat_p999"] = float(np.percentile(in_brain, 99.9))
+        case["flagged_ml"] = case["fp_volume_ml"]
         cases.append(case)
         print(f"{row.id}: {len(detection.components)} components, "
               f"flagged {case['fp_volume_ml']:.2f} mL, truth {case['n_truth']} lesions, "
@@ -81,6 +84,12 @@ def split_summary(cases: list[dict]) -> dict:
         large = sizes >= LARGE_LESION_MM3
         out["pooled_tpr_lesions_ge_0.5ml"] = float(hits[large].mean()) if large.any() else None
         out["n_lesions_ge_0.5ml"] = int(large.sum())
+    if healthy and lesioned:  # scan-level detection from the heat map (PROTOCOLS.md sec. 2)
+        labels = np.r_[np.zeros(len(healthy)), np.ones(len(lesioned))]
+        out["scan_level"] = {
+            name: detection_metrics(np.array([c[key] for c in healthy + lesioned]), labels)
+            for name, key in (("heat map 99.9th percentile", "heat_p999"),
+                              ("flagged volume", "flagged_ml"))}
     if healthy:
         fp = np.array([c["fp_volume_ml"] for c in healthy])
         comps = np.array([c["fp_components"] for c in healthy])
@@ -111,6 +120,10 @@ def print_table(results: dict) -> None:
               f"{mean('auprc'):6.3f} {healthy:20.2f}")
     print("TPR/PPV pooled over lesions/components; Dice, HD99, MSD, AUROC, AUPRC: mean over "
           "lesioned volumes; threshold: model default (label-free)")
+    for split, r in results["splits"].items():
+        for name, m in r["summary"].get("scan_level", {}).items():
+            print(f"{split}: scan-level healthy vs lesioned from the {name}: AUROC "
+                  f"{m['auroc']:.3f}, AUPRC {m['auprc']:.3f}, FPR95 {m['fpr95']:.3f}")
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ from .inference import (
 )
 from .io import Volume, save_volume
 from .model import AnomalyModel
-from .spatial import label_anomalies, scored_region, smooth_in_region
+from .spatial import component_statistics, label_anomalies, scored_region, smooth_in_region
 
 
 @dataclass
@@ -147,22 +147,16 @@ def model_heat_map(model: AnomalyModel, image: np.ndarray, brain_mask: np.ndarra
 def components_of(labels: np.ndarray, count: int, heat: np.ndarray, affine: np.ndarray,
                   calibration) -> list[Component]:
     """Volume (mL), centroid (RAS mm), peak / mean score and peak voxel FPR of each label."""
-    from scipy import ndimage
-
     if count == 0:
         return []
-    ids = np.arange(1, count + 1)
     voxel_ml = float(np.prod(np.linalg.norm(affine[:3, :3], axis=0))) / 1000
-    sizes = ndimage.sum_labels(np.ones(labels.shape), labels, ids)
-    centroids = ndimage.center_of_mass(np.ones(labels.shape), labels, ids)
-    peaks = ndimage.maximum(heat, labels, ids)
-    means = ndimage.mean(heat, labels, ids)
+    sizes, sums, peaks, centroids = component_statistics(labels, count, heat)
     out = []
-    for i, label in enumerate(ids):
-        ras = affine[:3, :3] @ np.asarray(centroids[i]) + affine[:3, 3]
-        out.append(Component(int(label), round(float(sizes[i] * voxel_ml), 4),
+    for i in range(count):
+        ras = affine[:3, :3] @ centroids[i] + affine[:3, 3]
+        out.append(Component(i + 1, round(float(sizes[i] * voxel_ml), 4),
                              [round(float(v), 2) for v in ras], float(peaks[i]),
-                             float(means[i]), float(calibration.fpr_of_score(peaks[i]))))
+                             float(sums[i] / sizes[i]), float(calibration.fpr_of_score(peaks[i]))))
     return out
 
 
@@ -184,13 +178,35 @@ def relabel(detection: Detection, model: AnomalyModel, *, fpr: float | None = No
                    components=components)
 
 
+def _heat_to_native(heat_model: np.ndarray, mapping, native_brain_mask: np.ndarray,
+                    floor: float) -> np.ndarray:
+    """Linear resampling of the model-grid heat map onto the native grid, computed only in
+    the bounding box of the native brain mask (``floor`` elsewhere): the same values as a
+    full-grid resampling inside the brain, at a fraction of the cost on 1 mm scans."""
+    from .geometry import Grid, resample
+
+    heat = np.full(native_brain_mask.shape, floor, np.float32)
+    if not native_brain_mask.any():
+        return heat
+    index = np.argwhere(native_brain_mask)
+    start, stop = index.min(0), index.max(0) + 1
+    box_affine = np.array(mapping.native_grid.affine, float)
+    box_affine[:3, 3] = box_affine[:3, :3] @ start + box_affine[:3, 3]
+    box = Grid(tuple(int(v) for v in stop - start), box_affine)
+    values = resample(heat_model, mapping.model_grid.affine, box,
+                      np.linalg.inv(mapping.model_to_native), order=1, fill=floor)
+    window = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+    heat[window] = np.where(native_brain_mask[window], values, floor)
+    return heat
+
+
 def native_detection(model: AnomalyModel, heat_model: np.ndarray, mapping,
                      native_brain_mask: np.ndarray, *, image_model=None, brain_mask_model=None,
                      fpr: float | None = None, threshold: float | None = None) -> Detection:
     """Map a model-grid heat map to the native grid and label it."""
     floor = float(model.calibration.scores[-1])
-    heat = mapping.to_native(np.nan_to_num(heat_model, nan=floor), order=1, fill=floor)
-    heat = np.where(native_brain_mask, heat, floor).astype(np.float32)
+    heat = _heat_to_native(np.nan_to_num(heat_model, nan=floor), mapping,
+                           np.asarray(native_brain_mask, bool), floor)
     detection = Detection(heat, np.asarray(native_brain_mask, bool), np.zeros(heat.shape, np.int16),
                           np.asarray(mapping.native_grid.affine, float), 0.0, 0.0, floor, [],
                           heat_model, image_model, brain_mask_model,

@@ -342,11 +342,27 @@ def label_anomalies(
     if count == 0:
         return np.zeros(heat.shape, np.int16), 0
     voxel_ml = float(np.prod(np.asarray(spacing_mm, float))) / 1000.0
+    sizes, _, peaks, _ = component_statistics(components, count, heat)
     ids = np.arange(1, count + 1)
-    sizes = ndimage.sum_labels(flagged, components, ids) * voxel_ml
-    peaks = ndimage.maximum(np.nan_to_num(heat, nan=-np.inf), components, ids)
-    keep = ids[sizes >= min_component_ml]
-    order = keep[np.argsort(-np.asarray(peaks)[keep - 1], kind="stable")]
+    keep = ids[sizes * voxel_ml >= min_component_ml]
+    order = keep[np.argsort(-peaks[keep - 1], kind="stable")]
     relabel = np.zeros(count + 1, np.int16)
     relabel[order] = np.arange(1, len(order) + 1, dtype=np.int16)
     return relabel[components], len(order)
+
+
+def component_statistics(labels: np.ndarray, count: int, values: np.ndarray):
+    """Per label 1..count: voxel count ``(n,)``, value sum ``(n,)``, peak value ``(n,)`` and
+    centroid in voxel indices ``(n, 3)``, from the labelled voxels only (fast on large,
+    mostly empty 1 mm volumes)."""
+    flat = np.flatnonzero(labels)
+    lab = labels.ravel()[flat].astype(np.int64)
+    val = np.nan_to_num(values.ravel()[flat].astype(np.float64), nan=-np.inf)
+    sizes = np.bincount(lab, minlength=count + 1)[1:].astype(float)
+    sums = np.bincount(lab, weights=val, minlength=count + 1)[1:]
+    peaks = np.full(count + 1, -np.inf)
+    np.maximum.at(peaks, lab, val)
+    coords = np.unravel_index(flat, labels.shape)
+    centroids = np.stack([np.bincount(lab, weights=c, minlength=count + 1)[1:]
+                          for c in coords], axis=1) / np.maximum(sizes, 1)[:, None]
+    return sizes, sums, peaks[1:], centroids

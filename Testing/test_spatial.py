@@ -60,6 +60,22 @@ def test_label_anomalies_sizes_order_and_minimum():
     assert count == 1 and labels[3, 3, 3] == 0
 
 
+def test_component_statistics_match_scipy(rng):
+    from scipy import ndimage
+
+    from SpatialMSMALib.spatial import component_statistics
+
+    labels, count = ndimage.label(rng.random((30, 20, 25)) > 0.7)
+    values = rng.normal(size=labels.shape)
+    ids = np.arange(1, count + 1)
+    sizes, sums, peaks, centroids = component_statistics(labels, count, values)
+    np.testing.assert_allclose(sizes, ndimage.sum_labels(np.ones(labels.shape), labels, ids))
+    np.testing.assert_allclose(sums / sizes, ndimage.mean(values, labels, ids))
+    np.testing.assert_allclose(peaks, ndimage.maximum(values, labels, ids))
+    np.testing.assert_allclose(centroids,
+                               ndimage.center_of_mass(np.ones(labels.shape), labels, ids))
+
+
 def test_smoothing_does_not_leak_from_outside_the_region():
     region = np.zeros((16, 16, 16), bool)
     region[4:12, 4:12, 4:12] = True

@@ -58,6 +58,15 @@ def entry_for(model: AnomalyModel, file: Path, benchmark: dict | None,
         "package_version": __version__,
         "intended_use": INTENDED_USE,
     }
+    manifest = (p.get("cohort") or {}).get("manifest")
+    if manifest and Path(manifest).exists():
+        from SpatialMSMALib.cohort import load_manifest
+
+        m = load_manifest(manifest)
+        entry["training_data"]["anatomies"] = [a for a in m["anatomies"]
+                                               if a != m.get("holdout_anatomy")]
+        entry["training_data"]["held_out_anatomy"] = m.get("holdout_anatomy")
+        entry["training_data"]["cohort_seed"] = m.get("seed")
     if cost:
         entry["expected_time"] = cost
     if benchmark:

@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--healthy-budget-ml", type=float, default=1.0,
                         help="'auto' picks the smallest minimum size whose median flagged "
                              "volume on the healthy validation scans is within this")
+    parser.add_argument("--max-train-scans", type=int, help="use only the first N train scans")
+    parser.add_argument("--max-val-scans", type=int, help="use only the first N val scans")
     parser.add_argument("--recalibrate", action="store_true",
                         help="skip flow training: recalibrate WORK/flow/best.pt with new "
                              "post-processing settings")
@@ -187,6 +189,8 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
         splits = scan_lists(args)
+        splits["train"] = splits["train"][: args.max_train_scans]
+        splits["val"] = splits["val"][: args.max_val_scans]
         rows = splits["train"] + splits["val"]
         model = AnomalyModel.from_score_checkpoint(score_checkpoint)
         digest = model.provenance["score_checkpoint_sha256"][:12]

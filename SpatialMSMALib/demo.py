@@ -4,8 +4,9 @@ The sample is a synthetic subject made from the nilearn MNI152 2009a template (t
 generator as the benchmark cohort: deformation, affine jitter, bias field, Rician noise, and
 the reference study's white-matter lesion simulator), written to ``OUT/input/``. Detection
 runs with the bundled model (or ``model_path``) through the same path as
-``spatial-msma detect``; outputs go to ``OUT/``; the result is compared with the simulated
-lesion mask using the benchmark metrics (PROTOCOLS.md section 1).
+``spatial-msma detect --mask`` (the subject's brain mask is given, as in training); outputs
+go to ``OUT/``; the result is compared with the simulated lesion mask using the benchmark
+metrics (PROTOCOLS.md section 1).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from .inference import Progress
 
 def make_sample(out_dir: Path, seed: int = 7, spacing: float = 1.0,
                 overwrite: bool = False) -> dict:
-    """Write ``t1``, ``t2``, ``lesion_mask`` NIfTI files of one lesioned synthetic subject;
-    returns their paths and the lesion list."""
+    """Write ``t1``, ``t2``, ``brain_mask`` and ``lesion_mask`` NIfTI files of one lesioned
+    synthetic subject; returns their paths and the lesion list."""
     from .anatomy import load_mni152_2009a
     from .io import save_volume
     from .lesions import LesionConfig
@@ -31,7 +32,7 @@ def make_sample(out_dir: Path, seed: int = 7, spacing: float = 1.0,
                                  LesionConfig())
     paths = {}
     for key, array in (("t1", subject.t1), ("t2", subject.t2),
-                       ("lesion_mask", subject.lesion_mask)):
+                       ("brain_mask", subject.brain_mask), ("lesion_mask", subject.lesion_mask)):
         paths[key] = save_volume(out_dir / f"sample_{key}.nii.gz", array, subject.grid.affine,
                                  overwrite=overwrite)
     voxel_ml = float(np.prod(subject.grid.spacing)) / 1000
@@ -56,10 +57,13 @@ def run_demo(out_dir: str | Path, *, model_path=None, seed: int = 7, spacing: fl
     if progress:
         progress("building the sample scan", 0.0)
     sample = make_sample(out_dir / "input", seed, spacing, overwrite=True)
-    names = {"t1": sample["paths"]["t1"], "t2": sample["paths"]["t2"]}
+    names = {"t1": sample["paths"]["t1"], "t2": sample["paths"]["t2"],
+             "mask": sample["paths"]["brain_mask"]}
+    # with the brain mask, as the model was trained (the atlas fallback degrades the result)
     detection = detect(model, load_volume(names["t1"], what="T1"),
-                       load_volume(names["t2"], what="T2"), device=device, names=names,
-                       progress=progress)
+                       load_volume(names["t2"], what="T2"),
+                       load_volume(names["mask"], what="brain mask"), device=device,
+                       names=names, progress=progress)
     metrics = evaluate_case(detection.labels > 0, sample["lesion_mask"], sample["spacing"],
                             detection.heat, detection.brain_mask)
     summary = {key: metrics[key] for key in ("n_truth", "n_detected", "n_pred", "tpr", "ppv",

@@ -37,6 +37,7 @@ def main() -> None:
     sample = make_sample(work / "input", seed=7, spacing=1.0)
     command = [sys.executable, "-m", "SpatialMSMALib.cli", "detect",
                "--t1", str(sample["paths"]["t1"]), "--t2", str(sample["paths"]["t2"]),
+               "--mask", str(sample["paths"]["brain_mask"]),
                "--device", args.device, "--overwrite"]
     if args.model:
         command += ["--model", str(args.model)]

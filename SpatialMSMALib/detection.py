@@ -317,7 +317,8 @@ def save_figure(detection: Detection, path: str | Path, truth_model: np.ndarray 
     views = [("sagittal", (centre[0], slice(None), slice(None))),
              ("coronal", (slice(None), centre[1], slice(None))),
              ("axial", (slice(None), slice(None), centre[2]))]
-    vmax = np.nanpercentile(heat, 99.9) if np.isfinite(heat).any() else 1
+    vmax = np.nanpercentile(heat, 99.9) if np.isfinite(heat).any() else 1.0
+    vmax = max(float(vmax), detection.threshold + 1e-3)  # strict thresholds can exceed it
     for ax, (name, index) in zip(axes, views, strict=True):
         ax.imshow(image[index].T, cmap="gray", origin="lower")
         h = heat[index].T

@@ -258,7 +258,9 @@ def test_registration_is_reproducible():
                         template.t1, native_affine, dof="rigid")
         for _ in range(2)
     ]
-    np.testing.assert_allclose(runs[0], runs[1], atol=1e-4)
+    # multi-threaded float summation inside SimpleITK leaves ~2e-4 mm of run-to-run noise
+    # (seen on CI); a clock seed would give ~0.1 mm, 50x the tolerance
+    np.testing.assert_allclose(runs[0], runs[1], atol=2e-3)
     with pytest.raises(ValueError, match="seed"):
         register_affine(template.t1, template.grid.affine, template.brain_mask,
                         template.t1, native_affine, seed=0)

@@ -39,8 +39,10 @@ def test_fit_msma_writes_a_loadable_model_with_cross_fitted_references(tmp_path)
         "features_*/*.npz"))])
     assert features.shape == (8, 4) and (features > 0).all()
     # the cached features are what the stored k-NN reference was built from
+    # (to 1e-4 healthy SDs: the stored mean/scale are float32, and the untrained tiny net's
+    # norms barely vary between scans, so float32 rounding of the mean is amplified ~1e-5)
     np.testing.assert_allclose(
         np.sort(model.typicality.models["knn"].reference, axis=0),
-        np.sort(model.typicality.transform(features), axis=0), rtol=1e-6)
+        np.sort(model.typicality.transform(features), axis=0), atol=1e-4)
     again = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert again.returncode == 2 and "--overwrite" in again.stderr

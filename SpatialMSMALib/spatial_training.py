@@ -13,7 +13,6 @@ scan at L = 20), so 50 training scans need about 0.4 GB.
 from __future__ import annotations
 
 import csv
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,9 +21,8 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .score.training import _flatten_optimizer, _unflatten_optimizer
 from .spatial import SpatialFlow, SpatialFlowConfig, downsample_scan, normalised_positions
-from .training_utils import warmup_cosine
+from .training_utils import restore_trainer_state, trainer_state, warmup_cosine, wrap_ddp
 
 CHECKPOINT_KIND = "spatial-flow"
 
@@ -110,12 +108,7 @@ class SpatialTrainer:
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.rank = rank
         self.generator = torch.Generator().manual_seed(config.seed + 1000 * rank)
-        self.train_module = self.flow
-        if distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.train_module = DistributedDataParallel(
-                self.flow, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.train_module = wrap_ddp(self.flow, self.device, distributed)
         self.step = 0
         self.best_val = float("inf")
         self._val_batch = None
@@ -127,26 +120,15 @@ class SpatialTrainer:
 
     # -- checkpoints -------------------------------------------------------------------
     def save(self, name: str = "last.pt") -> Path:
-        optimizer_tensors, optimizer_plain = _flatten_optimizer(self.optimizer.state_dict())
-        extra = {"step": self.step, "best_val": self.best_val,
-                 "lr_schedule": self.lr_schedule.state_dict(), "optimizer": optimizer_plain}
-        states = {"flow": self.flow.state_dict(), "optimizer": optimizer_tensors,
-                  "rng": {"generator": self.generator.get_state()}}
+        extra, states = trainer_state(self)
+        states["flow"] = self.flow.state_dict()
         return save_checkpoint(self.out_dir / name, CHECKPOINT_KIND, asdict(self.config),
                                states, extra)
 
     def resume(self, path: str | Path) -> None:
         checkpoint = load_checkpoint(path, kind=CHECKPOINT_KIND)
-        if checkpoint["config"] != json.loads(json.dumps(asdict(self.config))):
-            raise ValueError(f"checkpoint '{path}' was trained with another configuration")
-        extra = checkpoint["extra"]
+        restore_trainer_state(self, checkpoint, path)
         self.flow.load_state_dict(checkpoint["states"]["flow"])
-        self.optimizer.load_state_dict(
-            _unflatten_optimizer(checkpoint["states"]["optimizer"], extra["optimizer"]))
-        self.lr_schedule.load_state_dict(extra["lr_schedule"])
-        self.generator.set_state(checkpoint["states"]["rng"]["generator"])
-        self.step = int(extra["step"])
-        self.best_val = float(extra["best_val"])
 
     # -- training ----------------------------------------------------------------------
     def train_step(self) -> float:

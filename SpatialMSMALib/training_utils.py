@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from dataclasses import asdict
+
+import torch
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, floor: float) -> float:
@@ -18,11 +22,60 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, floor: float) 
 def training_device(device: str = "auto") -> str:
     """``auto`` -> CUDA when available; under torchrun each process takes the GPU of its
     ``LOCAL_RANK`` (and makes it current)."""
-    import torch
-
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
     return device
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict, dict]:
+    tensors, plain = {}, {"param_groups": state["param_groups"], "state_keys": {}}
+    for index, entry in state["state"].items():
+        plain["state_keys"][str(index)] = []
+        for key, value in entry.items():
+            tensors[f"{index}.{key}"] = torch.as_tensor(value)
+            plain["state_keys"][str(index)].append(key)
+    return tensors, plain
+
+
+def _unflatten_optimizer(tensors: dict, plain: dict) -> dict:
+    state = {
+        int(i): {k: tensors[f"{i}.{k}"] for k in keys} for i, keys in plain["state_keys"].items()
+    }
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def wrap_ddp(module, device, distributed: bool):
+    """``module`` itself, or wrapped in DistributedDataParallel under torchrun."""
+    if not distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def trainer_state(trainer) -> tuple[dict, dict]:
+    """``(extra, states)`` checkpoint parts shared by the trainers: step, best validation
+    value, learning-rate schedule, optimiser (tensors and plain data) and random generator."""
+    optimizer_tensors, optimizer_plain = _flatten_optimizer(trainer.optimizer.state_dict())
+    extra = {"step": trainer.step, "best_val": trainer.best_val,
+             "lr_schedule": trainer.lr_schedule.state_dict(), "optimizer": optimizer_plain}
+    states = {"optimizer": optimizer_tensors,
+              "rng": {"generator": trainer.generator.get_state()}}
+    return extra, states
+
+
+def restore_trainer_state(trainer, checkpoint: dict, path) -> None:
+    """Inverse of ``trainer_state``; refuses a checkpoint trained with another config."""
+    if checkpoint["config"] != json.loads(json.dumps(asdict(trainer.config))):
+        raise ValueError(f"checkpoint '{path}' was trained with another configuration")
+    extra = checkpoint["extra"]
+    trainer.optimizer.load_state_dict(
+        _unflatten_optimizer(checkpoint["states"]["optimizer"], extra["optimizer"]))
+    trainer.lr_schedule.load_state_dict(extra["lr_schedule"])
+    trainer.generator.set_state(checkpoint["states"]["rng"]["generator"])
+    trainer.step = int(extra["step"])
+    trainer.best_val = float(extra["best_val"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..training_utils import warmup_cosine
+from ..training_utils import restore_trainer_state, trainer_state, warmup_cosine, wrap_ddp
 from .loss import denoising_score_matching_loss
 from .network import ScoreUNet
 from .schedule import GeometricNoiseSchedule
@@ -85,23 +84,6 @@ def augment(
     return batch
 
 
-def _flatten_optimizer(state: dict) -> tuple[dict, dict]:
-    tensors, plain = {}, {"param_groups": state["param_groups"], "state_keys": {}}
-    for index, entry in state["state"].items():
-        plain["state_keys"][str(index)] = []
-        for key, value in entry.items():
-            tensors[f"{index}.{key}"] = torch.as_tensor(value)
-            plain["state_keys"][str(index)].append(key)
-    return tensors, plain
-
-
-def _unflatten_optimizer(tensors: dict, plain: dict) -> dict:
-    state = {
-        int(i): {k: tensors[f"{i}.{k}"] for k in keys} for i, keys in plain["state_keys"].items()
-    }
-    return {"state": state, "param_groups": plain["param_groups"]}
-
-
 class ScoreTrainer:
     """Holds model, EMA copy, optimiser, schedule and RNG; ``run`` trains to ``config.steps``.
 
@@ -134,13 +116,7 @@ class ScoreTrainer:
         # same initial weights on every rank (seeded above); different crops per rank
         self.rank = rank
         self.generator = torch.Generator().manual_seed(config.seed + 1000 * rank)
-        self.train_module = self.model
-        if distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.train_module = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
+        self.train_module = wrap_ddp(self.model, self.device, distributed)
         self.amp = self.device.type == "cuda"
         self.noise = config.schedule()
         self.step = 0
@@ -153,39 +129,19 @@ class ScoreTrainer:
 
     # -- checkpoints ---------------------------------------------------------------------
     def save(self, name: str = "last.pt") -> Path:
-        optimizer_tensors, optimizer_plain = _flatten_optimizer(self.optimizer.state_dict())
-        extra = {
-            "step": self.step,
-            "best_val": self.best_val,
-            "lr_schedule": self.lr_schedule.state_dict(),
-            "optimizer": optimizer_plain,
-            "in_channels": self.model.config["in_channels"],
-            "spatial_dims": self.model.config["spatial_dims"],
-        }
-        states = {
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": optimizer_tensors,
-            "rng": {"generator": self.generator.get_state()},
-        }
+        extra, states = trainer_state(self)
+        extra.update(in_channels=self.model.config["in_channels"],
+                     spatial_dims=self.model.config["spatial_dims"])
+        states.update(model=self.model.state_dict(), ema=self.ema.state_dict())
         return save_checkpoint(
             self.out_dir / name, CHECKPOINT_KIND, asdict(self.config), states, extra
         )
 
     def resume(self, path: str | Path) -> None:
         checkpoint = load_checkpoint(path, kind=CHECKPOINT_KIND)
-        if checkpoint["config"] != json.loads(json.dumps(asdict(self.config))):
-            raise ValueError(f"checkpoint '{path}' was trained with another configuration")
-        extra = checkpoint["extra"]
+        restore_trainer_state(self, checkpoint, path)
         self.model.load_state_dict(checkpoint["states"]["model"])
         self.ema.load_state_dict(checkpoint["states"]["ema"])
-        self.optimizer.load_state_dict(
-            _unflatten_optimizer(checkpoint["states"]["optimizer"], extra["optimizer"])
-        )
-        self.lr_schedule.load_state_dict(extra["lr_schedule"])
-        self.generator.set_state(checkpoint["states"]["rng"]["generator"])
-        self.step = int(extra["step"])
-        self.best_val = float(extra["best_val"])
 
     # -- training ------------------------------------------------------------------------
     def train_step(self) -> float:

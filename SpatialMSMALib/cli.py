@@ -313,6 +313,10 @@ def _run_detect(args) -> int:
     rows = _detect_rows(args)
     device = select_device(args.device)
     for row in rows:
+        for key in ("t1", "t2", "mask"):
+            if row[key] is not None and not Path(row[key]).exists():
+                raise InputError(f"{key.upper() if key != 'mask' else 'brain mask'} file "
+                                 f"'{row[key]}' does not exist")
         check_outputs_free(args.out / row["id"] if row["id"] else args.out, args.overwrite)
     for row in rows:
         model = resolve_model(args.model, has_t2=row["t2"] is not None, t1_name=row["t1"])

@@ -341,3 +341,14 @@ def test_two_gloo_ranks_train_the_flow_to_identical_weights(tmp_path):
         torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
         changed |= not torch.equal(rank0[key], initial[key])
     assert changed
+
+
+def test_detect_names_a_missing_input_file(tmp_path, capsys):
+    from SpatialMSMALib.cli import main
+
+    code = main(["detect", "--t1", str(tmp_path / "absent_t1.nii.gz"), "--out",
+                 str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "T1 file" in err and "absent_t1.nii.gz" in err and "does not exist" in err
+    assert not (tmp_path / "out").exists()

@@ -389,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_typicality(sub)
     _add_detect(sub)
     _add_demo(sub)
+    from .gnsm.cli import add_gnsm
+
+    add_gnsm(sub)
     return parser
 
 

@@ -51,12 +51,22 @@ class GaussianMixtureDensity:
         folds: int = 5,
         seed: int = 0,
         reg_covar: float = 1e-4,
+        selection_rows: int | None = None,
+        n_init: int = 2,
     ) -> GaussianMixtureDensity:
         """Pick the number of components with the best mean held-out log-likelihood over
-        ``folds`` folds, then refit on everything."""
+        ``folds`` folds, then refit on everything.
+
+        ``selection_rows``: choose the number of components on a random subset of this many
+        rows (large tables), then refit on all rows.
+        """
         from sklearn.mixture import GaussianMixture
         from sklearn.model_selection import KFold
 
+        all_features = features
+        if selection_rows is not None and len(features) > selection_rows:
+            pick = np.random.default_rng(seed).choice(len(features), selection_rows, False)
+            features = features[pick]
         n, d = features.shape
         folds = max(2, min(folds, n // 2))
         best, best_ll = 1, -np.inf
@@ -67,13 +77,13 @@ class GaussianMixtureDensity:
             lls = []
             for train, held in KFold(folds, shuffle=True, random_state=seed).split(features):
                 gmm = GaussianMixture(k, covariance_type="full", reg_covar=reg_covar,
-                                      random_state=seed, n_init=2)
+                                      random_state=seed, n_init=n_init)
                 gmm.fit(features[train])
                 lls.append(gmm.score(features[held]))
             if np.mean(lls) > best_ll:
                 best, best_ll = k, float(np.mean(lls))
         gmm = GaussianMixture(best, covariance_type="full", reg_covar=reg_covar,
-                              random_state=seed, n_init=2).fit(features)
+                              random_state=seed, n_init=n_init).fit(all_features)
         return cls(gmm.weights_, gmm.means_, gmm.precisions_cholesky_)
 
     def log_likelihood(self, features: np.ndarray) -> np.ndarray:

@@ -382,3 +382,12 @@ def test_benchmark_runs_a_pyod_baseline_on_one_hot_inputs():
     out = bench.run_one("ECOD", train, test, seed=0, gnsm_steps=10, gnsm={})
     assert out["scores"].shape == (200,)
     assert roc_auc_score(labels, out["scores"]) > 0.9  # ECOD sees the never-set column
+
+
+def test_avf_baseline_scores_rare_values_higher():
+    bench = _benchmark_module()
+    train = pd.DataFrame({"a": ["x"] * 90 + ["y"] * 10, "b": ["p", "q"] * 50})
+    test = pd.DataFrame({"a": ["x", "y", "z"], "b": ["p", "p", "p"]})
+    out = bench.run_one("AVF", train, test, seed=0, gnsm_steps=1, gnsm={})
+    # mean frequencies: (0.9 + 0.5) / 2, (0.1 + 0.5) / 2, (0 + 0.5) / 2
+    assert np.allclose(out["scores"], [-0.7, -0.3, -0.25])

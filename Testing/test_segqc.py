@@ -85,3 +85,26 @@ def test_baselines_rank_damaged_maps_above_clean_ones():
     atlas = AtlasDice().fit(good)
     assert set(np.unique(atlas.atlas)) == {0, 1, 2, 3}
     assert atlas.score(_phantom()) < 0.15  # thin CSF rim: one-voxel shifts cost some Dice
+
+
+def test_cohort_label_maps_land_on_the_model_grid_inside_the_brain(tmp_path):
+    from SpatialMSMALib.cohort import CohortSizes, make_benchmark
+    from SpatialMSMALib.dataset import manifest_scans, model_space
+    from SpatialMSMALib.segqc.data import cohort_label_maps
+    from SpatialMSMALib.synthesis import SubjectConfig
+
+    sizes = CohortSizes(n_train=1, n_val=0, n_test_healthy=0, n_test_lesioned=0,
+                        n_loao_healthy=0, n_loao_lesioned=0)
+    manifest = make_benchmark(tmp_path / "cohort", sizes=sizes, seed=3, progress=False,
+                              subject_config=SubjectConfig(spacing_mm=4.0))
+    cache = tmp_path / "cache"
+    maps = cohort_label_maps(manifest, ("train",), cache, spacing=4.0, progress=False)
+    (subject, labels), = maps["train"]
+    assert subject == "train_000" and labels.dtype == np.uint8
+    assert labels.shape == (48, 56, 48)
+    assert set(np.unique(labels)) == {0, 1, 2, 3}
+    brain = model_space(manifest_scans(manifest, ("train",))["train"], cache, 4.0,
+                        progress=False)[0].brain_mask
+    # the tissue map and the brain mask were carried by the same mapping
+    overlap = 2 * ((labels > 0) & brain).sum() / ((labels > 0).sum() + brain.sum())
+    assert overlap > 0.9

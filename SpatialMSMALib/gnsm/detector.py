@@ -515,4 +515,4 @@ def _progress(total: int, verbose: bool):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="GNSM score matching", unit="step")
+    return tqdm(total=total, desc="GNSM score matching", unit="step", mininterval=2.0)

@@ -114,8 +114,7 @@ def _run_score(args: argparse.Namespace) -> int:
         raise InputError(f"{args.table}: {e}") from e
     seconds = time.perf_counter() - start
     outlier = (scores > detector.threshold_).astype(int)
-    low, high = float(detector.decision_scores_.min()), float(detector.decision_scores_.max())
-    probability = np.clip((scores - low) / max(high - low, 1e-12), 0, 1)
+    probability = detector.outlier_probability(scores)
     table = pd.DataFrame({"row": np.arange(len(scores)), "score": scores, "outlier": outlier,
                           "outlier_probability": probability})
     if labels is not None:

@@ -405,7 +405,11 @@ class GNSM(BaseEstimator):
         """``(N, 2)`` [inlier, outlier] probabilities from the score, as PyOD does: "linear"
         min-max scales with the training scores; "unify" uses the Gaussian CDF of the score
         standardised with the training scores (Kriegel et al., 2011)."""
-        scores = self.decision_function(X)
+        outlier = self.outlier_probability(self.decision_function(X), method)
+        return np.column_stack([1 - outlier, outlier])
+
+    def outlier_probability(self, scores: np.ndarray, method: str = "linear") -> np.ndarray:
+        """``(N,)`` outlier probability of already computed scores (see ``predict_proba``)."""
         if method == "linear":
             low, high = float(self.decision_scores_.min()), float(self.decision_scores_.max())
             outlier = np.clip((scores - low) / max(high - low, 1e-12), 0, 1)
@@ -415,7 +419,7 @@ class GNSM(BaseEstimator):
             outlier = np.clip(erf((scores - self._mu) / (self._sigma * math.sqrt(2))), 0, 1)
         else:
             raise ValueError(f"method must be 'linear' or 'unify', got '{method}'")
-        return np.column_stack([1 - outlier, outlier])
+        return outlier
 
     def fit_predict(self, X, y=None) -> np.ndarray:
         return self.fit(X).labels_

@@ -30,9 +30,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-#: clip for the one-hot logits: log(1e-5) = -11.5 for the "off" categories
-ONE_HOT_EPS = 1e-5
-
 
 @dataclass(frozen=True)
 class GumbelNoiseSchedule:
@@ -101,11 +98,6 @@ def mixed_logits(one_hot: torch.Tensor, mix: torch.Tensor, slots: torch.Tensor) 
     return torch.log((1 - mix) * one_hot + (mix / slots[:, None]) * real)
 
 
-def one_hot_logits(one_hot: torch.Tensor, eps: float = ONE_HOT_EPS) -> torch.Tensor:
-    """``alpha = log(clip(one_hot, eps, 1))``, shape preserved."""
-    return torch.log(one_hot.clamp(eps, 1.0))
-
-
 def sample_exp_concrete(
     alpha: torch.Tensor, tau: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -140,9 +132,3 @@ def exp_concrete_score(y: torch.Tensor, alpha: torch.Tensor, tau: torch.Tensor) 
     """Closed-form ``d log p(y) / d y = tau (K softmax(alpha - tau y) - 1)``, ``(..., K)``."""
     k = y.shape[-1]
     return tau * (k * torch.softmax(alpha - tau * y, dim=-1) - 1.0)
-
-
-def score_from_logits(logits: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """The network's score for predicted logits ``l``: ``tau (K softmax(l) - 1)``."""
-    k = logits.shape[-1]
-    return tau * (k * torch.softmax(logits, dim=-1) - 1.0)

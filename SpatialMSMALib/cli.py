@@ -392,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .gnsm.cli import add_gnsm
 
     add_gnsm(sub)
+    from .segqc.cli import add_seg_qc
+
+    add_seg_qc(sub)
     return parser
 
 

@@ -1,7 +1,8 @@
 """Segmentation QC on the benchmark cohort's tissue label maps (PROTOCOLS.md sec. 5).
 
     python benchmarks/seg_qc.py --manifest benchmark/manifest.json --cache runs/cache \\
-        [--severities 0.25 0.5 1.0] [--out benchmarks/results/seg_qc.json]
+        [--model runs/seg_qc/seg_qc.pt] [--every 1] [--severities 0.25 0.5 1.0] \\
+        [--out benchmarks/results/seg_qc.json]
 
 Good maps: the tissue label maps (0 background, 1 CSF, 2 GM, 3 WM) of the ``train`` and
 ``val`` subjects in model space fit each QC method. Test maps: the clean maps of the test
@@ -9,8 +10,13 @@ splits (``test_healthy``, ``test_lesioned``, ``loao_*``) and, for each, every co
 at every severity (seeded). Reports, per method: the Spearman correlation between the QC score
 and the corrupted map's mean tissue Dice to its clean map (clean maps count with Dice 1; the
 target is <= -0.8), and the AUROC for corrupted maps with Dice < 0.9 against the clean maps
-(target >= 0.95); also per corruption kind. Methods today: the two baselines of
-``SpatialMSMALib.segqc.baselines`` (GNSM on label maps is still to come).
+(target >= 0.95); also per corruption kind. Methods: the two baselines of
+``SpatialMSMALib.segqc.baselines`` and, with ``--model``, GNSM on label maps
+(:mod:`SpatialMSMALib.segqc.model`; its default class-balanced read-out, and the plain mean
+of its voxel map over the evaluated box as a second read-out). The GNSM model was trained on
+the ``train`` maps only and calibrated on ``val``; ``--test-splits val`` runs the same table
+on corrupted validation maps (how the read-out was chosen, without touching the test maps).
+``--every N`` keeps every N-th clean test map (all methods see the same cases).
 """
 
 from __future__ import annotations
@@ -68,6 +74,25 @@ def evaluate(scores: np.ndarray, cases: list[dict]) -> dict:
     return out
 
 
+def gnsm_results(model_path: Path, cases: list[dict], images: dict) -> dict:
+    """The GNSM QC model's two read-outs on every case (one scoring pass)."""
+    from tqdm import tqdm
+
+    from SpatialMSMALib.segqc.model import SegQCModel
+
+    model = SegQCModel.load(model_path)
+    readouts, seconds = {}, []
+    for case in tqdm(cases, desc="GNSM QC", mininterval=5):
+        result = model.score_map(case["labels"], images[case["subject"]])
+        for name, value in result.readouts.items():
+            readouts.setdefault(name, []).append(value)
+        seconds.append(result.seconds)
+    cost = {"score_s_per_map": float(np.median(seconds)), "fit_s": None,
+            "model": str(model_path)}
+    return {f"GNSM ({name})": evaluate(np.array(values), cases) | cost
+            for name, values in readouts.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", type=Path, required=True)
@@ -75,12 +100,17 @@ def main() -> None:
     parser.add_argument("--spacing", type=float, default=2.0)
     parser.add_argument("--severities", nargs="+", type=float, default=[0.25, 0.5, 1.0])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", type=Path, help="GNSM QC model (training/train_seg_qc.py)")
+    parser.add_argument("--every", type=int, default=1, help="keep every N-th clean test map")
+    parser.add_argument("--test-splits", nargs="+", default=list(TEST_SPLITS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/seg_qc.json"))
     args = parser.parse_args()
-    maps = cohort_label_maps(args.manifest, ("train", "val", *TEST_SPLITS), args.cache,
-                             args.spacing)
-    good = [m for split in ("train", "val") for _, m in maps[split]]
-    clean_test = [entry for split in TEST_SPLITS for entry in maps[split]]
+    splits = tuple(dict.fromkeys(("train", "val", *args.test_splits)))
+    maps = cohort_label_maps(args.manifest, splits, args.cache, args.spacing, images=True)
+    good = [m for split in ("train", "val") for _, m, _ in maps[split]]
+    images = {i: image for split in splits for i, _, image in maps[split]}
+    clean_test = [(i, m) for split in args.test_splits for i, m, _ in maps[split]]
+    clean_test = clean_test[:: args.every]
     cases = build_test_set(clean_test, args.severities, args.seed)
     print(f"{len(good)} good maps for fitting; {len(clean_test)} clean test maps, "
           f"{len(cases) - len(clean_test)} corrupted "
@@ -95,6 +125,8 @@ def main() -> None:
         per_map_s = (time.perf_counter() - start) / len(cases)
         results[method.name] = evaluate(scores, cases) | {"fit_s": fit_s,
                                                           "score_s_per_map": per_map_s}
+    if args.model:
+        results.update(gnsm_results(args.model, cases, images))
     print("\n| method | Spearman(score, Dice) | AUROC Dice<0.9 vs clean | s per map |")
     print("|---|---|---|---|")
     for name, r in results.items():
@@ -110,6 +142,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "manifest": str(args.manifest), "severities": args.severities, "seed": args.seed,
+        "test_splits": args.test_splits, "every": args.every,
         "n_good": len(good), "n_clean_test": len(clean_test), "n_cases": len(cases),
         "dice_by_kind_severity": {
             f"{kind}@{sev}": float(np.mean([c["dice"] for c in cases

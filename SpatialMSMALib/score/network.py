@@ -60,7 +60,12 @@ class ScoreUNet(nn.Module):
         in_channels: image channels (2 for T1 + T2).
         channels: feature channels per resolution level.
         embed_dim: size of the log(sigma) embedding.
-    Input ``(B, C, *spatial)`` and ``sigma (B,)``; output has the shape of the input.
+        out_channels: output channels (default: ``in_channels``, a score for every input
+            channel; the segmentation-QC denoiser takes label and image channels and returns
+            class logits only).
+        divide_by_sigma: divide the output by the conditioning value (NCSNv2's score
+            parametrisation); off for networks whose output is not a Gaussian score.
+    Input ``(B, C, *spatial)`` and ``sigma (B,)``; output ``(B, out_channels, *spatial)``.
     """
 
     def __init__(
@@ -69,6 +74,8 @@ class ScoreUNet(nn.Module):
         in_channels: int = 2,
         channels: tuple[int, ...] = (16, 32, 64),
         embed_dim: int = 64,
+        out_channels: int | None = None,
+        divide_by_sigma: bool = True,
     ):
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -79,6 +86,12 @@ class ScoreUNet(nn.Module):
             "channels": list(channels),
             "embed_dim": embed_dim,
         }
+        # only non-default extras enter the config, so older checkpoints keep their checksum
+        if out_channels is not None and out_channels != in_channels:
+            self.config["out_channels"] = out_channels
+        if not divide_by_sigma:
+            self.config["divide_by_sigma"] = False
+        self.divide_by_sigma = divide_by_sigma
         conv = _conv(spatial_dims)
         transposed = nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
         self.embed_dim = embed_dim
@@ -101,7 +114,7 @@ class ScoreUNet(nn.Module):
             self.up_blocks.append(
                 FiLMBlock(spatial_dims, 2 * channels[i - 1], channels[i - 1], embed_dim)
             )
-        self.head = conv(channels[0], in_channels, 3, padding=1)
+        self.head = conv(channels[0], out_channels or in_channels, 3, padding=1)
         self.levels = len(channels)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -125,5 +138,7 @@ class ScoreUNet(nn.Module):
             h = block(torch.cat([up(h), skips.pop()], dim=1), embedding)
         out = self.head(h)
         out = out[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]
+        if not self.divide_by_sigma:
+            return out
         shape = (-1,) + (1,) * (x.dim() - 1)
         return out / sigma.view(shape)

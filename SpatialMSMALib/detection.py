@@ -262,7 +262,8 @@ def detect(
 
 
 # -- outputs -----------------------------------------------------------------------------
-OUTPUT_NAMES = {"heat": "heatmap.nii.gz", "labels": "labels.nii.gz", "report": "report.json",
+OUTPUT_NAMES = {"heat": "heatmap.nii.gz", "labels": "labels.nii.gz",
+                "brain_mask": "brainmask.nii.gz", "report": "report.json",
                 "figure": "figure.png"}
 
 
@@ -286,6 +287,7 @@ def write_outputs(detection: Detection, out_dir: str | Path, model: AnomalyModel
     out_dir.mkdir(parents=True, exist_ok=True)
     save_volume(paths["heat"], detection.heat, detection.affine, overwrite=True)
     save_volume(paths["labels"], detection.labels, detection.affine, overwrite=True)
+    save_volume(paths["brain_mask"], detection.brain_mask, detection.affine, overwrite=True)
     report = detection.report(model, inputs)
     report.update(extra_report or {})
     tmp = paths["report"].with_name(".report.json.partial")

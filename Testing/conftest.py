@@ -1,7 +1,85 @@
+from dataclasses import asdict
+
 import numpy as np
 import pytest
+import torch
 
 
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def tiny_spatial_config(steps):
+    """A small, fast Spatial-MSMA flow training configuration for tests."""
+    from SpatialMSMALib.spatial import SpatialFlowConfig
+    from SpatialMSMALib.spatial_training import SpatialTrainConfig
+
+    flow = asdict(SpatialFlowConfig(num_features=4, flow_layers=2, hidden=16,
+                                    position_frequencies=2, global_features=2))
+    return SpatialTrainConfig(flow=flow, steps=steps, scans_per_batch=4, locations_per_scan=128,
+                              learning_rate=3e-3, warmup_steps=10, validate_every=50,
+                              checkpoint_every=50, val_locations_per_scan=512)
+
+
+@pytest.fixture(scope="session")
+def detection_setup(tmp_path_factory):
+    """A tiny score net + a flow trained on noisy model-space copies of one healthy scan,
+    calibrated on two more; and a copy of that scan with a lesion."""
+    from SpatialMSMALib.anatomy import load_mni152_2009a
+    from SpatialMSMALib.inference import compute_features, prepare
+    from SpatialMSMALib.io import Volume, save_volume
+    from SpatialMSMALib.model import AnomalyModel
+    from SpatialMSMALib.score import GeometricNoiseSchedule, ScoreUNet
+    from SpatialMSMALib.spatial import Calibration
+    from SpatialMSMALib.spatial_training import LocationSet, SpatialTrainer
+    from SpatialMSMALib.synthesis import SubjectConfig, synthesize_subject
+    from SpatialMSMALib.typicality import TypicalityModel
+
+    folder = tmp_path_factory.mktemp("detect")
+    torch.manual_seed(0)
+    model = AnomalyModel(ScoreUNet(3, 2, (4, 8), 8).eval(), GeometricNoiseSchedule(0.05, 1.0, 4))
+    subject = synthesize_subject(load_mni152_2009a(), seed=3, config=SubjectConfig())
+    base = prepare(model, Volume(subject.t1, subject.grid.affine),
+                   Volume(subject.t2, subject.grid.affine))
+    rng = np.random.default_rng(0)
+    sets, wholes = [], []
+    for _ in range(6):
+        image = (base.image + rng.normal(0, 0.03, base.image.shape) * base.brain_mask)
+        scan = type("S", (), {"image": image.astype(np.float32), "brain_mask": base.brain_mask})
+        local, whole = compute_features(model, scan)
+        sets.append(LocationSet.from_arrays(local, scan.image, base.brain_mask, 4))
+        wholes.append(whole)
+    config = tiny_spatial_config(200)
+    config.flow.update(num_features=4, hidden=32, flow_layers=3)
+    trainer = SpatialTrainer(config, sets[:4], sets[4:], folder / "flow")
+    trainer.run(progress=False)
+    model.spatial = trainer.flow.eval()
+    model.calibration = Calibration([1e-6, 1.0], [1.0, 0.0], smoothing_mm=2.0)
+    from SpatialMSMALib.detection import model_heat_map
+
+    healthy = []
+    for s in sets[4:]:
+        local = s.norms.float().numpy()
+        full = np.zeros((4, *base.brain_mask.shape), np.float32)
+        full[:, base.brain_mask] = local.T
+        heat = model_heat_map(model, base.image, base.brain_mask, full)
+        healthy.append(heat[base.brain_mask])
+    model.calibration = Calibration.from_healthy(healthy, min_component_ml=0.2)
+    model.typicality = TypicalityModel.fit(np.stack(wholes), models=("knn",))
+    path = model.save(folder / "model.pt")
+
+    # a lesion: 12 mm radius ball in the right hemisphere, T1 x0.5, T2 x2
+    ijk = np.indices(subject.t1.shape)
+    centre_ras = np.array([26.0, -10.0, 20.0])
+    centre_ijk = np.linalg.solve(subject.grid.affine, np.r_[centre_ras, 1])[:3]
+    ball = (((ijk - centre_ijk[:, None, None, None]) * 2.0) ** 2).sum(0) <= 12.0**2
+    ball &= subject.brain_mask > 0
+    paths = {}
+    for name, data in (("t1", np.where(ball, subject.t1 * 0.5, subject.t1)),
+                       ("t2", np.where(ball, subject.t2 * 2.0, subject.t2)),
+                       ("lesion", ball.astype(np.uint8))):
+        paths[name] = save_volume(folder / f"les_{name}.nii.gz", data.astype(np.float32),
+                                  subject.grid.affine)
+    return {"model": model, "path": path, "paths": paths, "centre_ras": centre_ras,
+            "folder": folder}

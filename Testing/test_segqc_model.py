@@ -39,9 +39,12 @@ def _toy_subject(seed: int) -> TrainingMap:
     return TrainingMap(f"toy_{seed}", labels, image[None].astype(np.float32))
 
 
+# 150 steps on toy maps: enough for the sum over levels to separate damaged maps (the
+# bundled model's default read-out, the noisiest level alone, needs the full training; it is
+# tested on the bundled model below)
 TOY_CONFIG = SegQCConfig(channels=(8, 16), embed_dim=16, num_levels=4, shape=TOY_SHAPE,
                          crop=16, batch_size=4, steps=150, learning_rate=3e-3, warmup_steps=10,
-                         spacing_mm=4.0)
+                         spacing_mm=4.0, mix_max=0.5, readout="class_balanced_kl")
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +82,18 @@ def test_class_balanced_mean_weighs_classes_equally():
     assert class_balanced_mean(loss, labels, predicted) == pytest.approx((0 + 1 + 0) / 3)
 
 
+def test_soft_dice_error_values():
+    from SpatialMSMALib.segqc.model import soft_dice_error
+
+    codes = torch.tensor([0, 1, 1, 2, 3, 3, 3, 3])
+    exact = torch.nn.functional.one_hot(codes, 4).T.float()
+    assert soft_dice_error(codes, exact) == pytest.approx(0.0)
+    # a posterior that calls every CSF voxel GM: CSF Dice 0, GM 2*1/(1+3), WM 1
+    wrong = exact.clone()
+    wrong[2, 1:3], wrong[1, 1:3] = 1.0, 0.0
+    assert soft_dice_error(codes, wrong) == pytest.approx(1 - (0 + 0.5 + 1) / 3)
+
+
 def test_training_lowers_the_loss(toy_model):
     history = toy_model.info["history"]
     assert history[-1]["step"] == TOY_CONFIG.steps
@@ -101,6 +116,10 @@ def test_damaged_maps_score_higher_than_good_ones_and_the_map_shows_where(toy_mo
             # the per-voxel map is higher where the labels were changed
             assert result.voxel_map[changed].mean() > 2 * result.voxel_map[~changed].mean()
     assert min(bad_scores) > max(good_scores)
+    # every read-out is computed and finite
+    assert set(result.readouts) == {"class_balanced_kl", "plain_mean_kl", "soft_dice_error",
+                                    "top_level_kl", "top_level_dice_error"}
+    assert all(np.isfinite(v) for v in result.readouts.values())
     # percentiles: good maps fall among the validation maps, damaged ones above all
     assert toy_model.percentile(max(bad_scores) + 1) == 100.0
     assert toy_model.percentile(-1.0) == 0.0
@@ -191,3 +210,39 @@ def test_seg_qc_cli_on_a_cohort_subject(tmp_path, toy_model):
                  str(model_path)]) == 2
     assert main(["seg-qc", "--labels", str(tmp_path / "nope.nii.gz"), "--image", str(t1),
                  "--model", str(model_path)]) == 2
+
+
+def test_bundled_qc_model_is_registered_and_flags_a_shifted_map(tmp_path, capsys):
+    """The bundled model (no --model): registry checksum, and on a native 4 mm cohort
+    subject the map shifted by one voxel scores far above the clean map and is flagged."""
+    import hashlib
+
+    from SpatialMSMALib.cli import main
+    from SpatialMSMALib.cohort import CohortSizes, make_benchmark
+    from SpatialMSMALib.io import load_volume, save_volume
+    from SpatialMSMALib.model import MODEL_DIR, REGISTRY
+    from SpatialMSMALib.synthesis import SubjectConfig
+
+    entry = json.loads(REGISTRY.read_text())["seg_qc"]
+    file = MODEL_DIR / entry["file"]
+    assert hashlib.sha256(file.read_bytes()).hexdigest() == entry["sha256"]
+    assert "not for clinical use" in entry["training_data"]["description"]
+    sizes = CohortSizes(n_train=0, n_val=0, n_test_healthy=1, n_test_lesioned=0,
+                        n_loao_healthy=0, n_loao_lesioned=0)
+    make_benchmark(tmp_path / "cohort", sizes=sizes, seed=11, progress=False,
+                   subject_config=SubjectConfig(spacing_mm=4.0))
+    cohort = tmp_path / "cohort"
+    t1 = next(cohort.glob("*_t1.nii.gz"))
+    tissue = next(cohort.glob("*_tissue.nii.gz"))
+    native = load_volume(tissue, what="labels")
+    shifted = save_volume(tmp_path / "shifted.nii.gz", np.roll(native.data, 1, axis=0),
+                          native.affine)
+    reports = []
+    for labels in (tissue, shifted):
+        capsys.readouterr()
+        assert main(["seg-qc", "--labels", str(labels), "--image", str(t1), "--json",
+                     "--device", "cpu"]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    clean, bad = reports
+    assert bad["qc_score"] > 2 * clean["qc_score"]
+    assert bad["flagged"] and bad["percentile_among_good"] == 100.0

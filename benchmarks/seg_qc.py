@@ -12,10 +12,10 @@ and the corrupted map's mean tissue Dice to its clean map (clean maps count with
 target is <= -0.8), and the AUROC for corrupted maps with Dice < 0.9 against the clean maps
 (target >= 0.95); also per corruption kind. Methods: the two baselines of
 ``SpatialMSMALib.segqc.baselines`` and, with ``--model``, GNSM on label maps
-(:mod:`SpatialMSMALib.segqc.model`; its default class-balanced read-out, and the plain mean
-of its voxel map over the evaluated box as a second read-out). The GNSM model was trained on
-the ``train`` maps only and calibrated on ``val``; ``--test-splits val`` runs the same table
-on corrupted validation maps (how the read-out was chosen, without touching the test maps).
+(:mod:`SpatialMSMALib.segqc.model`) with every read-out of one scoring pass (the model's
+default is ``top_level_kl``). The GNSM model was trained on the ``train`` maps only and
+calibrated on ``val``; ``--test-splits val`` runs the same table on corrupted validation maps
+(how the default read-out was chosen, without touching the test maps).
 ``--every N`` keeps every N-th clean test map (all methods see the same cases).
 """
 

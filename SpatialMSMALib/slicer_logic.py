@@ -223,7 +223,6 @@ class SpatialMSMALogic:
         node = self.scene.AddNewNodeByClass("vtkMRMLColorTableNode", HEAT_COLOR_NAME)
         node.SetTypeToUser()
         node.SetNumberOfColors(256)
-        node.SetNamesInitialised(True)
         for i in range(256):
             t = i / 255.0
             # transparent-to-hot ramp: dark red -> red -> yellow -> white

@@ -192,6 +192,37 @@ def test_state_is_restored_from_the_scene(shown):
     assert restored.threshold == logic.detection.threshold
 
 
+def test_result_survives_saving_and_reloading_the_scene(shown, tmp_path):
+    """Save the scene as Slicer does (a storage node per storable node, then the MRML file),
+    load it into a new scene: the parameters and the result come back and the sliders work."""
+    logic = shown["logic"]
+    logic.rethreshold(fpr=3e-3)
+    scene = shown["scene"]
+    storable = [scene.GetNthNodeByClass(i, "vtkMRMLStorableNode")
+                for i in range(scene.GetNumberOfNodesByClass("vtkMRMLStorableNode"))]
+    extensions = {"vtkMRMLSegmentationNode": "seg.nrrd", "vtkMRMLTableNode": "tsv"}
+    for index, node in enumerate(storable):
+        if node.GetStorageNode() is None:
+            node.AddDefaultStorageNode()
+        storage = node.GetStorageNode()
+        if storage is None:  # e.g. colour tables without a default storage
+            continue
+        extension = extensions.get(node.GetClassName(), "nrrd")
+        storage.SetFileName(str(tmp_path / f"node{index}.{extension}"))
+        assert storage.WriteData(node), node.GetName()
+    scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert scene.Commit()
+    reloaded = slicer.vtkMRMLScene()
+    reloaded.SetURL(str(tmp_path / "scene.mrml"))
+    assert reloaded.Connect()
+    fresh = SpatialMSMALogic(reloaded)
+    restored = fresh.restore()
+    assert fresh.parameter_node.GetParameter("fpr") == repr(float(logic.detection.fpr))
+    np.testing.assert_array_equal(restored.labels, logic.detection.labels)
+    moved = fresh.rethreshold(fpr=1e-4)
+    assert moved.threshold > restored.threshold
+
+
 def test_mismatched_t2_is_refused_with_a_clear_message(shown, detection_setup):
     scene = shown["scene"]
     t1 = shown["nodes"]["t1"]

@@ -4,12 +4,15 @@
     python training/train_seg_qc.py --data-dir maps/ --out runs/seg_qc
     python training/train_seg_qc.py --manifest benchmark --out runs/seg_qc --resume
     python training/train_seg_qc.py --manifest benchmark --out runs/seg_qc --bundle
+    python training/train_seg_qc.py --install runs/seg_qc/seg_qc.pt     # bundle an existing model
 
 Good maps only: the ``train`` split of a benchmark manifest (subjects with a ``tissue`` map)
 or the ``<id>_t1`` + ``<id>_tissue`` pairs of a folder; the ``val`` split (or the first 10% of
 the folder) gives the good-map score distribution stored in the model for percentiles and the
-flag rule. Scans are preprocessed into model space once (cached under ``OUT/cache``). Every
-field of :class:`~SpatialMSMALib.segqc.model.SegQCConfig` is an option.
+flag rule, scored through the same path as ``spatial-msma seg-qc`` (native files, T1-only
+preprocessing with the subject's brain mask when there is one). Scans are preprocessed into
+model space once (cached under ``OUT/cache``). Every field of
+:class:`~SpatialMSMALib.segqc.model.SegQCConfig` is an option.
 
 Writes ``OUT/seg_qc.pt`` (the model ``spatial-msma seg-qc --model`` loads), ``OUT/training.pt``
 (resumable state, every 100 steps and on Ctrl-C) and ``OUT/log.csv``. ``--bundle`` also
@@ -35,6 +38,7 @@ from SpatialMSMALib.segqc.data import (
     model_space_label_maps,
 )
 from SpatialMSMALib.segqc.model import SegQCConfig, TrainingMap, train_seg_qc
+from SpatialMSMALib.segqc.pipeline import calibrate_native
 from SpatialMSMALib.training_utils import training_device
 
 
@@ -48,19 +52,30 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(name, type=type(default), default=default)
 
 
-def load_maps(args, cache: Path, spacing: float) -> tuple[list, list]:
+def load_maps(args, cache: Path, spacing: float) -> tuple[list, list, list]:
+    """Training maps, validation maps (model space) and the validation ``(tissue, t1)``
+    native file pairs (for the calibration through the seg-qc path)."""
     if args.manifest:
+        from SpatialMSMALib.cohort import load_manifest
+
         maps = cohort_label_maps(args.manifest, ("train", "val"), cache, spacing, images=True)
         train, val = maps["train"], maps["val"]
+        manifest = load_manifest(args.manifest)
+        root = Path(manifest["root"])
+        pairs = [(root / s["tissue"], root / s["t1"],
+                  root / s["brain_mask"] if s.get("brain_mask") else None)
+                 for s in manifest["subjects"] if s["split"] == "val"]
     else:
         scans, tissue = folder_label_maps(args.data_dir)
         entries = model_space_label_maps(scans, tissue, cache, spacing, images=True)
         n_val = max(1, len(entries) // 10) if len(entries) > 1 else 0
         train, val = entries[n_val:] or entries, entries[:n_val] or entries
-    return [TrainingMap(*e) for e in train], [TrainingMap(*e) for e in val]
+        val_scans = scans[:n_val] or scans
+        pairs = [(tissue[s.id], s.t1, s.brain_mask) for s in val_scans]
+    return [TrainingMap(*e) for e in train], [TrainingMap(*e) for e in val], pairs
 
 
-def bundle(model_path: Path, model, args, seconds: float) -> None:
+def bundle(model_path: Path, model, source: str, seconds: float | None) -> None:
     from SpatialMSMALib.model import MODEL_DIR, REGISTRY
 
     target = MODEL_DIR / "seg_qc.pt"
@@ -74,13 +89,14 @@ def bundle(model_path: Path, model, args, seconds: float) -> None:
         "image": "T1 (registered to MNI152 2009a, affine)",
         "grid": {"spacing_mm": model.config.spacing_mm, "shape": list(model.config.shape)},
         "training_data": {
-            "source": str(args.manifest or args.data_dir),
+            "source": source,
             "train_maps": len(model.info.get("train_ids", [])),
             "val_maps": len(model.info.get("val_ids", [])),
             "description": "tissue maps of synthetic variations of a few real anatomies "
                            "(benchmark cohort); research use only, not for clinical use",
         },
-        "training_seconds_2_cpu_cores": round(seconds),
+        "training_seconds_2_cpu_cores": round(seconds) if seconds else None,
+        "read_out": model.config.readout,
         "good_scores": {"n": len(model.good_scores),
                         "min": float(model.good_scores.min()),
                         "max": float(model.good_scores.max())},
@@ -96,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--manifest", type=Path, help="benchmark manifest (file or folder)")
     source.add_argument("--data-dir", type=Path, help="folder of <id>_t1 + <id>_tissue NIfTI")
-    parser.add_argument("--out", type=Path, required=True)
+    source.add_argument("--install", type=Path, metavar="MODEL",
+                        help="no training: install this QC model file as the bundled one")
+    parser.add_argument("--out", type=Path, help="output folder (required for training)")
     parser.add_argument("--cache", type=Path,
                         help="model-space cache folder (default OUT/cache; share it with "
                              "train_score.py's to skip preprocessing)")
@@ -107,13 +125,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="install the result as the bundled QC model")
     _add_config_arguments(parser)
     args = parser.parse_args(argv)
+    if args.install:
+        from SpatialMSMALib.segqc.model import SegQCModel
+
+        try:
+            model = SegQCModel.load(args.install)
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        bundle(args.install, model, model.info.get("source", "benchmark cohort"),
+               model.info.get("training_seconds"))
+        return 0
+    if args.out is None:
+        parser.error("--out is required for training")
     try:
         config = SegQCConfig(**{f.name: getattr(args, f.name)
                                 for f in dataclasses.fields(SegQCConfig)})
         model_path = args.out / "seg_qc.pt"
         if model_path.exists() and not args.overwrite:
             raise InputError(f"'{model_path}' already exists; pass --overwrite to replace it")
-        train, val = load_maps(args, args.cache or args.out / "cache", config.spacing_mm)
+        train, val, val_pairs = load_maps(args, args.cache or args.out / "cache",
+                                          config.spacing_mm)
         shapes = {m.labels.shape for m in train + val}
         if shapes != {tuple(config.shape)}:
             raise InputError(f"model-space maps have shapes {shapes}, config says {config.shape}")
@@ -131,13 +163,17 @@ def main(argv: list[str] | None = None) -> int:
         model = train_seg_qc(train, val, config, device=training_device(args.device),
                              checkpoint_path=args.out / "training.pt", resume=args.resume,
                              log=log)
+        # percentiles must compare like with like: score the validation maps through the
+        # path 'spatial-msma seg-qc' takes (T1-only preprocessing, native files)
+        calibrate_native(model, val_pairs)
         seconds = time.perf_counter() - start
         model.info["training_seconds"] = seconds
+        model.info["source"] = str(args.manifest or args.data_dir)
         model.save(model_path, overwrite=args.overwrite)
         print(f"done in {seconds / 60:.1f} min; good validation scores "
               f"{model.good_scores.min():.4f}..{model.good_scores.max():.4f}; wrote {model_path}")
         if args.bundle:
-            bundle(model_path, model, args, seconds)
+            bundle(model_path, model, model.info["source"], seconds)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,8 @@ def add_seg_qc(sub) -> None:
     p.add_argument("--labels", type=Path, required=True, help="label map (NIfTI or NRRD)")
     p.add_argument("--image", type=Path, required=True,
                    help="the T1 the segmentation was made from (registration to model space)")
+    p.add_argument("--mask", type=Path, help="brain mask on the image grid (helps "
+                   "registration; default: the atlas brain mask)")
     p.add_argument("--model", type=Path, help="QC model file (default: the bundled model)")
     p.add_argument("--out", type=Path,
                    help="folder for qc_map.nii.gz (per-voxel map on the label grid) and "
@@ -31,8 +33,9 @@ def run_seg_qc(args: argparse.Namespace) -> int:
     from .model import SegQCModel
     from .pipeline import bundled_seg_qc_model, qc_native
 
-    for path, what in ((args.labels, "label map"), (args.image, "image")):
-        if not path.exists():
+    for path, what in ((args.labels, "label map"), (args.image, "image"),
+                       (args.mask, "brain mask")):
+        if path is not None and not path.exists():
             raise InputError(f"{what} '{path}' does not exist")
     outputs = {}
     if args.out is not None:
@@ -43,8 +46,10 @@ def run_seg_qc(args: argparse.Namespace) -> int:
     model = SegQCModel.load(args.model) if args.model else bundled_seg_qc_model()
     labels = load_volume(args.labels, what="label map")
     image = load_volume(args.image, what="image")
-    names = {"labels": str(args.labels), "image": str(args.image)}
-    qc = qc_native(model, labels, image, names=names, device=select_device(args.device))
+    mask = load_volume(args.mask, what="brain mask") if args.mask else None
+    names = {"labels": str(args.labels), "image": str(args.image),
+             "mask": str(args.mask) if args.mask else None}
+    qc = qc_native(model, labels, image, mask, names=names, device=select_device(args.device))
     report = {"labels": str(args.labels), "image": str(args.image)} | qc.report()
     if outputs:
         save_volume(outputs["map"], qc.voxel_map_native, qc.labels_affine,

@@ -76,9 +76,10 @@ def z_among_good(model: SegQCModel, score: float) -> float:
     return float((score - good.mean()) / (good.std(ddof=1) + 1e-12))
 
 
-def qc_native(model: SegQCModel, labels: Volume, image: Volume, *, names: dict | None = None,
-              device: str = "cpu", progress=None) -> NativeQC:
-    """QC of a native label map ``labels`` made from ``image`` (both with RAS affines)."""
+def qc_native(model: SegQCModel, labels: Volume, image: Volume, brain_mask: Volume | None = None,
+              *, names: dict | None = None, device: str = "cpu", progress=None) -> NativeQC:
+    """QC of a native label map ``labels`` made from ``image`` (both with RAS affines);
+    ``brain_mask`` (on the image grid) helps registration, else the atlas mask is used."""
     from ..preprocessing import PreprocessConfig, preprocess_scan
 
     names = names or {}
@@ -87,7 +88,8 @@ def qc_native(model: SegQCModel, labels: Volume, image: Volume, *, names: dict |
     if progress:
         progress("preprocess image", 0.0)
     config = PreprocessConfig(spacing_mm=model.config.spacing_mm, shape=model.config.shape)
-    pre = preprocess_scan(image, None, None, config, names={"t1": names.get("image")})
+    pre = preprocess_scan(image, None, brain_mask, config,
+                          names={"t1": names.get("image"), "mask": names.get("mask")})
     mapping = pre.mapping
     labels_model = resample(data, labels.affine, mapping.model_grid, mapping.model_to_native,
                             order=0)
@@ -109,4 +111,26 @@ def qc_native(model: SegQCModel, labels: Volume, image: Volume, *, names: dict |
                     bool(np.isfinite(z) and z > FLAG_Z), float(mapping.registration_ncc))
 
 
-__all__ = ["MODEL_KIND", "NativeQC", "bundled_seg_qc_model", "qc_native"]
+def calibrate_native(model: SegQCModel, pairs: list[tuple], progress: bool = True) -> np.ndarray:
+    """Store in ``model`` the QC scores of good native maps ``[(labels_path, t1_path,
+    mask_path or None)]`` run through exactly the path ``spatial-msma seg-qc`` takes
+    (T1-only preprocessing), so percentiles and the flag rule compare like with like."""
+    from tqdm import tqdm
+
+    from ..io import load_volume
+
+    scores = []
+    for labels_path, t1_path, mask_path in tqdm(pairs, desc="calibrate (native path)",
+                                                disable=not progress):
+        mask = load_volume(mask_path, what="brain mask") if mask_path else None
+        qc = qc_native(model, load_volume(labels_path, what="label map"),
+                       load_volume(t1_path, what="T1"), mask,
+                       names={"labels": str(labels_path), "image": str(t1_path),
+                              "mask": str(mask_path) if mask_path else None})
+        scores.append(qc.result.score)
+    model.good_scores = np.sort(np.asarray(scores, float))
+    model.info["calibration"] = {"path": "native (seg-qc)", "n": len(scores)}
+    return model.good_scores
+
+
+__all__ = ["MODEL_KIND", "NativeQC", "bundled_seg_qc_model", "calibrate_native", "qc_native"]

@@ -214,7 +214,8 @@ def test_seg_qc_cli_on_a_cohort_subject(tmp_path, toy_model):
 
 def test_bundled_qc_model_is_registered_and_flags_a_shifted_map(tmp_path, capsys):
     """The bundled model (no --model): registry checksum, and on a native 4 mm cohort
-    subject the map shifted by one voxel scores far above the clean map and is flagged."""
+    subject the clean map passes while maps shifted by one and two voxels score increasingly
+    higher and are flagged."""
     import hashlib
 
     from SpatialMSMALib.cli import main
@@ -233,16 +234,19 @@ def test_bundled_qc_model_is_registered_and_flags_a_shifted_map(tmp_path, capsys
                    subject_config=SubjectConfig(spacing_mm=4.0))
     cohort = tmp_path / "cohort"
     t1 = next(cohort.glob("*_t1.nii.gz"))
+    mask = next(cohort.glob("*_brainmask.nii.gz"))
     tissue = next(cohort.glob("*_tissue.nii.gz"))
     native = load_volume(tissue, what="labels")
-    shifted = save_volume(tmp_path / "shifted.nii.gz", np.roll(native.data, 1, axis=0),
-                          native.affine)
     reports = []
-    for labels in (tissue, shifted):
+    for voxels in (0, 1, 2):
+        labels = tissue if voxels == 0 else save_volume(
+            tmp_path / f"shifted{voxels}.nii.gz", np.roll(native.data, voxels, axis=0),
+            native.affine)
         capsys.readouterr()
-        assert main(["seg-qc", "--labels", str(labels), "--image", str(t1), "--json",
-                     "--device", "cpu"]) == 0
+        assert main(["seg-qc", "--labels", str(labels), "--image", str(t1), "--mask",
+                     str(mask), "--json", "--device", "cpu"]) == 0
         reports.append(json.loads(capsys.readouterr().out))
-    clean, bad = reports
-    assert bad["qc_score"] > 2 * clean["qc_score"]
-    assert bad["flagged"] and bad["percentile_among_good"] == 100.0
+    clean, one, two = reports
+    assert clean["qc_score"] < one["qc_score"] < two["qc_score"]
+    assert not clean["flagged"]
+    assert one["flagged"] and two["flagged"] and one["percentile_among_good"] == 100.0

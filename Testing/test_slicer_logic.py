@@ -200,14 +200,13 @@ def test_result_survives_saving_and_reloading_the_scene(shown, tmp_path):
     scene = shown["scene"]
     storable = [scene.GetNthNodeByClass(i, "vtkMRMLStorableNode")
                 for i in range(scene.GetNumberOfNodesByClass("vtkMRMLStorableNode"))]
-    extensions = {"vtkMRMLSegmentationNode": "seg.nrrd", "vtkMRMLTableNode": "tsv"}
     for index, node in enumerate(storable):
         if node.GetStorageNode() is None:
             node.AddDefaultStorageNode()
         storage = node.GetStorageNode()
-        if storage is None:  # e.g. colour tables without a default storage
+        if storage is None:
             continue
-        extension = extensions.get(node.GetClassName(), "nrrd")
+        extension = storage.GetDefaultWriteFileExtension()
         storage.SetFileName(str(tmp_path / f"node{index}.{extension}"))
         assert storage.WriteData(node), node.GetName()
     scene.SetURL(str(tmp_path / "scene.mrml"))

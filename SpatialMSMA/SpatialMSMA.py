@@ -248,9 +248,9 @@ class SpatialMSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(f"Could not show the results: {e}")
             return
         self.ui.progressBar.value = 100
+        summary = output.strip().splitlines()[0] if output.strip() else ""
         self.ui.statusLabel.text = (f"{len(detection.components)} components at voxel "
-                                    f"false-positive rate {detection.fpr:.2g}. "
-                                    + output.strip().splitlines()[0] if output.strip() else "")
+                                    f"false-positive rate {detection.fpr:.2g}. {summary}")
         self.showResult()
 
     def onCancel(self):

@@ -157,7 +157,8 @@ def test_export_matches_the_cli_and_never_overwrites(shown, detection_setup, tmp
     assert main(["detect", "--t1", str(paths["t1"]), "--t2", str(paths["t2"]), "--model",
                  str(detection_setup["path"]), "--out", str(out), "--device", "cpu"]) == 0
     # the Slicer module's path: the CLI ran in another process, the logic shows its files
-    logic = SpatialMSMALogic(shown["scene"])
+    # (in a scene of its own: the shared scene keeps the in-process result for later tests)
+    logic = SpatialMSMALogic(slicer.vtkMRMLScene())
     logic.load_outputs(out, model_path=detection_setup["path"])
     exported = logic.export_segmentation(tmp_path / "labels.nii.gz")
     assert exported.read_bytes() == (out / "labels.nii.gz").read_bytes()

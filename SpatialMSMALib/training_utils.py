@@ -57,6 +57,12 @@ def wrap_ddp(module, device, distributed: bool):
         module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def stored_config(config) -> dict:
+    """A dataclass config as it comes back from a checkpoint (tuples become lists), for
+    checking that a resumed run uses the configuration it was trained with."""
+    return json.loads(json.dumps(asdict(config)))
+
+
 def trainer_state(trainer) -> tuple[dict, dict]:
     """``(extra, states)`` checkpoint parts shared by the trainers: step, best validation
     value, learning-rate schedule, optimiser (tensors and plain data) and random generator."""
@@ -70,7 +76,7 @@ def trainer_state(trainer) -> tuple[dict, dict]:
 
 def restore_trainer_state(trainer, checkpoint: dict, path) -> None:
     """Inverse of ``trainer_state``; refuses a checkpoint trained with another config."""
-    if checkpoint["config"] != json.loads(json.dumps(asdict(trainer.config))):
+    if checkpoint["config"] != stored_config(trainer.config):
         raise ValueError(f"checkpoint '{path}' was trained with another configuration")
     extra = checkpoint["extra"]
     trainer.optimizer.load_state_dict(

@@ -79,7 +79,9 @@ def bundle(model_path: Path, model, source: str, seconds: float | None) -> None:
     from SpatialMSMALib.model import MODEL_DIR, REGISTRY
 
     target = MODEL_DIR / "seg_qc.pt"
-    shutil.copyfile(model_path, target)
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.copyfile(model_path, partial)
+    partial.replace(target)  # atomic: the bundled model is never half-written
     registry = json.loads(REGISTRY.read_text()) if REGISTRY.exists() else {"models": []}
     registry["seg_qc"] = {
         "file": target.name,

@@ -58,6 +58,8 @@ from ..errors import InputError
 from ..gnsm.noise import GumbelNoiseSchedule
 from ..score.features import crop_around
 from ..score.network import ScoreUNet
+from ..training_utils import stored_config
+from .corruptions import mean_dice
 
 MODEL_KIND = "seg-qc-model"
 TRAINING_KIND = "seg-qc-training"
@@ -256,8 +258,6 @@ class SegQCModel:
                               for v in per_voxel])
         voxel_map = np.zeros(config.shape, np.float32)
         voxel_map[box] = np.sum(per_voxel, axis=0)
-        from .corruptions import mean_dice
-
         readouts = {"top_level_kl": float(per_level[0]),
                     "class_balanced_kl": float(per_level.sum()),
                     "plain_mean_kl": float(np.sum(per_voxel, axis=0).mean()),
@@ -355,7 +355,7 @@ def train_seg_qc(
     step, history = 0, []
     if resume and checkpoint_path and Path(checkpoint_path).exists():
         state = load_checkpoint(checkpoint_path, kind=TRAINING_KIND)
-        if state["config"] != _plain(asdict(config)):
+        if state["config"] != stored_config(config):
             raise InputError(f"'{checkpoint_path}' was trained with another configuration")
         network.load_state_dict(state["states"]["network"])
         optimizer.load_state_dict(_unflatten_optimizer(state["states"]["optimizer"],
@@ -421,9 +421,3 @@ def train_seg_qc(
                        "val_ids": [m.id for m in val_maps], "steps": step})
     return model
 
-
-def _plain(value):
-    """Config as it comes back from a checkpoint (tuples become lists)."""
-    import json
-
-    return json.loads(json.dumps(value))

@@ -192,17 +192,18 @@ class SpatialMSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             modelPath = self.selectedModelPath()
             logic.load_model(modelPath, has_t2=t2 is not None)
             self.outputDir = tempfile.mkdtemp(prefix="SpatialMSMA_")
-            args = ["-m", "SpatialMSMALib.cli", "detect", "--out",
-                    os.path.join(self.outputDir, "out"), "--device",
-                    self.ui.deviceComboBox.currentText]
-            for flag, node in (("--t1", t1), ("--t2", t2), ("--mask", mask)):
+            paths = {}
+            for role, node in (("t1", t1), ("t2", t2), ("mask", mask)):
                 if node is not None:
-                    path = os.path.join(self.outputDir, f"{flag[2:]}.nrrd")
+                    path = os.path.join(self.outputDir, f"{role}.nrrd")
                     if not slicer.util.saveNode(node, path):
                         raise RuntimeError(f"could not write '{node.GetName()}' to {path}")
-                    args += [flag, path]
-            if modelPath:
-                args += ["--model", modelPath]
+                    paths[role] = path
+            from SpatialMSMALib.slicer_logic import detect_command
+
+            args = detect_command(os.path.join(self.outputDir, "out"), paths.get("t1"),
+                                  paths.get("t2"), paths.get("mask"), model=modelPath,
+                                  device=self.ui.deviceComboBox.currentText)
         except Exception as e:  # shown to the user, not a traceback
             slicer.util.errorDisplay(f"Cannot start detection: {e}")
             return
@@ -218,14 +219,14 @@ class SpatialMSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onProcessOutput(self):
+        from SpatialMSMALib.slicer_logic import parse_cli_progress
+
         text = bytes(self.process.readAllStandardError()).decode(errors="replace")
-        percents = re.findall(r"(\d+)%\|", text)
-        if percents:
-            self.ui.progressBar.value = int(percents[-1])
-        lines = [line for line in re.split(r"[\r\n]", text) if line.strip()]
-        if lines:
-            self.lastMessage = lines[-1]
-            self.ui.statusLabel.text = lines[-1][-120:]
+        percent, line = parse_cli_progress(text)
+        if percent is not None:
+            self.ui.progressBar.value = percent
+        if line:
+            self.ui.statusLabel.text = line[-120:]
 
     def onProcessFinished(self, exitCode):
         process, self.process = self.process, None
@@ -233,11 +234,11 @@ class SpatialMSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         errors = bytes(process.readAllStandardError()).decode(errors="replace")
         self.updateButtons()
         if exitCode != 0:
-            message = [line for line in errors.splitlines() if line.startswith("error:")]
+            from SpatialMSMALib.slicer_logic import cli_error_message
+
             self.ui.statusLabel.text = "Detection failed or was cancelled."
-            if message or exitCode not in (15, -15):
-                slicer.util.errorDisplay(message[-1] if message else errors[-2000:],
-                                         windowTitle="Spatial-MSMA")
+            if exitCode not in (15, -15):
+                slicer.util.errorDisplay(cli_error_message(errors), windowTitle="Spatial-MSMA")
             return
         try:
             detection = self.logic.load_outputs(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -379,6 +380,41 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _add_view(sub) -> None:
+    p = sub.add_parser("view", help="browser viewer: the Detect-anomalies flow in any browser "
+                                    "(trame-slicer; needs the 'viewer' extra)")
+    p.add_argument("--t1", type=Path, help="T1 scan to open when the page loads")
+    p.add_argument("--t2", type=Path, help="T2 scan to open when the page loads")
+    p.add_argument("--mask", type=Path, help="brain mask to open when the page loads")
+    p.add_argument("--data-dir", type=Path,
+                   help="folder whose scans the page may open (read-only)")
+    p.add_argument("--model", type=Path, help="model file (default: the bundled model)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; any "
+                        "other address needs --token)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free)")
+    p.add_argument("--token", default=os.environ.get("SPATIAL_MSMA_VIEW_TOKEN"),
+                   help="access token (>= 16 characters; default: $SPATIAL_MSMA_VIEW_TOKEN); "
+                        "open the page as http://HOST:PORT/?secret=TOKEN")
+    p.add_argument("--upload-limit-mb", type=float, default=512,
+                   help="largest upload accepted, all files of one request together")
+    p.add_argument("--work-dir", type=Path,
+                   help="folder for uploads, detection runs and exports (default: a new "
+                        "temporary folder)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda for detection")
+    p.add_argument("--open", action="store_true", help="open the page in a browser")
+    p.set_defaults(func=_run_view)
+
+
+def _run_view(args) -> int:
+    from .viewer.app import serve
+
+    return serve(data_dir=args.data_dir, files={"t1": args.t1, "t2": args.t2, "mask": args.mask},
+                 model_path=args.model, host=args.host, port=args.port, token=args.token,
+                 device=args.device, work_dir=args.work_dir,
+                 upload_limit_mb=args.upload_limit_mb, open_browser=args.open)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spatial-msma", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -389,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_typicality(sub)
     _add_detect(sub)
     _add_demo(sub)
+    _add_view(sub)
     from .gnsm.cli import add_gnsm
 
     add_gnsm(sub)

@@ -24,6 +24,7 @@ run it headless. The GUIs only wire widgets to these methods.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,60 @@ def update_volume_node(node, data: np.ndarray, affine: np.ndarray) -> None:
     node.SetAndObserveImageData(image)
     node.SetIJKToRASMatrix(numpy_to_matrix(np.asarray(affine, float)))
     node.Modified()
+
+
+def add_volume_node(scene, volume: Volume, name: str, *, labelmap: bool = False):
+    """A new scalar (or label map) volume node holding ``volume`` (array ``(I, J, K)``, RAS
+    affine); how the browser viewer puts files read with :func:`SpatialMSMALib.io.load_volume`
+    into its scene (slicer-core has no NIfTI reader registered)."""
+    kind = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
+    node = scene.AddNewNodeByClass(kind, name)
+    data = volume.data
+    if not labelmap and data.dtype not in (np.float32, np.int16, np.uint8, np.uint16):
+        data = data.astype(np.float32)
+    update_volume_node(node, data, volume.affine)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+# -- the detection CLI as a separate process (Slicer module and browser viewer) ------------
+def detect_command(out_dir: str | Path, t1: str | Path, t2: str | Path | None = None,
+                   mask: str | Path | None = None, *, model: str | Path | None = None,
+                   device: str = "cpu") -> list[str]:
+    """Arguments after the Python interpreter that run ``spatial-msma detect`` on files.
+
+    Both GUIs run detection as ``python -m SpatialMSMALib.cli detect ...`` in a child process,
+    so the GUI stays responsive and Cancel can stop it; they read progress from its stderr
+    with :func:`parse_cli_progress` and the result with :meth:`SpatialMSMALogic.load_outputs`.
+    """
+    if not t1:
+        raise InputError("no T1 scan selected")
+    args = ["-m", "SpatialMSMALib.cli", "detect", "--out", str(out_dir), "--device", device,
+            "--t1", str(t1)]
+    for flag, path in (("--t2", t2), ("--mask", mask), ("--model", model)):
+        if path:
+            args += [flag, str(path)]
+    return args
+
+
+_PERCENT = re.compile(r"(\d+)%\|")
+
+
+def parse_cli_progress(text: str) -> tuple[int | None, str | None]:
+    """The last progress percentage and the last non-empty line in a chunk of the CLI's stderr
+    (tqdm redraws its bar with carriage returns): ``(percent or None, line or None)``."""
+    percents = _PERCENT.findall(text)
+    lines = [line.strip() for line in re.split(r"[\r\n]", text) if line.strip()]
+    return (int(percents[-1]) if percents else None), (lines[-1] if lines else None)
+
+
+def cli_error_message(stderr: str) -> str:
+    """The message the CLI printed for bad input (``error: ...``), else the end of stderr."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    if errors:
+        return errors[-1][len("error:"):].strip()
+    tail = stderr.strip().splitlines()[-3:]
+    return " ".join(tail) if tail else "detection stopped without a message"
 
 
 @dataclass

@@ -95,6 +95,7 @@ class AnomalyViewer(_trame()):
         self.layout_manager.set_layout("four-up")
         self.logic = SpatialMSMALogic(self.slicer_app.scene)
         self.nodes: dict = dict.fromkeys(ROLES)
+        self.loaded_choice: dict = dict.fromkeys(ROLES)
         self.process: asyncio.subprocess.Process | None = None
         self.cancelled = False
         self.run_count = 0
@@ -140,6 +141,8 @@ class AnomalyViewer(_trame()):
 
     # -- scans ---------------------------------------------------------------------------
     def _on_choice(self, role: str, choice) -> None:
+        if choice == self.loaded_choice[role]:
+            return
         if choice is None or choice == "":
             self._remove_node(role)
             return
@@ -151,6 +154,7 @@ class AnomalyViewer(_trame()):
         if node is not None and node.GetScene() is not None:
             self.slicer_app.scene.RemoveNode(node)
         self.nodes[role] = None
+        self.loaded_choice[role] = None
 
     def _load_role(self, role: str, choice: str) -> None:
         """Read the chosen file (resolved by :class:`ScanSources`) into the scene."""
@@ -161,8 +165,8 @@ class AnomalyViewer(_trame()):
         try:
             path = self.sources.resolve(choice)
             volume = load_volume(path, what=label)
-        except InputError as e:
-            self.state[f"{role}_choice"] = None
+        except InputError as e:  # keep what was loaded before
+            self.state[f"{role}_choice"] = self.loaded_choice[role]
             self._show_error(str(e))
             return
         self._remove_node(role)
@@ -170,6 +174,7 @@ class AnomalyViewer(_trame()):
                                labelmap=is_labelmap)
         node.SetAttribute("SpatialMSMA.path", str(path))
         self.nodes[role] = node
+        self.loaded_choice[role] = choice
         self.state.error = ""
         if role == "t1":
             self.slicer_app.display_manager.show_volume(node, do_reset_views=True)
@@ -300,9 +305,10 @@ class AnomalyViewer(_trame()):
                 self._show_error(f"could not show the result: {e}")
                 return
             state.progress = 100
-            summary = stdout.decode(errors="replace").strip().splitlines()
-            state.status = summary[0] if summary else "Detection finished."
             self._publish_result()
+            summary = stdout.decode(errors="replace").strip().splitlines()
+            if summary:
+                state.status = summary[0]
 
     def cancel(self) -> None:
         if self.process is not None:
@@ -322,6 +328,8 @@ class AnomalyViewer(_trame()):
             state.min_size_ml = float(self.logic.operating.min_component_ml)
             state.fpr_text = f"{100 * detection.fpr:.3g} % of healthy brain voxels"
             state.threshold_text = f"{detection.threshold:.3f} nats"
+            state.status = (f"{len(detection.components)} components at voxel false-positive "
+                            f"rate {100 * detection.fpr:.3g} %")
             state.components = [
                 {"label": c.label, "title": f"Anomaly {c.label}: {c.volume_ml:.2f} mL",
                  "subtitle": f"peak {c.peak_score:.2f} nats, RAS "
@@ -421,6 +429,7 @@ class AnomalyViewer(_trame()):
                                        indeterminate=("busy && progress === 0",),
                                        color="primary", classes="mb-1")
                     html.Div("{{ status }}", id="status", classes="text-caption mb-2")
+                    html.Div("{{ result_version }}", id="result-version", style="display: none;")
                     v3.VAlert(text=("error",), type="error", density="compact",
                               v_show=("error",), closable=True, id="error",
                               classes="mb-2 text-caption")

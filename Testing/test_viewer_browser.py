@@ -1,0 +1,295 @@
+"""The browser viewer end to end: a real `spatial-msma view` server, driven by Debian's
+chromium (headless, through Playwright), with the bundled model on the demo scan.
+
+`.ci/run` installs chromium and the Mesa EGL libraries. Outside CI these tests skip when
+chromium is missing; on CI (CI=true) a missing browser fails them. Screenshots are saved to
+``Testing/artifacts/viewer/`` (or $SPATIAL_MSMA_ARTIFACTS).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+CHROMIUM = os.environ.get("SPATIAL_MSMA_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARTIFACTS = Path(os.environ.get("SPATIAL_MSMA_ARTIFACTS",
+                                Path(__file__).parent / "artifacts" / "viewer"))
+TOKEN = "test-token-0123456789abcdef"
+
+
+def _require_browser():
+    missing = [what for what, ok in (("chromium", Path(CHROMIUM).exists()),
+                                     ("playwright", _has_playwright())) if not ok]
+    if missing:
+        message = f"browser tests need {', '.join(missing)} (.ci/run installs them)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _has_playwright():
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_viewer(work: Path, *extra: str):
+    """Start `spatial-msma view` on a free loopback port; returns (process, url)."""
+    port = _free_port()
+    env = dict(os.environ, VTK_DEFAULT_OPENGL_WINDOW="vtkEGLRenderWindow", PYTHONUNBUFFERED="1")
+    log = open(work / f"server_{port}.log", "w")  # noqa: SIM115 (closed with the process)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "SpatialMSMALib.cli", "view", "--port", str(port),
+         "--work-dir", str(work / f"work_{port}"), *extra],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"viewer exited: {(work / f'server_{port}.log').read_text()}")
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return process, url
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("viewer did not start within 90 s")
+
+
+def stop(process):
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def viewer(tmp_path_factory):
+    _require_browser()
+    work = tmp_path_factory.mktemp("viewer")
+    data = work / "data"
+    (data / "sub").mkdir(parents=True)
+    secret = work / "secret.nii.gz"  # outside the data folder
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), affine), secret)
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), affine), data / "sub" / "a.nii.gz")
+    (data / "link.nii.gz").symlink_to(secret)
+    process, url = start_viewer(work, "--data-dir", str(data), "--upload-limit-mb", "20")
+    yield {"url": url, "work": work, "port": url.rsplit(":", 1)[1].strip("/")}
+    stop(process)
+
+
+def _view_shot(page, name: str, index: int = 0) -> np.ndarray:
+    """Screenshot of one rendered view (0 axial), saved as an artifact; (H, W, 3) uint8."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    png = page.locator("img.image-display-area").nth(index).screenshot()
+    (ARTIFACTS / f"{name}.png").write_bytes(png)
+    return np.asarray(Image.open(BytesIO(png)).convert("RGB"))
+
+
+def _settled_shot(page, name, previous=None, timeout=20.0):
+    """Screenshot once the view has changed from ``previous`` (if given) and stopped changing."""
+    deadline = time.time() + timeout
+    shot = _view_shot(page, name)
+    while time.time() < deadline:
+        time.sleep(0.7)
+        again = _view_shot(page, name)
+        changed = previous is None or np.abs(again.astype(int) - previous).mean() > 0.05
+        if changed and np.array_equal(again, shot):
+            return again
+        shot = again
+    return shot
+
+
+def _overlay_pixels(shot: np.ndarray) -> int:
+    """Pixels coloured by the overlay (red segments / hot heat map), not grey anatomy."""
+    r, g, b = (shot[..., i].astype(int) for i in range(3))
+    return int(((r - np.maximum(g, b)) > 60).sum())
+
+
+def _open(browser, url):
+    page = browser.new_page(viewport={"width": 1400, "height": 900}, accept_downloads=True)
+    page.goto(url)
+    page.wait_for_selector("#detect-button", timeout=60000)
+    return page
+
+
+def _state(page, name):
+    return page.evaluate(f"window.trame.state.get('{name}')")
+
+
+def _wait_state(page, expression: str, timeout=60.0):
+    page.wait_for_function(f"() => {{ const s = window.trame.state; return {expression}; }}",
+                           timeout=timeout * 1000)
+
+
+def test_demo_detect_slider_centre_export(browser, viewer):
+    """Demo scan -> Detect -> overlay; FPR slider changes the overlay; a component click
+    moves the views; export equals the CLI's labels.nii.gz, and after the slider move equals
+    the heat map thresholded at the new operating point."""
+    page = _open(browser, viewer["url"])
+    before_load = _view_shot(page, "00_empty")
+    page.click("#demo-button")
+    _wait_state(page, "s.get('t1_choice') && s.get('t2_choice') && s.get('mask_choice') "
+                      "&& !s.get('demo_busy')", timeout=180)
+    anatomy = _settled_shot(page, "01_demo_loaded", previous=before_load)
+    assert anatomy.std() > 20, "the demo T1 is not shown in the axial view"
+    assert _overlay_pixels(anatomy) == 0
+
+    page.click("#detect-button")
+    _wait_state(page, "s.get('busy')", timeout=30)
+    _wait_state(page, "!s.get('busy')", timeout=600)
+    assert page.inner_text("#error").strip() == ""
+    assert _state(page, "has_result")
+    first = _settled_shot(page, "02_heat_map", previous=anatomy)
+    red_first = _overlay_pixels(first)
+    assert red_first > 50, "no overlay in the axial view after detection"
+    components = _state(page, "components")
+    assert components, "the demo scan has simulated lesions, but no component was listed"
+
+    # export at the default operating point: the CLI's own labels file
+    runs = sorted((viewer["work"] / f"work_{viewer['port']}").glob("run1_*/out"))
+    assert len(runs) == 1
+    cli_labels = nib.load(runs[0] / "labels.nii.gz")
+    with page.expect_download() as download:
+        page.click("#export-nii-gz")
+    exported_path = viewer["work"] / "export_default.nii.gz"
+    download.value.save_as(exported_path)
+    exported = nib.load(exported_path)
+    np.testing.assert_array_equal(np.asarray(exported.dataobj), np.asarray(cli_labels.dataobj))
+    np.testing.assert_allclose(exported.affine, cli_labels.affine, atol=1e-5)
+
+    # move the threshold slider: voxel FPR 1 % -> ~3.2 % (lower threshold, more overlay)
+    version = _state(page, "result_version")
+    thumb = page.locator(".v-slider:has(#fpr-slider) .v-slider-thumb")
+    thumb.focus()
+    for _ in range(10):
+        page.keyboard.press("ArrowRight")
+    _wait_state(page, f"s.get('result_version') > {version} && "
+                      "Math.abs(s.get('fpr_log10') + 1.5) < 1e-6", timeout=30)
+    moved = _settled_shot(page, "03_threshold_moved", previous=first)
+    assert np.abs(moved.astype(int) - first).mean() > 0.05
+    assert _overlay_pixels(moved) > red_first
+
+    with page.expect_download() as download:
+        page.click("#export-nii-gz")
+    moved_path = viewer["work"] / "export_moved.nii.gz"
+    download.value.save_as(moved_path)
+    labels_moved = np.asarray(nib.load(moved_path).dataobj)
+    labels_default = np.asarray(exported.dataobj)
+    heat = np.asarray(nib.load(runs[0] / "heatmap.nii.gz").dataobj)
+    threshold = float(page.inner_text("#threshold-text").split("(")[1].split()[0])
+    assert (labels_moved > 0).sum() > (labels_default > 0).sum()
+    assert np.all(labels_moved[labels_default > 0] > 0), "a lower threshold lost voxels"
+    assert heat[labels_moved > 0].min() >= threshold - 1e-3
+
+    # segmentation export: one segment per listed component
+    import nrrd
+
+    with page.expect_download() as download:
+        page.click("#export-seg-nrrd")
+    seg_path = viewer["work"] / "export.seg.nrrd"
+    download.value.save_as(seg_path)
+    _, header = nrrd.read(str(seg_path))
+    segments = {k for k in header if k.startswith("Segment") and k.endswith("_Name")}
+    assert len(segments) == len(_state(page, "components"))
+
+    # clicking a component re-centres the views on it
+    page.locator("#components .v-list-item").nth(1).click()
+    centred = _settled_shot(page, "04_component_centred", previous=moved)
+    assert np.abs(centred.astype(int) - moved).mean() > 0.05
+    page.screenshot(path=str(ARTIFACTS / "viewer_page.png"))
+    page.close()
+
+
+def test_path_traversal_and_foreign_files_are_refused(browser, viewer):
+    page = _open(browser, viewer["url"])
+    choices = [c["value"] for c in _state(page, "scan_choices")]
+    assert "data:sub/a.nii.gz" in choices
+    assert "data:link.nii.gz" not in choices, "a link leading out of the data folder is listed"
+    for attack, role in (("data:../../etc/passwd", "t2"), ("data:/etc/passwd", "t2"),
+                         ("data:link.nii.gz", "mask"), ("upload:../../secret.nii.gz", "mask"),
+                         ("file:/etc/passwd", "t2")):
+        page.evaluate("([role, value]) => window.trame.state.set(role + '_choice', value)",
+                      [role, attack])
+        _wait_state(page, "s.get('error')", timeout=15)
+        message = page.inner_text("#error")
+        assert any(w in message for w in ("inside the allowed", "outside the allowed",
+                                          "not a file this server offers")), message
+        page.evaluate("window.trame.state.set('error', '')")
+    page.close()
+
+
+def test_upload_is_listed_and_size_limit_is_enforced(browser, viewer, tmp_path):
+    page = _open(browser, viewer["url"])
+    small = tmp_path / "my scan_t1.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((10, 10, 10), np.float32),
+                             np.eye(4)), small)
+    page.locator("#upload").set_input_files(str(small))
+    _wait_state(page, "s.get('scan_choices').some(c => c.value === 'upload:my_scan_t1.nii.gz')")
+    assert (viewer["work"] / f"work_{viewer['port']}" / "uploads" /
+            "my_scan_t1.nii.gz").read_bytes() == small.read_bytes()
+
+    big = tmp_path / "big.nii.gz"
+    big.write_bytes(os.urandom(21 * 2**20))  # over the 20 MB limit of this server
+    page.locator("#upload").set_input_files(str(big))
+    _wait_state(page, "s.get('error').includes('larger than the limit')", timeout=30)
+    assert "upload:big.nii.gz" not in [c["value"] for c in _state(page, "scan_choices")]
+    page.close()
+
+
+def test_token_is_required_when_given(browser, tmp_path):
+    process, url = start_viewer(tmp_path, "--token", TOKEN)
+    try:
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_timeout(5000)
+        assert page.locator("#detect-button").count() == 0, "the page opened without the token"
+        page.goto(url + f"?secret={TOKEN}")
+        page.wait_for_selector("#detect-button", timeout=60000)
+        page.close()
+    finally:
+        stop(process)
+
+
+def test_binding_beyond_loopback_needs_a_token(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "SpatialMSMALib.cli", "view", "--host",
+                             "0.0.0.0", "--port", str(_free_port())],
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, SPATIAL_MSMA_VIEW_TOKEN=""))
+    assert result.returncode == 2
+    assert "give an access token with --token" in result.stderr
+    assert "Traceback" not in result.stderr

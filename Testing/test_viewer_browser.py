@@ -7,20 +7,18 @@ chromium is missing; on CI (CI=true) a missing browser fails them. Screenshots a
 """
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from SpatialMSMALib.viewer import launch
+
 CHROMIUM = os.environ.get("SPATIAL_MSMA_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = launch.CHROMIUM_ARGS
 ARTIFACTS = Path(os.environ.get("SPATIAL_MSMA_ARTIFACTS",
                                 Path(__file__).parent / "artifacts" / "viewer"))
 TOKEN = "test-token-0123456789abcdef"
@@ -44,41 +42,12 @@ def _has_playwright():
     return True
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_viewer(work: Path, *extra: str):
-    """Start `spatial-msma view` on a free loopback port; returns (process, url)."""
-    port = _free_port()
-    env = dict(os.environ, VTK_DEFAULT_OPENGL_WINDOW="vtkEGLRenderWindow", PYTHONUNBUFFERED="1")
-    log = open(work / f"server_{port}.log", "w")  # noqa: SIM115 (closed with the process)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "SpatialMSMALib.cli", "view", "--port", str(port),
-         "--work-dir", str(work / f"work_{port}"), *extra],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"viewer exited: {(work / f'server_{port}.log').read_text()}")
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return process, url
-        except OSError:
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("viewer did not start within 90 s")
+    process, url, _ = launch.start_viewer(work, *extra)
+    return process, url
 
 
-def stop(process):
-    process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
+stop = launch.stop_viewer
 
 
 @pytest.fixture(scope="module")
@@ -108,77 +77,41 @@ def viewer(tmp_path_factory):
     stop(process)
 
 
-def _view_shot(page, name: str, index: int = 0) -> np.ndarray:
-    """Screenshot of one rendered view (0 axial), saved as an artifact; (H, W, 3) uint8."""
-    from io import BytesIO
-
-    from PIL import Image
-
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    png = page.locator("img.image-display-area").nth(index).screenshot()
-    (ARTIFACTS / f"{name}.png").write_bytes(png)
-    return np.asarray(Image.open(BytesIO(png)).convert("RGB"))
-
-
-def _settled_shot(page, name, previous=None, timeout=20.0):
-    """Screenshot once the view has changed from ``previous`` (if given) and stopped changing."""
-    deadline = time.time() + timeout
-    shot = _view_shot(page, name)
-    while time.time() < deadline:
-        time.sleep(0.7)
-        again = _view_shot(page, name)
-        changed = previous is None or np.abs(again.astype(int) - previous).mean() > 0.05
-        if changed and np.array_equal(again, shot):
-            return again
-        shot = again
-    return shot
-
-
-def _overlay_pixels(shot: np.ndarray) -> int:
-    """Pixels coloured by the overlay (red segments / hot heat map), not grey anatomy."""
-    r, g, b = (shot[..., i].astype(int) for i in range(3))
-    return int(((r - np.maximum(g, b)) > 60).sum())
-
-
 def _open(browser, url):
-    page = browser.new_page(viewport={"width": 1400, "height": 900}, accept_downloads=True)
-    page.goto(url)
-    page.wait_for_selector("#detect-button", timeout=60000)
-    return page
+    return launch.ViewerPage.open(browser, url)
 
 
-def _state(page, name):
-    return page.evaluate(f"window.trame.state.get('{name}')")
-
-
-def _wait_state(page, expression: str, timeout=60.0):
-    page.wait_for_function(f"() => {{ const s = window.trame.state; return {expression}; }}",
-                           timeout=timeout * 1000)
+def _settled(viewer_page, name, previous=None):
+    return viewer_page.settled_shot(previous, save=ARTIFACTS / f"{name}.png")
 
 
 def test_demo_detect_slider_centre_export(browser, viewer):
-    """Demo scan -> Detect -> overlay; FPR slider changes the overlay; a component click
-    moves the views; export equals the CLI's labels.nii.gz, and after the slider move equals
-    the heat map thresholded at the new operating point."""
-    page = _open(browser, viewer["url"])
-    before_load = _view_shot(page, "00_empty")
+    """Demo scan -> Detect; a component click centres the views on its overlay; the FPR
+    slider grows the rendered overlay; export equals the CLI's labels.nii.gz, and after the
+    slider move equals the heat map thresholded at the new operating point."""
+    vp = _open(browser, viewer["url"])
+    page = vp.page
+    before_load = vp.view_shot(save=ARTIFACTS / "00_empty.png")
     page.click("#demo-button")
-    _wait_state(page, "s.get('t1_choice') && s.get('t2_choice') && s.get('mask_choice') "
-                      "&& !s.get('demo_busy')", timeout=180)
-    anatomy = _settled_shot(page, "01_demo_loaded", previous=before_load)
+    vp.wait_state("s.get('t1_choice') && s.get('t2_choice') && s.get('mask_choice') "
+                      "&& !s.get('demo_busy')", timeout_s=180)
+    anatomy = _settled(vp, "01_demo_loaded", previous=before_load)
     assert anatomy.std() > 20, "the demo T1 is not shown in the axial view"
-    assert _overlay_pixels(anatomy) == 0
+    assert launch.overlay_pixels(anatomy) == 0
 
     page.click("#detect-button")
-    _wait_state(page, "s.get('busy')", timeout=30)
-    _wait_state(page, "!s.get('busy')", timeout=600)
+    vp.wait_state("s.get('busy')", timeout_s=30)
+    vp.wait_state("!s.get('busy')", timeout_s=600)
     assert page.inner_text("#error").strip() == ""
-    assert _state(page, "has_result")
-    first = _settled_shot(page, "02_heat_map", previous=anatomy)
-    red_first = _overlay_pixels(first)
-    assert red_first > 50, "no overlay in the axial view after detection"
-    components = _state(page, "components")
+    assert vp.state("has_result")
+    detected = _settled(vp, "02_heat_map", previous=anatomy)
+    components = vp.state("components")
     assert components, "the demo scan has simulated lesions, but no component was listed"
+    # clicking a component centres the views on it: its overlay is in the axial view
+    page.locator("#components .v-list-item").nth(0).click()
+    first = _settled(vp, "03_component_centred", previous=detected)
+    red_first = launch.overlay_pixels(first)
+    assert red_first > 50, "no overlay in the axial view through the first component"
 
     # export at the default operating point: the CLI's own labels file
     runs = sorted((viewer["work"] / f"work_{viewer['port']}").glob("run1_*/out"))
@@ -193,16 +126,16 @@ def test_demo_detect_slider_centre_export(browser, viewer):
     np.testing.assert_allclose(exported.affine, cli_labels.affine, atol=1e-5)
 
     # move the threshold slider: voxel FPR 1 % -> ~3.2 % (lower threshold, more overlay)
-    version = _state(page, "result_version")
+    version = vp.state("result_version")
     thumb = page.locator(".v-slider:has(#fpr-slider) .v-slider-thumb")
     thumb.focus()
     for _ in range(10):
         page.keyboard.press("ArrowRight")
-    _wait_state(page, f"s.get('result_version') > {version} && "
-                      "Math.abs(s.get('fpr_log10') + 1.5) < 1e-6", timeout=30)
-    moved = _settled_shot(page, "03_threshold_moved", previous=first)
+    vp.wait_state(f"s.get('result_version') > {version} && "
+                      "Math.abs(s.get('fpr_log10') + 1.5) < 1e-6", timeout_s=30)
+    moved = _settled(vp, "04_threshold_moved", previous=first)
     assert np.abs(moved.astype(int) - first).mean() > 0.05
-    assert _overlay_pixels(moved) > red_first
+    assert launch.overlay_pixels(moved) > red_first, (launch.overlay_pixels(moved), red_first)
 
     with page.expect_download() as download:
         page.click("#export-nii-gz")
@@ -225,49 +158,50 @@ def test_demo_detect_slider_centre_export(browser, viewer):
     download.value.save_as(seg_path)
     _, header = nrrd.read(str(seg_path))
     segments = {k for k in header if k.startswith("Segment") and k.endswith("_Name")}
-    assert len(segments) == len(_state(page, "components"))
+    assert len(segments) == len(vp.state("components"))
 
-    # clicking a component re-centres the views on it
+    # another component: the views move again
     page.locator("#components .v-list-item").nth(1).click()
-    centred = _settled_shot(page, "04_component_centred", previous=moved)
+    centred = _settled(vp, "05_other_component", previous=moved)
     assert np.abs(centred.astype(int) - moved).mean() > 0.05
     page.screenshot(path=str(ARTIFACTS / "viewer_page.png"))
     page.close()
 
 
 def test_path_traversal_and_foreign_files_are_refused(browser, viewer):
-    page = _open(browser, viewer["url"])
-    choices = [c["value"] for c in _state(page, "scan_choices")]
+    vp = _open(browser, viewer["url"])
+    page = vp.page
+    choices = [c["value"] for c in vp.state("scan_choices")]
     assert "data:sub/a.nii.gz" in choices
     assert "data:link.nii.gz" not in choices, "a link leading out of the data folder is listed"
     for attack, role in (("data:../../etc/passwd", "t2"), ("data:/etc/passwd", "t2"),
                          ("data:link.nii.gz", "mask"), ("upload:../../secret.nii.gz", "mask"),
                          ("file:/etc/passwd", "t2")):
-        page.evaluate("([role, value]) => window.trame.state.set(role + '_choice', value)",
-                      [role, attack])
-        _wait_state(page, "s.get('error')", timeout=15)
+        vp.set_state(f"{role}_choice", attack)
+        vp.wait_state("s.get('error')", timeout_s=15)
         message = page.inner_text("#error")
         assert any(w in message for w in ("inside the allowed", "outside the allowed",
                                           "not a file this server offers")), message
-        page.evaluate("window.trame.state.set('error', '')")
+        vp.set_state("error", "")
     page.close()
 
 
 def test_upload_is_listed_and_size_limit_is_enforced(browser, viewer, tmp_path):
-    page = _open(browser, viewer["url"])
+    vp = _open(browser, viewer["url"])
+    page = vp.page
     small = tmp_path / "my scan_t1.nii.gz"
     nib.save(nib.Nifti1Image(np.random.default_rng(0).random((10, 10, 10), np.float32),
                              np.eye(4)), small)
     page.locator("#upload").set_input_files(str(small))
-    _wait_state(page, "s.get('scan_choices').some(c => c.value === 'upload:my_scan_t1.nii.gz')")
+    vp.wait_state("s.get('scan_choices').some(c => c.value === 'upload:my_scan_t1.nii.gz')")
     assert (viewer["work"] / f"work_{viewer['port']}" / "uploads" /
             "my_scan_t1.nii.gz").read_bytes() == small.read_bytes()
 
     big = tmp_path / "big.nii.gz"
     big.write_bytes(os.urandom(21 * 2**20))  # over the 20 MB limit of this server
     page.locator("#upload").set_input_files(str(big))
-    _wait_state(page, "s.get('error').includes('larger than the limit')", timeout=30)
-    assert "upload:big.nii.gz" not in [c["value"] for c in _state(page, "scan_choices")]
+    vp.wait_state("s.get('error').includes('larger than the limit')", timeout_s=30)
+    assert "upload:big.nii.gz" not in [c["value"] for c in vp.state("scan_choices")]
     page.close()
 
 
@@ -287,7 +221,7 @@ def test_token_is_required_when_given(browser, tmp_path):
 
 def test_binding_beyond_loopback_needs_a_token(tmp_path):
     result = subprocess.run([sys.executable, "-m", "SpatialMSMALib.cli", "view", "--host",
-                             "0.0.0.0", "--port", str(_free_port())],
+                             "0.0.0.0", "--port", str(launch.free_port())],
                             capture_output=True, text=True, timeout=120,
                             env=dict(os.environ, SPATIAL_MSMA_VIEW_TOKEN=""))
     assert result.returncode == 2

@@ -89,12 +89,10 @@ def registerSampleData():
 
     def make_demo(*_args, **_kwargs):
         ensure_library()
-        from pathlib import Path
 
-        from SpatialMSMALib.demo import make_sample
+        from SpatialMSMALib.demo import cached_sample
 
-        folder = Path(slicer.app.temporaryPath) / "SpatialMSMA_demo"
-        paths = make_sample(folder, overwrite=True)["paths"]
+        paths = cached_sample()
         return [slicer.util.loadVolume(str(paths[key]), {"name": f"SpatialMSMA demo {key}"})
                 for key in ("t1", "t2")]
 

@@ -41,6 +41,47 @@ def make_sample(out_dir: Path, seed: int = 7, spacing: float = 1.0,
             "lesion_mask": subject.lesion_mask > 0, "spacing": subject.grid.spacing}
 
 
+def cache_root() -> Path:
+    """Where generated sample data is kept between runs: ``$SPATIAL_MSMA_CACHE``, else
+    ``$XDG_CACHE_HOME/spatial-msma``, else ``~/.cache/spatial-msma``."""
+    import os
+
+    if os.environ.get("SPATIAL_MSMA_CACHE"):
+        return Path(os.environ["SPATIAL_MSMA_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "spatial-msma"
+
+
+SAMPLE_KEYS = ("t1", "t2", "brain_mask", "lesion_mask")
+
+
+def cached_sample(seed: int = 7, spacing: float = 1.0, cache_dir: Path | None = None
+                  ) -> dict[str, Path]:
+    """Paths of the sample subject's files (:func:`make_sample`), generated once into the
+    cache (about 20 s at 1 mm on 2 cores) and reused afterwards; the folder appears
+    atomically, so an interrupted generation never leaves a partial sample behind."""
+    import shutil
+    import tempfile
+
+    root = Path(cache_dir) if cache_dir else cache_root()
+    folder = root / f"demo_seed{seed}_{spacing:g}mm"
+    paths = {key: folder / f"sample_{key}.nii.gz" for key in SAMPLE_KEYS}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".partial_", dir=root))
+    try:
+        make_sample(staging, seed, spacing, overwrite=True)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process finished first
+            if not all(p.exists() for p in paths.values()):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return paths
+
+
 def run_demo(out_dir: str | Path, *, model_path=None, seed: int = 7, spacing: float = 1.0,
              device="cpu", overwrite: bool = False, progress: Progress | None = None) -> dict:
     from .detection import OUTPUT_NAMES, detect, save_figure, write_outputs

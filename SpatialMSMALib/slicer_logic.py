@@ -340,17 +340,30 @@ class SpatialMSMALogic:
                                                         "Anomalies")
             segmentation.CreateDefaultDisplayNodes()
             self._set_reference("segmentation", segmentation)
+        heat = self.heat_node
+        if heat is not None:  # full-grid geometry, so cropped imports keep their place
+            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(heat)
         segmentation.GetSegmentation().RemoveAllSegments()
         if detection.components:
-            labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-            try:
-                update_volume_node(labelmap, detection.labels.astype(np.int16),
-                                   detection.affine)
-                if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
-                        labelmap, segmentation):
-                    raise RuntimeError("MRML could not import the anomaly labels")
-            finally:
-                self.scene.RemoveNode(labelmap)
+            # import only the labelled voxels' bounding box (not a full 1 mm grid) as an
+            # oriented image, without adding a temporary node to the scene
+            from .spatial import bounding_box
+
+            box = bounding_box(detection.labels > 0)
+            start = np.array([b.start for b in box])
+            crop = np.ascontiguousarray(detection.labels[box].astype(np.int16))
+            affine = np.array(detection.affine, float)
+            affine[:3, 3] = affine[:3, :3] @ start + affine[:3, 3]
+            image = slicer.vtkOrientedImageData()
+            image.SetDimensions(*crop.shape)
+            from vtk.util import numpy_support
+
+            image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(
+                crop.transpose(2, 1, 0).ravel(), deep=True))
+            image.SetImageToWorldMatrix(numpy_to_matrix(affine))
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+                    image, segmentation):
+                raise RuntimeError("MRML could not import the anomaly labels")
             segments = segmentation.GetSegmentation()
             for index, component in enumerate(detection.components):
                 segment = segments.GetNthSegment(index)

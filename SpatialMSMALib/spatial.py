@@ -328,6 +328,15 @@ def smooth_in_region(heat: np.ndarray, region: np.ndarray, sigma_vox: float) -> 
     return np.where(region, filled, np.nan).astype(np.float32)
 
 
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """Index slices of the smallest box holding every True voxel of a non-empty 3D mask."""
+    out = []
+    for other in ((1, 2), (0, 2), (0, 1)):
+        hits = np.flatnonzero(np.any(mask, axis=other))
+        out.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(out)
+
+
 def label_anomalies(
     heat: np.ndarray, region: np.ndarray, threshold: float, spacing_mm, min_component_ml: float
 ) -> tuple[np.ndarray, int]:
@@ -336,19 +345,25 @@ def label_anomalies(
     by decreasing peak score."""
     from scipy import ndimage
 
-    flagged = region & (np.nan_to_num(heat, nan=-np.inf) >= threshold)
+    with np.errstate(invalid="ignore"):
+        flagged = region & (heat >= threshold)  # NaN (outside the scored region) is never
+    labels = np.zeros(heat.shape, np.int16)
+    if not flagged.any():
+        return labels, 0
+    # label inside the flagged voxels' bounding box only: the same result, far less work on
+    # 1 mm volumes where a few percent of the brain is flagged (the viewers' sliders)
+    box = bounding_box(flagged)
     structure = np.ones((3, 3, 3), bool)
-    components, count = ndimage.label(flagged, structure)
-    if count == 0:
-        return np.zeros(heat.shape, np.int16), 0
+    components, count = ndimage.label(flagged[box], structure)
     voxel_ml = float(np.prod(np.asarray(spacing_mm, float))) / 1000.0
-    sizes, _, peaks, _ = component_statistics(components, count, heat)
+    sizes, _, peaks, _ = component_statistics(components, count, heat[box])
     ids = np.arange(1, count + 1)
     keep = ids[sizes * voxel_ml >= min_component_ml]
     order = keep[np.argsort(-peaks[keep - 1], kind="stable")]
     relabel = np.zeros(count + 1, np.int16)
     relabel[order] = np.arange(1, len(order) + 1, dtype=np.int16)
-    return relabel[components], len(order)
+    labels[box] = relabel[components]
+    return labels, len(order)
 
 
 def component_statistics(labels: np.ndarray, count: int, values: np.ndarray):

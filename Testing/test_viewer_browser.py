@@ -43,7 +43,9 @@ def _has_playwright():
 
 
 def start_viewer(work: Path, *extra: str):
-    process, url, _ = launch.start_viewer(work, *extra)
+    """The viewer with its own demo-scan cache (the test generates the demo scan once)."""
+    env = dict(os.environ, SPATIAL_MSMA_CACHE=str(work / "cache"))
+    process, url, _ = launch.start_viewer(work, *extra, env=env)
     return process, url
 
 

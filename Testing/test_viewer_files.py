@@ -136,3 +136,15 @@ def test_view_command_refuses_missing_files(tmp_path, capsys):
         if env_token is not None:
             os.environ["SPATIAL_MSMA_VIEW_TOKEN"] = env_token
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cached_sample_is_generated_once_and_atomically(tmp_path):
+    from SpatialMSMALib.demo import SAMPLE_KEYS, cached_sample
+
+    paths = cached_sample(seed=3, spacing=6.0, cache_dir=tmp_path)
+    assert set(paths) == set(SAMPLE_KEYS) and all(p.exists() for p in paths.values())
+    assert paths["t1"].parent.name == "demo_seed3_6mm"
+    stamps = {k: p.stat().st_mtime_ns for k, p in paths.items()}
+    again = cached_sample(seed=3, spacing=6.0, cache_dir=tmp_path)
+    assert again == paths and {k: p.stat().st_mtime_ns for k, p in again.items()} == stamps
+    assert [p.name for p in tmp_path.iterdir()] == ["demo_seed3_6mm"]  # no partial folders

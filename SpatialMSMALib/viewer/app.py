@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from ..errors import InputError
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 ROLES = {"t1": ("T1-weighted scan", False), "t2": ("T2-weighted scan (optional)", False),
          "mask": ("Brain mask (optional)", True)}
 FPR_RANGE_LOG10 = (-4.0, -1.0)
+#: Slider values arriving within this many seconds are applied as one re-threshold.
+COALESCE_S = 0.03
 #: export kind -> (downloaded file name, button text)
 EXPORT_KINDS = {"seg.nrrd": ("anomalies.seg.nrrd", "Export .seg.nrrd"),
                 "nii.gz": ("anomalies.nii.gz", "Export labels .nii.gz"),
@@ -101,6 +104,9 @@ class AnomalyViewer(_trame()):
         self.run_count = 0
         self.upload: UploadBatch | None = None
         self._syncing = False
+        self._published: dict = {}
+        self._pending: dict = {}
+        self._pending_handle = None
         self._init_state(initial or {})
         self._build_ui()
         for role, choice in (initial or {}).items():
@@ -128,12 +134,14 @@ class AnomalyViewer(_trame()):
         s.upload_limit_bytes = self.sources.upload_limit_bytes
         s.demo_busy = False
         s.result_version = 0
+        s.volume_rendering = False
         s.change("t1_choice")(lambda t1_choice, **_: self._on_choice("t1", t1_choice))
         s.change("t2_choice")(lambda t2_choice, **_: self._on_choice("t2", t2_choice))
         s.change("mask_choice")(lambda mask_choice, **_: self._on_choice("mask", mask_choice))
         s.change("fpr_log10")(self._on_fpr)
         s.change("min_size_ml")(self._on_min_size)
         s.change("opacity")(self._on_opacity)
+        s.change("volume_rendering")(self._on_volume_rendering)
 
     def _show_error(self, message: str) -> None:
         log.warning("viewer: %s", message)
@@ -177,25 +185,48 @@ class AnomalyViewer(_trame()):
         self.loaded_choice[role] = choice
         self.state.error = ""
         if role == "t1":
-            self.slicer_app.display_manager.show_volume(node, do_reset_views=True)
+            self._show_t1(node)
             self.state.status = f"Loaded {path.name}. Detect anomalies when ready."
+
+    def _show_t1(self, node) -> None:
+        """T1 as the slice views' background; the 3D view shows the three slice planes (with
+        the heat map and segments on them) and, when asked, a volume rendering (seconds per
+        frame on a CPU renderer, and it re-renders with every slider move)."""
+        display = self.slicer_app.display_manager
+        display.show_volume_in_slice_background(node)
+        display.show_volume_in_slice_foreground(self.logic.heat_node)
+        for view in self.slicer_app.view_manager.get_slice_views():
+            view.set_visible_in_3d(True)
+        self._on_volume_rendering(self.state.volume_rendering)
+        display.reset_views()
+
+    def _on_volume_rendering(self, volume_rendering, **_) -> None:
+        node = self.nodes.get("t1")
+        if node is None:
+            return
+        vr = self.slicer_app.volume_rendering
+        if volume_rendering:
+            vr_display = (vr.get_vr_display_node(node) if vr.has_vr_display_node(node)
+                          else vr.create_display_node(node, ""))
+            vr_display.SetVisibility(True)
+        elif vr.has_vr_display_node(node):
+            vr.get_vr_display_node(node).SetVisibility(False)
 
     def refresh_choices(self) -> None:
         self.state.scan_choices = self.sources.choices()
 
     async def make_demo(self) -> None:
-        """Generate the demo scan (the same sample as ``spatial-msma demo``) and select it."""
-        from ..demo import make_sample
+        """Select the demo scan (the same sample as ``spatial-msma demo``; generated once
+        into the cache, see :func:`SpatialMSMALib.demo.cached_sample`)."""
+        from ..demo import cached_sample
 
-        folder = self.work_dir / "demo"
-        paths = {key: folder / f"sample_{key}.nii.gz" for key in ("t1", "t2", "brain_mask")}
         with self.state:
             self.state.demo_busy = True
-            self.state.status = "Building the demo scan (simulated lesions)..."
+            self.state.status = "Preparing the demo scan (simulated lesions)..."
         try:
-            if not all(p.exists() for p in paths.values()):
-                await asyncio.to_thread(make_sample, folder, overwrite=True)
-            extra = [p for p in paths.values() if p not in self.sources.extra_files]
+            paths = await asyncio.to_thread(cached_sample)
+            extra = [paths[key] for key in ("t1", "t2", "brain_mask")
+                     if paths[key] not in self.sources.extra_files]
             self.sources.extra_files.extend(extra)
             with self.state:
                 self.refresh_choices()
@@ -316,16 +347,30 @@ class AnomalyViewer(_trame()):
             self.process.terminate()
 
     # -- result and sliders --------------------------------------------------------------
+    def _slice_views_only(self) -> None:
+        """Show the segmentation in the slice views only: re-thresholding then never re-renders
+        the 3D view's volume rendering (seconds per frame on a CPU renderer)."""
+        segmentation = self.logic.segmentation_node
+        if segmentation is None or segmentation.GetDisplayNode() is None:
+            return
+        ids = [view.get_view_node_id()
+               for view in self.slicer_app.view_manager.get_slice_views()]
+        segmentation.GetDisplayNode().SetViewNodeIDs(ids)
+
     def _publish_result(self) -> None:
         """Copy the logic's current detection into the page state (sliders, list)."""
+        self._slice_views_only()
         detection = self.logic.detection
         state = self.state
         self._syncing = True
         try:
             state.has_result = True
-            state.fpr_log10 = round(min(max(math.log10(max(detection.fpr, 1e-12)),
-                                            FPR_RANGE_LOG10[0]), FPR_RANGE_LOG10[1]), 2)
-            state.min_size_ml = float(self.logic.operating.min_component_ml)
+            self._published = {
+                "fpr_log10": round(min(max(math.log10(max(detection.fpr, 1e-12)),
+                                           FPR_RANGE_LOG10[0]), FPR_RANGE_LOG10[1]), 2),
+                "min_size_ml": float(self.logic.operating.min_component_ml)}
+            state.fpr_log10 = self._published["fpr_log10"]
+            state.min_size_ml = self._published["min_size_ml"]
             state.fpr_text = f"{100 * detection.fpr:.3g} % of healthy brain voxels"
             state.threshold_text = f"{detection.threshold:.3f} nats"
             state.status = (f"{len(detection.components)} components at voxel false-positive "
@@ -339,9 +384,27 @@ class AnomalyViewer(_trame()):
         finally:
             self._syncing = False
 
-    def _rethreshold(self, **kwargs) -> None:
+    def _request(self, key: str, value: float) -> None:
+        """Queue a slider value; bursts (dragging, key repeat) become one re-threshold with
+        the latest values, run :data:`COALESCE_S` after the first of them. Values the server
+        itself just published (echoed back by the state) are ignored."""
         if self._syncing or self.logic.detection is None:
             return
+        if self._published.get(key) == value and key not in self._pending:
+            return
+        self._pending[key] = value
+        if self._pending_handle is None:
+            loop = asyncio.get_event_loop()
+            self._pending_handle = loop.call_later(COALESCE_S, self._apply_pending)
+
+    def _apply_pending(self) -> None:
+        pending, self._pending, self._pending_handle = self._pending, {}, None
+        kwargs = {}
+        if "fpr_log10" in pending:
+            kwargs["fpr"] = 10.0 ** float(pending["fpr_log10"])
+        if "min_size_ml" in pending:
+            kwargs["min_component_ml"] = float(pending["min_size_ml"])
+        start = time.perf_counter()
         with self.state:
             try:
                 self.logic.rethreshold(**kwargs)
@@ -349,12 +412,13 @@ class AnomalyViewer(_trame()):
                 self._show_error(str(e))
                 return
             self._publish_result()
+        log.debug("re-threshold %s in %.3f s", kwargs, time.perf_counter() - start)
 
     def _on_fpr(self, fpr_log10, **_):
-        self._rethreshold(fpr=10.0 ** float(fpr_log10))
+        self._request("fpr_log10", float(fpr_log10))
 
     def _on_min_size(self, min_size_ml, **_):
-        self._rethreshold(min_component_ml=float(min_size_ml))
+        self._request("min_size_ml", float(min_size_ml))
 
     def _on_opacity(self, opacity, **_):
         if self.logic.heat_node is not None:
@@ -419,6 +483,9 @@ class AnomalyViewer(_trame()):
                         v3.VBtn("Demo scan", click=self.make_demo, id="demo-button",
                                 loading=("demo_busy",), disabled=("busy",),
                                 variant="tonal", classes="ml-2")
+                    v3.VCheckbox(v_model=("volume_rendering",), density="compact",
+                                 hide_details=True, id="volume-rendering",
+                                 label="3D volume rendering (slow without a GPU)")
                     with html.Div(classes="d-flex mb-2"):
                         v3.VBtn("Detect anomalies", click=self.detect, color="primary",
                                 id="detect-button", disabled=("busy || !t1_choice",),

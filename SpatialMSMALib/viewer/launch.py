@@ -21,7 +21,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_viewer(work: Path, *extra: str, timeout_s: float = 90.0):
+def start_viewer(work: Path, *extra: str, timeout_s: float = 90.0, env: dict | None = None):
     """Start the viewer on a free loopback port with its work folder under ``work``.
 
     Returns ``(process, url, port)`` once the page is served; raises with the server log if
@@ -29,7 +29,7 @@ def start_viewer(work: Path, *extra: str, timeout_s: float = 90.0):
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
     env.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
     log_path = work / f"server_{port}.log"
     with open(log_path, "w") as log:

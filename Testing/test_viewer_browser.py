@@ -167,6 +167,15 @@ def test_demo_detect_slider_centre_export(browser, viewer):
     centred = _settled(vp, "05_other_component", previous=moved)
     assert np.abs(centred.astype(int) - moved).mean() > 0.05
     page.screenshot(path=str(ARTIFACTS / "viewer_page.png"))
+
+    # Cancel stops a running detection; the shown result stays
+    components = vp.state("components")
+    page.click("#detect-button")
+    vp.wait_state("s.get('busy')", timeout_s=30)
+    page.click("#cancel-button")
+    vp.wait_state("!s.get('busy')", timeout_s=30)
+    assert vp.state("status") == "Detection cancelled."
+    assert vp.state("error") == "" and vp.state("components") == components
     page.close()
 
 

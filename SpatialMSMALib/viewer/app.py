@@ -107,6 +107,7 @@ class AnomalyViewer(_trame()):
         self._published: dict = {}
         self._pending: dict = {}
         self._pending_handle = None
+        self._tasks: set = set()
         self._init_state(initial or {})
         self._build_ui()
         for role, choice in (initial or {}).items():
@@ -275,11 +276,22 @@ class AnomalyViewer(_trame()):
                 self.state[f"{role}_choice"] = f"upload:{path.name}"
 
     # -- detection -----------------------------------------------------------------------
-    async def detect(self) -> None:
+    def detect(self) -> None:
+        """Start detection in the background and return at once (a handler that awaited the
+        whole run would keep trame's busy indicator animating, which costs a CPU renderer
+        about a fifth of a core for the whole run)."""
+        self._tasks.add(task := asyncio.ensure_future(self._run_detection()))
+        task.add_done_callback(self._tasks.discard)
+
+    def start_demo(self) -> None:
+        self._tasks.add(task := asyncio.ensure_future(self.make_demo()))
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_detection(self) -> None:
         """Run ``spatial-msma detect`` on the chosen files in a child process."""
         from ..slicer_logic import cli_error_message, detect_command, parse_cli_progress
 
-        if self.process is not None:
+        if self.process is not None or self.state.busy:
             return
         state = self.state
         try:
@@ -295,14 +307,16 @@ class AnomalyViewer(_trame()):
             with state:
                 self._show_error(str(e))
             return
+        self.cancelled = False
         with state:
             state.busy, state.progress, state.error = True, 0, ""
             state.status = "Starting detection..."
-        self.cancelled = False
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, *args, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=env)
+        if self.cancelled:  # Cancel arrived while the process was starting
+            self.process.terminate()
         stderr_text = []
 
         async def read_stderr():
@@ -342,8 +356,10 @@ class AnomalyViewer(_trame()):
                 state.status = summary[0]
 
     def cancel(self) -> None:
-        if self.process is not None:
-            self.cancelled = True
+        if not self.state.busy:
+            return
+        self.cancelled = True
+        if self.process is not None and self.process.returncode is None:
             self.process.terminate()
 
     # -- result and sliders --------------------------------------------------------------
@@ -480,7 +496,7 @@ class AnomalyViewer(_trame()):
                                       prepend_icon="mdi-upload", id="upload",
                                       accept=".nii,.nii.gz,.gz,.nrrd", change=upload_js,
                                       disabled=("busy",))
-                        v3.VBtn("Demo scan", click=self.make_demo, id="demo-button",
+                        v3.VBtn("Demo scan", click=self.start_demo, id="demo-button",
                                 loading=("demo_busy",), disabled=("busy",),
                                 variant="tonal", classes="ml-2")
                     v3.VCheckbox(v_model=("volume_rendering",), density="compact",

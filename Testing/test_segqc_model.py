@@ -250,3 +250,25 @@ def test_bundled_qc_model_is_registered_and_flags_a_shifted_map(tmp_path, capsys
     assert clean["qc_score"] < one["qc_score"] < two["qc_score"]
     assert not clean["flagged"]
     assert one["flagged"] and two["flagged"] and one["percentile_among_good"] == 100.0
+
+
+def test_deformed_crops_are_exact_without_deformation_and_plausible_with_it():
+    from SpatialMSMALib.segqc.model import SegQCConfig, TrainingMap, _deformed_crop
+
+    labels = np.zeros((48, 48, 48), np.int16)
+    labels[8:40, 8:40, 8:40] = 1
+    labels[16:32, 16:32, 16:32] = 2
+    image = labels[None].astype(np.float32) + 0.5
+    item = TrainingMap("cube", labels, image)
+    generator = torch.Generator().manual_seed(0)
+    plain, plain_image = _deformed_crop(item, [8, 8, 8], 32, SegQCConfig(), generator)
+    np.testing.assert_array_equal(plain, labels[8:40, 8:40, 8:40])
+    np.testing.assert_allclose(plain_image, image[:, 8:40, 8:40, 8:40])
+    config = SegQCConfig(deform_voxels=1.5, scale_jitter=0.1)
+    warped, warped_image = _deformed_crop(item, [8, 8, 8], 32, config, generator)
+    assert warped.dtype == labels.dtype and set(np.unique(warped)) <= {0, 1, 2}
+    changed = (warped != plain).mean()
+    assert 0.005 < changed < 0.3, changed
+    # image and labels move together: the image is still label + 0.5 away from edges
+    inner = warped_image[0][warped == 2]
+    assert np.median(inner) == pytest.approx(2.5, abs=0.01)

@@ -91,6 +91,11 @@ class SegQCConfig:
     learning_rate: float = 2e-3
     warmup_steps: int = 50
     seed: int = 0
+    #: training augmentation: smooth random displacement (voxels, standard deviation of the
+    #: coarse 4^3 control field) and isotropic scale jitter (+-fraction) of each crop, so
+    #: the model sees more anatomical variety than the training subjects hold
+    deform_voxels: float = 0.0
+    scale_jitter: float = 0.0
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -301,6 +306,30 @@ class TrainingMap:
     image: np.ndarray
 
 
+def _deformed_crop(item: TrainingMap, lo: list[int], size: int, config: SegQCConfig,
+                   generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A ``size``^3 crop at ``lo`` resampled through a random scaling about its centre plus a
+    smooth displacement field (cubic upsampling of a 4^3 Gaussian control grid); labels by
+    nearest neighbour, image channels linearly; sampled from the whole map, so no borders."""
+    from scipy.ndimage import map_coordinates, zoom
+
+    def uniform(low, high, shape=()):
+        return low + (high - low) * torch.rand(shape, generator=generator).numpy()
+
+    grid = np.stack(np.meshgrid(*[np.arange(size, dtype=np.float32)] * 3, indexing="ij"))
+    centre = (size - 1) / 2.0
+    scale = 1.0 + float(uniform(-config.scale_jitter, config.scale_jitter))
+    coords = centre + (grid - centre) * scale
+    if config.deform_voxels > 0:
+        control = torch.randn((3, 4, 4, 4), generator=generator).numpy() * config.deform_voxels
+        coords = coords + np.stack([zoom(c, size / 4, order=3) for c in control])
+    coords = coords + np.asarray(lo, np.float32)[:, None, None, None]
+    labels = map_coordinates(item.labels, coords, order=0, mode="nearest")
+    image = np.stack([map_coordinates(channel, coords, order=1, mode="nearest")
+                      for channel in item.image]).astype(np.float32)
+    return labels.astype(item.labels.dtype), image
+
+
 def _random_crops(maps: list[TrainingMap], config: SegQCConfig, generator: torch.Generator
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, P, P, P)`` label crops and ``(B, C, P, P, P)`` image crops centred on random
@@ -314,8 +343,11 @@ def _random_crops(maps: list[TrainingMap], config: SegQCConfig, generator: torch
         lo = [int(np.clip(c - size // 2, 0, s - size))
               for c, s in zip(centre, item.labels.shape, strict=True)]
         box = tuple(slice(a, a + size) for a in lo)
-        crop_labels = item.labels[box]
-        crop_image = item.image[(slice(None), *box)]
+        if config.deform_voxels > 0 or config.scale_jitter > 0:
+            crop_labels, crop_image = _deformed_crop(item, lo, size, config, generator)
+        else:
+            crop_labels = item.labels[box]
+            crop_image = item.image[(slice(None), *box)]
         if torch.rand((), generator=generator) < 0.5:
             crop_labels, crop_image = crop_labels[::-1], crop_image[:, ::-1]
         gain = 1 + 0.1 * (2 * float(torch.rand((), generator=generator)) - 1)

@@ -394,6 +394,20 @@ class SpatialMSMALogic:
                 array.InsertNextValue(value)
         table.SetAndObserveTable(data)
 
+    def clear_result(self) -> None:
+        """Remove the shown result (heat map, brain mask, segmentation, table) from the scene
+        and the slice views, e.g. when the user picks another scan."""
+        for composite in self._nodes("vtkMRMLSliceCompositeNode"):
+            heat = self.heat_node
+            if heat is not None and composite.GetForegroundVolumeID() == heat.GetID():
+                composite.SetForegroundVolumeID(None)
+        for role in ("heat", "brain_mask", "segmentation", "components"):
+            node = self._reference(role)
+            if node is not None:
+                self.scene.RemoveNode(node)
+            self._set_reference(role, None)
+        self.detection = None
+
     # -- sliders -------------------------------------------------------------------------
     def rethreshold(self, *, fpr=None, threshold=None, min_component_ml=None):
         """New labels, segments and table at a new operating point from the stored heat map

@@ -17,6 +17,7 @@ from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.io import load_volume, save_volume  # noqa: E402
 from SpatialMSMALib.slicer_logic import (  # noqa: E402
     SpatialMSMALogic,
+    add_volume_node,
     update_volume_node,
     volume_from_node,
 )
@@ -234,3 +235,26 @@ def test_mismatched_t2_is_refused_with_a_clear_message(shown, detection_setup):
     logic = SpatialMSMALogic(scene)
     with pytest.raises(InputError, match="does not overlap the T1"):
         logic.detect(t1, far, model_path=detection_setup["path"])
+
+
+def test_clear_result_removes_the_result_and_detection_works_again(detection_setup):
+    scene = slicer.vtkMRMLScene()
+    composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    t1 = add_volume_node(scene, load_volume(detection_setup["paths"]["t1"]), "T1")
+    t2 = add_volume_node(scene, load_volume(detection_setup["paths"]["t2"]), "T2")
+    logic = SpatialMSMALogic(scene)
+    first = logic.detect(t1, t2, model_path=detection_setup["path"], device="cpu")
+    shown_nodes = [logic.heat_node, logic.segmentation_node, logic.table_node]
+    assert all(n is not None for n in shown_nodes)
+    assert composite.GetForegroundVolumeID() == logic.heat_node.GetID()
+    logic.clear_result()
+    assert logic.detection is None and logic.heat_node is None
+    assert logic.segmentation_node is None and logic.table_node is None
+    assert all(scene.GetNodeByID(n.GetID()) is None for n in shown_nodes)
+    assert composite.GetForegroundVolumeID() is None
+    assert scene.GetNodeByID(t1.GetID()) is t1  # the inputs stay
+    with pytest.raises(InputError, match="run detection first"):
+        logic.rethreshold(fpr=0.01)
+    again = logic.detect(t1, t2, model_path=detection_setup["path"], device="cpu")
+    np.testing.assert_array_equal(again.labels, first.labels)
+    assert composite.GetForegroundVolumeID() == logic.heat_node.GetID()

@@ -96,7 +96,8 @@ def test_demo_detect_slider_centre_export(browser, viewer):
     before_load = vp.view_shot(save=ARTIFACTS / "00_empty.png")
     page.click("#demo-button")
     vp.wait_state("s.get('t1_choice') && s.get('t2_choice') && s.get('mask_choice') "
-                      "&& !s.get('demo_busy')", timeout_s=180)
+                  "&& !s.get('demo_busy') && s.get('loaded_roles').length === 3",
+                  timeout_s=180)
     anatomy = _settled(vp, "01_demo_loaded", previous=before_load)
     assert anatomy.std() > 20, "the demo T1 is not shown in the axial view"
     assert launch.overlay_pixels(anatomy) == 0
@@ -176,6 +177,13 @@ def test_demo_detect_slider_centre_export(browser, viewer):
     vp.wait_state("!s.get('busy')", timeout_s=30)
     assert vp.state("status") == "Detection cancelled."
     assert vp.state("error") == "" and vp.state("components") == components
+
+    # another T1 clears the result: no heat map over a different scan
+    before = vp.view_shot()
+    vp.set_state("t1_choice", "data:sub/a.nii.gz")
+    vp.wait_state("!s.get('has_result')", timeout_s=30)
+    assert vp.state("components") == [] and "Loaded a.nii.gz" in vp.state("status")
+    assert launch.overlay_pixels(_settled(vp, "06_new_t1", previous=before)) == 0
     page.close()
 
 

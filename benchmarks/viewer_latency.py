@@ -35,7 +35,7 @@ def one_run(browser, work: Path, slider_moves: int, cache: Path) -> dict:
         t_page = time.perf_counter() - t0
         empty = vp.view_shot()
         vp.page.click("#demo-button")
-        vp.wait_state("s.get('t1_choice') && s.get('mask_choice') && !s.get('demo_busy')",
+        vp.wait_state("s.get('loaded_roles').length === 3 && !s.get('demo_busy')",
                       timeout_s=300)
         anatomy = vp.settled_shot(previous=empty, poll_s=0.2)
         t_demo = time.perf_counter() - t0

@@ -136,6 +136,7 @@ class AnomalyViewer(_trame()):
         s.demo_busy = False
         s.result_version = 0
         s.volume_rendering = False
+        s.loaded_roles = []
         s.change("t1_choice")(lambda t1_choice, **_: self._on_choice("t1", t1_choice))
         s.change("t2_choice")(lambda t2_choice, **_: self._on_choice("t2", t2_choice))
         s.change("mask_choice")(lambda mask_choice, **_: self._on_choice("mask", mask_choice))
@@ -153,10 +154,22 @@ class AnomalyViewer(_trame()):
         if choice == self.loaded_choice[role]:
             return
         if choice is None or choice == "":
-            self._remove_node(role)
+            with self.state:
+                self._remove_node(role)
+                self._clear_result()
             return
         with self.state:
             self._load_role(role, choice)
+
+    def _clear_result(self) -> None:
+        """A new input invalidates the shown result: remove it (never show a heat map over
+        another scan)."""
+        if self.logic.detection is None and self.logic.heat_node is None:
+            return
+        self.logic.clear_result()
+        self.state.has_result = False
+        self.state.components = []
+        self.state.status = "Inputs changed: detect again for a new result."
 
     def _remove_node(self, role: str) -> None:
         node = self.nodes.get(role)
@@ -164,6 +177,7 @@ class AnomalyViewer(_trame()):
             self.slicer_app.scene.RemoveNode(node)
         self.nodes[role] = None
         self.loaded_choice[role] = None
+        self.state.loaded_roles = [r for r, n in self.nodes.items() if n is not None]
 
     def _load_role(self, role: str, choice: str) -> None:
         """Read the chosen file (resolved by :class:`ScanSources`) into the scene."""
@@ -179,11 +193,13 @@ class AnomalyViewer(_trame()):
             self._show_error(str(e))
             return
         self._remove_node(role)
+        self._clear_result()
         node = add_volume_node(self.slicer_app.scene, volume, f"{role.upper()} {path.name}",
                                labelmap=is_labelmap)
         node.SetAttribute("SpatialMSMA.path", str(path))
         self.nodes[role] = node
         self.loaded_choice[role] = choice
+        self.state.loaded_roles = [r for r, n in self.nodes.items() if n is not None]
         self.state.error = ""
         if role == "t1":
             self._show_t1(node)

@@ -103,7 +103,6 @@ class AnomalyViewer(_trame()):
         self.cancelled = False
         self.run_count = 0
         self.upload: UploadBatch | None = None
-        self._syncing = False
         self._published: dict = {}
         self._pending: dict = {}
         self._pending_handle = None
@@ -296,11 +295,14 @@ class AnomalyViewer(_trame()):
         """Start detection in the background and return at once (a handler that awaited the
         whole run would keep trame's busy indicator animating, which costs a CPU renderer
         about a fifth of a core for the whole run)."""
-        self._tasks.add(task := asyncio.ensure_future(self._run_detection()))
-        task.add_done_callback(self._tasks.discard)
+        self._background(self._run_detection())
 
     def start_demo(self) -> None:
-        self._tasks.add(task := asyncio.ensure_future(self.make_demo()))
+        self._background(self.make_demo())
+
+    def _background(self, coroutine) -> None:
+        """Run ``coroutine`` on the server's loop, holding a reference until it ends."""
+        self._tasks.add(task := asyncio.ensure_future(coroutine))
         task.add_done_callback(self._tasks.discard)
 
     async def _run_detection(self) -> None:
@@ -379,48 +381,33 @@ class AnomalyViewer(_trame()):
             self.process.terminate()
 
     # -- result and sliders --------------------------------------------------------------
-    def _slice_views_only(self) -> None:
-        """Show the segmentation in the slice views only: re-thresholding then never re-renders
-        the 3D view's volume rendering (seconds per frame on a CPU renderer)."""
-        segmentation = self.logic.segmentation_node
-        if segmentation is None or segmentation.GetDisplayNode() is None:
-            return
-        ids = [view.get_view_node_id()
-               for view in self.slicer_app.view_manager.get_slice_views()]
-        segmentation.GetDisplayNode().SetViewNodeIDs(ids)
-
     def _publish_result(self) -> None:
         """Copy the logic's current detection into the page state (sliders, list)."""
-        self._slice_views_only()
         detection = self.logic.detection
         state = self.state
-        self._syncing = True
-        try:
-            state.has_result = True
-            self._published = {
-                "fpr_log10": round(min(max(math.log10(max(detection.fpr, 1e-12)),
-                                           FPR_RANGE_LOG10[0]), FPR_RANGE_LOG10[1]), 2),
-                "min_size_ml": float(self.logic.operating.min_component_ml)}
-            state.fpr_log10 = self._published["fpr_log10"]
-            state.min_size_ml = self._published["min_size_ml"]
-            state.fpr_text = f"{100 * detection.fpr:.3g} % of healthy brain voxels"
-            state.threshold_text = f"{detection.threshold:.3f} nats"
-            state.status = (f"{len(detection.components)} components at voxel false-positive "
-                            f"rate {100 * detection.fpr:.3g} %")
-            state.components = [
-                {"label": c.label, "title": f"Anomaly {c.label}: {c.volume_ml:.2f} mL",
-                 "subtitle": f"peak {c.peak_score:.2f} nats, RAS "
-                             + ", ".join(f"{v:.0f}" for v in c.centroid_ras_mm)}
-                for c in detection.components]
-            state.result_version += 1
-        finally:
-            self._syncing = False
+        state.has_result = True
+        self._published = {
+            "fpr_log10": round(min(max(math.log10(max(detection.fpr, 1e-12)),
+                                       FPR_RANGE_LOG10[0]), FPR_RANGE_LOG10[1]), 2),
+            "min_size_ml": float(self.logic.operating.min_component_ml)}
+        state.fpr_log10 = self._published["fpr_log10"]
+        state.min_size_ml = self._published["min_size_ml"]
+        state.fpr_text = f"{100 * detection.fpr:.3g} % of healthy brain voxels"
+        state.threshold_text = f"{detection.threshold:.3f} nats"
+        state.status = (f"{len(detection.components)} components at voxel false-positive "
+                        f"rate {100 * detection.fpr:.3g} %")
+        state.components = [
+            {"label": c.label, "title": f"Anomaly {c.label}: {c.volume_ml:.2f} mL",
+             "subtitle": f"peak {c.peak_score:.2f} nats, RAS "
+                         + ", ".join(f"{v:.0f}" for v in c.centroid_ras_mm)}
+            for c in detection.components]
+        state.result_version += 1
 
     def _request(self, key: str, value: float) -> None:
         """Queue a slider value; bursts (dragging, key repeat) become one re-threshold with
         the latest values, run :data:`COALESCE_S` after the first of them. Values the server
         itself just published (echoed back by the state) are ignored."""
-        if self._syncing or self.logic.detection is None:
+        if self.logic.detection is None:
             return
         if self._published.get(key) == value and key not in self._pending:
             return
@@ -580,9 +567,10 @@ def serve(*, data_dir=None, files: dict | None = None, model_path=None, host="12
         token: access token, required when ``host`` is not a loopback address; clients open
             ``http://HOST:PORT/?secret=TOKEN``.
     """
-    from .files import check_bind
+    from .files import check_bind, check_port_free
 
     check_bind(host, token)
+    check_port_free(host, port)
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="spatial_msma_view_"))
     sources = ScanSources(data_dir, work / "uploads",

@@ -148,3 +148,17 @@ def test_cached_sample_is_generated_once_and_atomically(tmp_path):
     again = cached_sample(seed=3, spacing=6.0, cache_dir=tmp_path)
     assert again == paths and {k: p.stat().st_mtime_ns for k, p in again.items()} == stamps
     assert [p.name for p in tmp_path.iterdir()] == ["demo_seed3_6mm"]  # no partial folders
+
+
+def test_view_command_refuses_a_busy_port(tmp_path, capsys):
+    import socket
+
+    from SpatialMSMALib.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["view", "--port", str(port), "--work-dir", str(tmp_path / "w")]) == 2
+    message = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in message and "--port" in message

@@ -184,3 +184,17 @@ def check_bind(host: str, token: str | None) -> None:
                          "the URL with ?secret=TOKEN")
     if token is not None and len(token) < 16:
         raise InputError("the access token must be at least 16 characters long")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse early, with a clear message, a port another program already listens on."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host if host != "localhost" else "127.0.0.1", port))
+        except OSError as e:
+            raise InputError(f"cannot listen on {host}:{port} ({e.strerror}); choose another "
+                             "--port (0: any free port)") from None

@@ -220,3 +220,31 @@ def summarize(cases: list[dict]) -> dict:
     hits = [h for c in cases for h in c["truth_detected"]]
     out["tpr_by_size"] = tpr_by_size(sizes, hits)
     return out
+
+
+#: the issue's headline size: lesion TPR is also reported for lesions of at least 0.5 mL
+LARGE_LESION_MM3 = 500.0
+
+
+def split_summary(cases: list[dict]) -> dict:
+    """One test split (``evaluate_case`` results, healthy and lesioned scans mixed): counts,
+    ``summarize`` of the lesioned scans, pooled TPR for lesions >= 0.5 mL, and the healthy
+    scans' false-positive burden (median / mean / max flagged mL, mean false components)."""
+    lesioned = [c for c in cases if not c["healthy"]]
+    healthy = [c for c in cases if c["healthy"]]
+    out = {"n_lesioned": len(lesioned), "n_healthy": len(healthy)}
+    if lesioned:
+        out["lesioned"] = summarize(lesioned)
+        sizes = np.array([s for c in lesioned for s in c["truth_sizes_mm3"]])
+        hits = np.array([h for c in lesioned for h in c["truth_detected"]], bool)
+        large = sizes >= LARGE_LESION_MM3
+        out["pooled_tpr_lesions_ge_0.5ml"] = float(hits[large].mean()) if large.any() else None
+        out["n_lesions_ge_0.5ml"] = int(large.sum())
+    if healthy:
+        fp = np.array([c["fp_volume_ml"] for c in healthy])
+        out["healthy"] = {"median_flagged_ml": float(np.median(fp)),
+                          "mean_flagged_ml": float(fp.mean()),
+                          "max_flagged_ml": float(fp.max()),
+                          "mean_false_components": float(np.mean(
+                              [c["fp_components"] for c in healthy]))}
+    return out

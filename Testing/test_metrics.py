@@ -142,3 +142,27 @@ def test_dice_matches_monai():
         torch.from_numpy(truth[None, None].astype(np.float32)),
     ).item()
     assert metrics.dice(pred, truth) == pytest.approx(monai_dice, rel=1e-6)
+
+
+def test_split_summary_pools_large_lesions_and_healthy_burden():
+    evaluate_case, split_summary = metrics.evaluate_case, metrics.split_summary
+    truth = np.zeros((30, 30, 30), bool)
+    truth[2:12, 2:12, 2:7] = True  # 500 voxels of 1 mm^3 = 0.5 mL: counts as large
+    truth[20:23, 20:23, 20:23] = True  # 27 mm^3
+    hit_large = np.zeros_like(truth)
+    hit_large[5, 5, 5] = True
+    hit_small = np.zeros_like(truth)
+    hit_small[21, 21, 21] = True
+    healthy_pred = np.zeros_like(truth)
+    healthy_pred[0:10, 0:10, 0:2] = True  # 0.2 mL
+    empty = np.zeros_like(truth)
+    cases = [evaluate_case(hit_large, truth, (1, 1, 1)),
+             evaluate_case(hit_small, truth, (1, 1, 1)),
+             evaluate_case(healthy_pred, empty, (1, 1, 1)), evaluate_case(empty, empty, (1, 1, 1))]
+    out = split_summary(cases)
+    assert (out["n_lesioned"], out["n_healthy"]) == (2, 2)
+    assert out["n_lesions_ge_0.5ml"] == 2 and out["pooled_tpr_lesions_ge_0.5ml"] == 0.5
+    assert out["lesioned"]["pooled_tpr"] == 0.5
+    assert out["healthy"]["median_flagged_ml"] == pytest.approx(0.1)
+    assert out["healthy"]["max_flagged_ml"] == pytest.approx(0.2)
+    assert out["healthy"]["mean_false_components"] == 0.5

@@ -30,12 +30,11 @@ from SpatialMSMALib.dataset import manifest_scans, model_space
 from SpatialMSMALib.detection import model_heat_map, native_detection
 from SpatialMSMALib.inference import cached_features, select_device
 from SpatialMSMALib.io import load_volume
-from SpatialMSMALib.metrics import detection_metrics, evaluate_case, summarize
+from SpatialMSMALib.metrics import detection_metrics, evaluate_case, split_summary
 from SpatialMSMALib.model import AnomalyModel
 
 SPLITS = {"test": ("test_healthy", "test_lesioned"),
           "loao": ("loao_healthy", "loao_lesioned")}
-LARGE_LESION_MM3 = 500.0
 
 
 def evaluate_split(model, rows, cache: Path, device, fpr=None) -> dict:
@@ -73,30 +72,18 @@ def evaluate_split(model, rows, cache: Path, device, fpr=None) -> dict:
             "feature_seconds_total": feature_seconds}
 
 
-def split_summary(cases: list[dict]) -> dict:
+def split_summary_with_scan_level(cases: list[dict]) -> dict:
+    """``metrics.split_summary`` plus scan-level detection from the heat map (PROTOCOLS.md
+    sec. 2)."""
+    out = split_summary(cases)
     lesioned = [c for c in cases if not c["healthy"]]
     healthy = [c for c in cases if c["healthy"]]
-    out = {"n_lesioned": len(lesioned), "n_healthy": len(healthy)}
-    if lesioned:
-        out["lesioned"] = summarize(lesioned)
-        sizes = np.array([s for c in lesioned for s in c["truth_sizes_mm3"]])
-        hits = np.array([h for c in lesioned for h in c["truth_detected"]], bool)
-        large = sizes >= LARGE_LESION_MM3
-        out["pooled_tpr_lesions_ge_0.5ml"] = float(hits[large].mean()) if large.any() else None
-        out["n_lesions_ge_0.5ml"] = int(large.sum())
-    if healthy and lesioned:  # scan-level detection from the heat map (PROTOCOLS.md sec. 2)
+    if healthy and lesioned:
         labels = np.r_[np.zeros(len(healthy)), np.ones(len(lesioned))]
         out["scan_level"] = {
             name: detection_metrics(np.array([c[key] for c in healthy + lesioned]), labels)
             for name, key in (("heat map 99.9th percentile", "heat_p999"),
                               ("flagged volume", "flagged_ml"))}
-    if healthy:
-        fp = np.array([c["fp_volume_ml"] for c in healthy])
-        comps = np.array([c["fp_components"] for c in healthy])
-        out["healthy"] = {"median_flagged_ml": float(np.median(fp)),
-                          "mean_flagged_ml": float(fp.mean()),
-                          "max_flagged_ml": float(fp.max()),
-                          "mean_false_components": float(comps.mean())}
     return out
 
 
@@ -152,7 +139,7 @@ def main() -> None:
         rows_by_split = manifest_scans(args.manifest, names)
         rows = [r for name in names for r in rows_by_split[name][: args.limit]]
         r = evaluate_split(model, rows, args.cache, device, args.fpr)
-        r["summary"] = split_summary(r["cases"])
+        r["summary"] = split_summary_with_scan_level(r["cases"])
         results["splits"][split] = r
     print_table(results)
     if args.out:

@@ -49,7 +49,7 @@ class Size:
 
 
 SIZES = {"default": Size(),
-         "quick": Size(train=8, val=4, healthy=1, lesioned=3, autoencoder_steps=150,
+         "quick": Size(train=6, val=3, healthy=1, lesioned=2, autoencoder_steps=100,
                        gmm_locations_per_scan=5000, cost_scans=1, reference_train_steps=1,
                        reference_levels_timed=1, reference_flow_locations=16384)}
 

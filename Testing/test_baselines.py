@@ -164,3 +164,30 @@ def test_harness_runs_every_method_with_label_free_thresholds(detection_setup, t
     table = (tmp_path / "table.md").read_text()
     for name in harness.METHODS:
         assert f"| {name} |" in table
+
+
+def test_fitted_methods_round_trip_through_a_weights_only_file(rng, tmp_path):
+    """The cost probes get each method through ``Fitted.save`` / ``load`` (no pickle): the
+    loaded method must score exactly like the fitted one."""
+    from SpatialMSMALib.baseline_harness import Fitted, load_ae
+    from SpatialMSMALib.baselines import build_autoencoder
+
+    brain = _brain()
+    scans = [(rng.normal(size=(2, *SHAPE)).astype(np.float32), brain) for _ in range(3)]
+    gmm = LocationGMM.fit(rng.normal(size=(3000, 4)), components=3, seed=1)
+    config = AutoencoderConfig(channels=(4, 8), strides=(2, 2))
+    ae = build_autoencoder(config, 2).eval()
+    fitted = Fitted("all", zscore=VoxelZScore.fit(iter(scans)), gmm=gmm,
+                    autoencoder={"config": config.to_dict(), "in_channels": 2,
+                                 "state": ae.state_dict()},
+                    restoration=RestorationConfig(start_sigma=0.3, steps=4))
+    loaded = Fitted.load(fitted.save(tmp_path / "fitted.pt"))
+    image = scans[0][0]
+    np.testing.assert_array_equal(loaded.zscore.score(image), fitted.zscore.score(image))
+    local = np.exp(rng.normal(size=(4, *SHAPE))).astype(np.float32)
+    np.testing.assert_allclose(loaded.gmm.score(local, brain), gmm.score(local, brain),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(reconstruction_residual(load_ae(loaded, "cpu"), image, brain,
+                                                          multiple=4),
+                                  reconstruction_residual(ae, image, brain, multiple=4))
+    assert loaded.restoration == fitted.restoration

@@ -332,7 +332,8 @@ def run(args, size: Size | None = None) -> dict:
                  for split, (h, les) in SPLITS.items() if split in args.splits}
     for what, r in [("train", train_rows), ("val", val_rows)] + list(test_rows.items()):
         if not r:
-            raise SystemExit(f"the manifest '{args.manifest}' has no {what} scans")
+            hint = " (choose the splits it has with --splits)" if what in SPLITS else ""
+            raise SystemExit(f"the manifest '{args.manifest}' has no {what} scans{hint}")
     digest = score_digest(model)
     feature_dir = cache / f"features_{digest}"
 
@@ -374,7 +375,8 @@ def run(args, size: Size | None = None) -> dict:
         write_atomically(args.out, json.dumps(results, indent=1, default=float))
     # costs: each method in its own process on the first lesioned test scans
     first = next(iter(test_rows))
-    cost_rows = [r for r in test_rows[first] if r.lesion_mask][: size.cost_scans]
+    lesioned_rows = _take(rows[SPLITS[first][1]], size.lesioned)
+    cost_rows = (lesioned_rows or test_rows[first])[: size.cost_scans]
     load(cost_rows)  # in the cache, where the probes read them
     results["costs"]["preprocess_seconds"] = preprocessing_cost(cost_rows[0])["seconds"]
     if not args.skip_cost:

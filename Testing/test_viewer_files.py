@@ -162,3 +162,16 @@ def test_view_command_refuses_a_busy_port(tmp_path, capsys):
         assert main(["view", "--port", str(port), "--work-dir", str(tmp_path / "w")]) == 2
     message = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in message and "--port" in message
+
+
+def test_views_differ_on_size_or_content():
+    import numpy as np
+
+    from SpatialMSMALib.viewer.launch import views_differ
+
+    a = np.zeros((50, 60, 3), np.uint8)
+    assert not views_differ(a, a.copy())
+    b = a.copy()
+    b[:10, :10] = 255  # 3.3 % of pixels changed: mean difference 8.5 grey levels
+    assert views_differ(a, b)
+    assert views_differ(a, np.zeros((40, 60, 3), np.uint8))  # re-laid out: never a crash

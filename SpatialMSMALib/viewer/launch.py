@@ -68,6 +68,17 @@ def overlay_pixels(rgb) -> int:
     return int(((rgb.max(axis=-1) - rgb.min(axis=-1)) > 60).sum())
 
 
+def views_differ(a, b, tolerance: float = 0.05) -> bool:
+    """Whether two view screenshots differ: a different size (the page re-laid out the view,
+    e.g. while the progress bar appears) or a mean absolute difference above ``tolerance``
+    grey levels."""
+    import numpy as np
+
+    if a.shape != b.shape:
+        return True
+    return bool(np.abs(a.astype(int) - b.astype(int)).mean() > tolerance)
+
+
 class ViewerPage:
     """A Playwright page on the viewer, with the few reads the tests and benchmarks need."""
 
@@ -118,7 +129,7 @@ class ViewerPage:
         while time.time() < deadline:
             time.sleep(poll_s)
             again = self.view_shot(index, save)
-            changed = previous is None or np.abs(again.astype(int) - previous).mean() > 0.05
+            changed = previous is None or views_differ(again, previous)
             if changed and np.array_equal(again, shot):
                 return again
             shot = again
@@ -127,10 +138,9 @@ class ViewerPage:
     def first_change(self, previous, timeout_s: float = 10.0, index: int = 0):
         """Seconds until the view differs from ``previous`` (polling screenshots as fast as
         the browser gives them), or None."""
-        import numpy as np
 
         start = time.perf_counter()
         while time.perf_counter() - start < timeout_s:
-            if np.abs(self.view_shot(index).astype(int) - previous).mean() > 0.05:
+            if views_differ(self.view_shot(index), previous):
                 return time.perf_counter() - start
         return None

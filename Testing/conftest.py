@@ -5,6 +5,18 @@ import pytest
 import torch
 
 
+def load_benchmark_script(name: str):
+    """Import ``benchmarks/<name>.py`` (the scripts are not a package) as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -1,7 +1,5 @@
 """Baseline anomaly maps (SpatialMSMALib.baselines) and the side-by-side benchmark harness."""
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,11 +115,9 @@ def test_restoration_removes_what_the_prior_does_not_expect(rng):
 
 
 def _load_harness():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines.py"
-    spec = importlib.util.spec_from_file_location("baselines_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from conftest import load_benchmark_script
+
+    return load_benchmark_script("baselines")
 
 
 def test_harness_runs_every_method_with_label_free_thresholds(detection_setup, tmp_path):
@@ -191,3 +187,18 @@ def test_fitted_methods_round_trip_through_a_weights_only_file(rng, tmp_path):
                                                           multiple=4),
                                   reconstruction_residual(ae, image, brain, multiple=4))
     assert loaded.restoration == fitted.restoration
+
+
+def test_harness_refuses_bad_inputs_before_any_work(tmp_path):
+    harness = _load_harness()
+    with pytest.raises(SystemExit, match="no benchmark cohort at"):
+        harness.main(["--manifest", str(tmp_path / "missing.json")])
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text("{}")
+    out = tmp_path / "results.json"
+    out.write_text("earlier results")
+    with pytest.raises(SystemExit, match="already exist.*--overwrite"):
+        harness.main(["--manifest", str(manifest), "--out", str(out)])
+    assert out.read_text() == "earlier results"
+    with pytest.raises(SystemExit, match=r"error: .*nothing\.pt"):
+        harness.main(["--manifest", str(manifest), "--model", str(tmp_path / "nothing.pt")])

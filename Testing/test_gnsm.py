@@ -348,14 +348,9 @@ def test_tabulated_scoring_equals_the_direct_loss(fitted):
 
 
 def _benchmark_module():
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_benchmark_script
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gnsm_tabular.py"
-    spec = importlib.util.spec_from_file_location("gnsm_tabular", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("gnsm_tabular")
 
 
 def test_benchmark_ranks_and_wins():

@@ -65,6 +65,7 @@ from SpatialMSMALib.baselines import (  # noqa: E402
 )
 from SpatialMSMALib.dataset import manifest_scans, model_space  # noqa: E402
 from SpatialMSMALib.detection import native_detection  # noqa: E402
+from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.inference import cached_features, select_device  # noqa: E402
 from SpatialMSMALib.io import load_volume  # noqa: E402
 from SpatialMSMALib.metrics import evaluate_case, split_summary  # noqa: E402
@@ -355,6 +356,7 @@ def run(args, size: Size | None = None) -> dict:
                            else None, "platform": platform.platform()},
                "n_train": len(train_rows), "n_val": len(val_rows),
                "splits": list(test_rows), "methods": {}, "costs": {}}
+    loaded = {split: load(split_rows) for split, split_rows in test_rows.items()}
     for name in args.methods:
         f = fitted[name]
         calibration = calibrate(f, model, val, val_paths, work, device)
@@ -362,7 +364,7 @@ def run(args, size: Size | None = None) -> dict:
                  "threshold": calibration.default_threshold,
                  "voxel_fpr": calibration.default_fpr, "splits": {}}
         for split, split_rows in test_rows.items():
-            scans, paths = load(split_rows)
+            scans, paths = loaded[split]
             cases = evaluate(f, calibration, model, split_rows, scans, paths, work, device)
             entry["splits"][split] = {"cases": cases, "summary": split_summary(cases)}
             les = entry["splits"][split]["summary"].get("lesioned", {})
@@ -418,6 +420,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing --out / --markdown files")
     return parser.parse_args(argv)
 
 
@@ -426,7 +430,14 @@ def main(argv=None, size: Size | None = None) -> dict:
     if not args.manifest.exists():
         raise SystemExit(f"no benchmark cohort at '{args.manifest}' (build one with "
                          "`spatial-msma make-benchmark --out DIR`)")
-    results = run(args, size)
+    existing = [str(p) for p in (args.out, args.markdown) if p and p.exists()]
+    if existing and not args.overwrite:
+        raise SystemExit(f"{', '.join(existing)} already exist(s); pass --overwrite to "
+                         "replace them")
+    try:
+        results = run(args, size)
+    except InputError as e:  # a missing or unusable model, scan or cache file
+        raise SystemExit(f"error: {e}") from None
     text = report(results)
     print("\n" + text)
     for path, content in ((args.out, json.dumps(results, indent=1, default=float)),

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .score.features import crop_around
+from .score.network import score_with_origin
 from .spatial import LOG_EPS
 
 
@@ -236,7 +237,8 @@ def restoration_residual(score_net: torch.nn.Module, image: np.ndarray,
     for i, sigma in enumerate(sigmas):
         level = sigma.expand(config.draws)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            score = score_net(current, level).float()
+            score = score_with_origin(score_net, current, level,
+                                      [b.start for b in box]).float()
         denoised = current + sigma**2 * score  # Tweedie: E[x | x + sigma * noise]
         if i + 1 < len(sigmas):
             current = denoised + sigmas[i + 1] * torch.randn(

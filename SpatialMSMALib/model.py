@@ -74,7 +74,10 @@ class AnomalyModel:
         checkpoint = load_checkpoint(path, kind=CHECKPOINT_KIND)
         config = ScoreTrainConfig(**checkpoint["config"])
         extra = checkpoint["extra"]
-        net = config.build_model(extra["in_channels"], extra.get("spatial_dims", 3))
+        if "network" in extra:
+            net = ScoreUNet.from_config(extra["network"])
+        else:  # checkpoints written before the network config was stored
+            net = config.build_model(extra["in_channels"], extra.get("spatial_dims", 3))
         net.load_state_dict(checkpoint["states"]["ema"])
         digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         provenance = {"score_checkpoint_sha256": digest, "score_training_step": extra["step"],
@@ -122,8 +125,7 @@ class AnomalyModel:
         checkpoint = load_checkpoint(path, kind=MODEL_KIND)
         config = checkpoint["config"]
         net_config = config["score_net"]
-        net = ScoreUNet(net_config["spatial_dims"], net_config["in_channels"],
-                        tuple(net_config["channels"]), net_config["embed_dim"])
+        net = ScoreUNet.from_config(net_config)
         net.load_state_dict(checkpoint["states"]["score_net"])
         typicality = None
         if config.get("typicality") is not None:

@@ -63,6 +63,21 @@ def stored_config(config) -> dict:
     return json.loads(json.dumps(asdict(config)))
 
 
+def same_config(stored: dict, config) -> bool:
+    """Whether a checkpoint's ``stored`` config is ``config``; options added to the config
+    class after the checkpoint was written count as equal when they hold their default."""
+    import dataclasses
+
+    expected = stored_config(config)
+    defaults = {f.name: f.default for f in dataclasses.fields(config)
+                if f.default is not dataclasses.MISSING}
+    filled = dict(stored)
+    for key, value in expected.items():
+        if key not in filled and key in defaults and value == defaults[key]:
+            filled[key] = value
+    return filled == expected
+
+
 def trainer_state(trainer) -> tuple[dict, dict]:
     """``(extra, states)`` checkpoint parts shared by the trainers: step, best validation
     value, learning-rate schedule, optimiser (tensors and plain data) and random generator."""
@@ -76,7 +91,7 @@ def trainer_state(trainer) -> tuple[dict, dict]:
 
 def restore_trainer_state(trainer, checkpoint: dict, path) -> None:
     """Inverse of ``trainer_state``; refuses a checkpoint trained with another config."""
-    if checkpoint["config"] != stored_config(trainer.config):
+    if not same_config(checkpoint["config"], trainer.config):
         raise ValueError(f"checkpoint '{path}' was trained with another configuration")
     extra = checkpoint["extra"]
     trainer.optimizer.load_state_dict(

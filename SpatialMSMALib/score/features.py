@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .network import score_with_origin
+
 
 def crop_around(mask: np.ndarray, margin: int, multiple: int = 4) -> tuple[slice, ...]:
     """Bounding box of ``mask`` grown by ``margin`` voxels on every side, then grown further
@@ -43,8 +45,9 @@ def score_norm_features(
     """Features of one input.
 
     Args:
-        score_fn: callable ``(x (B, C, *spatial), sigma (B,)) -> (B, C, *spatial)``.
-        x: one input ``(C, *spatial)`` (2D or 3D).
+        score_fn: callable ``(x (B, C, *spatial), sigma (B,)) -> (B, C, *spatial)``; a
+            position-aware ``ScoreUNet`` also gets the evaluated box's grid origin.
+        x: one input ``(C, *spatial)`` (2D or 3D), the whole model grid.
         sigmas: ``(L,)`` noise levels.
         neighbourhood: k of the k^d neighbourhood over which per-voxel norms are pooled (L2).
         sigmas_per_pass: noise levels evaluated together in one batched forward pass (bounds
@@ -76,7 +79,9 @@ def score_norm_features(
         batch = x.unsqueeze(0).expand(len(chunk), *x.shape)
         if spatial_dims == 3:  # oneDNN's channels-last 3D convolutions: ~1.6x on 2 cores
             batch = batch.contiguous(memory_format=torch.channels_last_3d)
-        scaled = score_fn(batch, chunk) * chunk.view((-1,) + (1,) * (spatial_dims + 1))
+        origin = [r.start for r in region]
+        scale = chunk.view((-1,) + (1,) * (spatial_dims + 1))
+        scaled = score_with_origin(score_fn, batch, chunk, origin) * scale
         squared.append(scaled.float().pow(2).sum(dim=1))  # (l, *crop)
     per_voxel_sq = torch.cat(squared)  # (L, *crop)
     if mask_t is None:

@@ -7,6 +7,13 @@ blocks dominated the run time of MONAI's diffusion U-Net on 2 cores). Fully conv
 trained on crops, evaluated on whole volumes; inputs whose size is not a multiple of
 2^(levels-1) are padded internally and cropped back. The output is divided by sigma
 (NCSNv2's parametrisation), so ``sigma * s(x, sigma)`` is O(1) at every level.
+
+Optionally position-aware (``position_grid``): the network also sees the normalised model-grid
+coordinates of every voxel as extra input channels (CoordConv), so on atlas-aligned inputs it
+can learn what belongs *where* (a fully convolutional network trained on random crops
+otherwise only knows the crop's content). The caller gives each input's ``origin``, the grid
+index of its first voxel; :func:`score_with_origin` does so for callers that may hold either
+kind of network.
 """
 
 from __future__ import annotations
@@ -52,6 +59,33 @@ class FiLMBlock(nn.Module):
         return h + (x if self.skip is None else self.skip(x))
 
 
+def grid_coordinates(origin: torch.Tensor, spatial: tuple[int, ...], grid: tuple[int, ...],
+                     dtype=torch.float32) -> torch.Tensor:
+    """Normalised coordinates ``(B, D, *spatial)`` of the voxels of inputs whose first voxel
+    is at grid index ``origin (B, D)``: ``(index - (G - 1) / 2) / ((G - 1) / 2)`` per axis, i.e.
+    -1 and +1 at the grid's first and last voxel (0 at its centre; the model grid is centred
+    on the template brain, so a left-right mirror of the grid is ``x -> -x``)."""
+    batch, dims = origin.shape
+    half = torch.tensor([(g - 1) / 2 for g in grid], device=origin.device, dtype=dtype)
+    axes = []
+    for d, size in enumerate(spatial):
+        index = origin[:, d, None].to(dtype) + torch.arange(size, device=origin.device,
+                                                           dtype=dtype)[None]
+        view = [batch] + [1] * dims
+        view[1 + d] = size
+        axes.append(((index - half[d]) / half[d]).view(view).expand(batch, *spatial))
+    return torch.stack(axes, 1)
+
+
+def score_with_origin(score_fn, x: torch.Tensor, sigma: torch.Tensor,
+                      origin=None) -> torch.Tensor:
+    """``score_fn(x, sigma)``, passing ``origin`` (grid index of x's first voxel, a sequence
+    of D ints or ``(B, D)``) when ``score_fn`` is a position-aware :class:`ScoreUNet`."""
+    if getattr(score_fn, "position_grid", None) is not None:
+        return score_fn(x, sigma, origin=origin)
+    return score_fn(x, sigma)
+
+
 class ScoreUNet(nn.Module):
     """Noise-conditional score network ``s(x, sigma)``.
 
@@ -65,7 +99,11 @@ class ScoreUNet(nn.Module):
             class logits only).
         divide_by_sigma: divide the output by the conditioning value (NCSNv2's score
             parametrisation); off for networks whose output is not a Gaussian score.
-    Input ``(B, C, *spatial)`` and ``sigma (B,)``; output ``(B, out_channels, *spatial)``.
+        position_grid: shape of the grid the inputs are cut from (the model grid): the network
+            then also receives the normalised grid coordinates (D channels) of every voxel.
+    Input ``(B, C, *spatial)``, ``sigma (B,)`` and, for a position-aware network, ``origin``
+    (grid index of the input's first voxel: D ints or ``(B, D)``; default the grid's first
+    voxel); output ``(B, out_channels, *spatial)``.
     """
 
     def __init__(
@@ -76,6 +114,7 @@ class ScoreUNet(nn.Module):
         embed_dim: int = 64,
         out_channels: int | None = None,
         divide_by_sigma: bool = True,
+        position_grid: tuple[int, ...] | None = None,
     ):
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -91,6 +130,12 @@ class ScoreUNet(nn.Module):
             self.config["out_channels"] = out_channels
         if not divide_by_sigma:
             self.config["divide_by_sigma"] = False
+        self.position_grid = None
+        if position_grid is not None:
+            if len(position_grid) != spatial_dims:
+                raise ValueError(f"position_grid {tuple(position_grid)} is not {spatial_dims}D")
+            self.position_grid = tuple(int(g) for g in position_grid)
+            self.config["position_grid"] = list(self.position_grid)
         self.divide_by_sigma = divide_by_sigma
         conv = _conv(spatial_dims)
         transposed = nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
@@ -98,7 +143,8 @@ class ScoreUNet(nn.Module):
         self.embed = nn.Sequential(
             nn.Linear(embed_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim)
         )
-        self.stem = conv(in_channels, channels[0], 3, padding=1)
+        stem_inputs = in_channels + (spatial_dims if position_grid is not None else 0)
+        self.stem = conv(stem_inputs, channels[0], 3, padding=1)
         self.down_blocks = nn.ModuleList()
         self.downsample = nn.ModuleList()
         for i, c in enumerate(channels):
@@ -117,7 +163,15 @@ class ScoreUNet(nn.Module):
         self.head = conv(channels[0], out_channels or in_channels, 3, padding=1)
         self.levels = len(channels)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def from_config(cls, config: dict) -> ScoreUNet:
+        """Rebuild a network from its ``config`` dict (as stored in checkpoints)."""
+        return cls(config["spatial_dims"], config["in_channels"], tuple(config["channels"]),
+                   config["embed_dim"], out_channels=config.get("out_channels"),
+                   divide_by_sigma=config.get("divide_by_sigma", True),
+                   position_grid=config.get("position_grid"))
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, origin=None) -> torch.Tensor:
         sigma = sigma.to(x.dtype).reshape(-1)
         if sigma.numel() == 1:
             sigma = sigma.expand(x.shape[0])
@@ -127,6 +181,19 @@ class ScoreUNet(nn.Module):
         if any(pad):
             x = F.pad(x, [p for size in reversed(pad) for p in (0, size)])
         embedding = self.embed(sinusoidal_embedding(torch.log(sigma), self.embed_dim))
+        if self.position_grid is not None:
+            dims = len(self.position_grid)
+            origin = torch.as_tensor(origin if origin is not None else [0] * dims,
+                                     device=x.device).reshape(-1, dims)
+            coords = grid_coordinates(origin.expand(x.shape[0], dims), tuple(x.shape[2:]),
+                                      self.position_grid, x.dtype)
+            channels_last = x.dim() == 5 and x.is_contiguous(
+                memory_format=torch.channels_last_3d) and not x.is_contiguous()
+            x = torch.cat([x, coords], 1)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+        elif origin is not None:
+            raise ValueError("origin given to a network without position_grid")
         h = self.stem(x)
         skips = []
         for i, block in enumerate(self.down_blocks):

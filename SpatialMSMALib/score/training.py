@@ -42,6 +42,8 @@ class ScoreTrainConfig:
     ema_decay: float = 0.999
     intensity_jitter: float = 0.05  # SD of a random per-crop scale and shift
     flip_lr: bool = True
+    #: give the network the model-grid coordinates of every voxel (see ScoreUNet)
+    position_encoding: bool = False
     validate_every: int = 250
     checkpoint_every: int = 250
     seed: int = 0
@@ -49,15 +51,23 @@ class ScoreTrainConfig:
     def schedule(self) -> GeometricNoiseSchedule:
         return GeometricNoiseSchedule(self.sigma_min, self.sigma_max, self.num_levels)
 
-    def build_model(self, in_channels: int, spatial_dims: int = 3) -> ScoreUNet:
-        return ScoreUNet(spatial_dims, in_channels, tuple(self.channels), self.embed_dim)
+    def build_model(self, in_channels: int, spatial_dims: int = 3,
+                    grid_shape: tuple[int, ...] | None = None) -> ScoreUNet:
+        """The network; ``grid_shape`` (the training volumes' shape) is required with
+        ``position_encoding``."""
+        if self.position_encoding and grid_shape is None:
+            raise ValueError("a position-aware score network needs the grid shape")
+        return ScoreUNet(spatial_dims, in_channels, tuple(self.channels), self.embed_dim,
+                         position_grid=tuple(grid_shape) if self.position_encoding else None)
 
 
 def random_crops(
-    volumes: list[torch.Tensor], size: int, batch_size: int, generator: torch.Generator
-) -> torch.Tensor:
-    """``batch_size`` random ``size^d`` crops from a list of ``(C, *spatial)`` volumes."""
-    crops = []
+    volumes: list[torch.Tensor], size: int, batch_size: int, generator: torch.Generator,
+    return_origins: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` random ``size^d`` crops from a list of ``(C, *spatial)`` volumes (and,
+    with ``return_origins``, the ``(B, d)`` index of each crop's first voxel)."""
+    crops, origins = [], []
     for _ in range(batch_size):
         volume = volumes[int(torch.randint(len(volumes), (1,), generator=generator))]
         starts = [
@@ -66,22 +76,33 @@ def random_crops(
         ]
         index = (slice(None),) + tuple(slice(a, a + size) for a in starts)
         crops.append(volume[index])
+        origins.append(starts)
+    if return_origins:
+        return torch.stack(crops), torch.tensor(origins)
     return torch.stack(crops)
 
 
 def augment(
-    batch: torch.Tensor, config: ScoreTrainConfig, generator: torch.Generator
-) -> torch.Tensor:
+    batch: torch.Tensor, config: ScoreTrainConfig, generator: torch.Generator,
+    origins: torch.Tensor | None = None, grid_shape: tuple[int, ...] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Random per-sample intensity scale/shift and left-right flip (axis 0 = i = R-L in RAS
-    model space)."""
+    model space). With crop ``origins (B, d)`` and the ``grid_shape`` they index, a flipped
+    crop becomes the crop of the mirrored grid at ``G - size - origin`` along axis 0 (the
+    model grid is centred on the brain's midline), and ``(batch, origins)`` is returned."""
     shape = (batch.shape[0],) + (1,) * (batch.dim() - 1)
     scale = 1 + config.intensity_jitter * torch.randn(shape, generator=generator)
     shift = config.intensity_jitter * torch.randn(shape, generator=generator)
     batch = batch * scale + shift
+    flip = torch.zeros(batch.shape[0], dtype=torch.bool)
     if config.flip_lr:
         flip = torch.rand(batch.shape[0], generator=generator) < 0.5
         batch[flip] = batch[flip].flip(2)
-    return batch
+    if origins is None:
+        return batch
+    origins = origins.clone()
+    origins[flip, 0] = grid_shape[0] - batch.shape[2] - origins[flip, 0]
+    return batch, origins
 
 
 class ScoreTrainer:
@@ -109,7 +130,9 @@ class ScoreTrainer:
         self.device = torch.device(device)
         spatial_dims = train_volumes[0].dim() - 1
         torch.manual_seed(config.seed)
-        self.model = config.build_model(train_volumes[0].shape[0], spatial_dims).to(self.device)
+        self.grid_shape = tuple(train_volumes[0].shape[1:])
+        self.model = config.build_model(train_volumes[0].shape[0], spatial_dims,
+                                        self.grid_shape).to(self.device)
         self.ema = copy.deepcopy(self.model).eval()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -131,7 +154,7 @@ class ScoreTrainer:
     def save(self, name: str = "last.pt") -> Path:
         extra, states = trainer_state(self)
         extra.update(in_channels=self.model.config["in_channels"],
-                     spatial_dims=self.model.config["spatial_dims"])
+                     spatial_dims=self.model.config["spatial_dims"], network=self.model.config)
         states.update(model=self.model.state_dict(), ema=self.ema.state_dict())
         return save_checkpoint(
             self.out_dir / name, CHECKPOINT_KIND, asdict(self.config), states, extra
@@ -146,13 +169,16 @@ class ScoreTrainer:
     # -- training ------------------------------------------------------------------------
     def train_step(self) -> float:
         c = self.config
-        batch = random_crops(self.train_volumes, c.crop, c.batch_size, self.generator)
-        batch = augment(batch, c, self.generator).to(self.device)
+        batch, origins = random_crops(self.train_volumes, c.crop, c.batch_size, self.generator,
+                                      return_origins=True)
+        batch, origins = augment(batch, c, self.generator, origins, self.grid_shape)
+        batch = batch.to(self.device)
         sigmas = self.noise.sample(c.batch_size, self.generator).to(self.device)
         noise = torch.randn(batch.shape, generator=self.generator).to(self.device)
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss = denoising_score_matching_loss(self.train_module, batch, sigmas, noise)
+            loss = denoising_score_matching_loss(self._score_fn(self.train_module, origins),
+                                                 batch, sigmas, noise)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
@@ -164,6 +190,14 @@ class ScoreTrainer:
         self.step += 1
         return float(loss.item())
 
+    def _score_fn(self, module, origins: torch.Tensor):
+        """``(x, sigma) -> score`` of ``module``, given the crops' grid origins if the network
+        is position-aware."""
+        if not self.config.position_encoding:
+            return module
+        origins = origins.to(self.device)
+        return lambda x, sigma: module(x, sigma, origin=origins)
+
     @torch.no_grad()
     def validate(self, n_batches: int = 4) -> float:
         """DSM loss of the EMA model on fixed validation crops (same crops every time)."""
@@ -171,12 +205,14 @@ class ScoreTrainer:
         generator = torch.Generator().manual_seed(12345)
         losses = []
         for _ in range(n_batches):
-            batch = random_crops(self.val_volumes, c.crop, c.batch_size, generator)
+            batch, origins = random_crops(self.val_volumes, c.crop, c.batch_size, generator,
+                                          return_origins=True)
             sigmas = self.noise.sample(c.batch_size, generator)
             noise = torch.randn(batch.shape, generator=generator)
             losses.append(
                 denoising_score_matching_loss(
-                    self.ema, batch.to(self.device), sigmas.to(self.device), noise.to(self.device)
+                    self._score_fn(self.ema, origins), batch.to(self.device),
+                    sigmas.to(self.device), noise.to(self.device)
                 ).item()
             )
         return float(sum(losses) / len(losses))

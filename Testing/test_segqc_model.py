@@ -118,7 +118,8 @@ def test_damaged_maps_score_higher_than_good_ones_and_the_map_shows_where(toy_mo
     assert min(bad_scores) > max(good_scores)
     # every read-out is computed and finite
     assert set(result.readouts) == {"class_balanced_kl", "plain_mean_kl", "soft_dice_error",
-                                    "top_level_kl", "top_level_dice_error"}
+                                    "top_level_kl", "top_level_dice_error",
+                                    "top_level_soft_dice_error"}
     assert all(np.isfinite(v) for v in result.readouts.values())
     # percentiles: good maps fall among the validation maps, damaged ones above all
     assert toy_model.percentile(max(bad_scores) + 1) == 100.0

@@ -10,7 +10,8 @@ splits (``test_healthy``, ``test_lesioned``, ``loao_*``) and, for each, every co
 at every severity (seeded). Reports, per method: the Spearman correlation between the QC score
 and the corrupted map's mean tissue Dice to its clean map (clean maps count with Dice 1; the
 target is <= -0.8), and the AUROC for corrupted maps with Dice < 0.9 against the clean maps
-(target >= 0.95); also per corruption kind. Methods: the two baselines of
+(target >= 0.95); also per corruption kind. The JSON keeps every case (subject, kind,
+severity, Dice) and every method's score per case, in the same order. Methods: the two baselines of
 ``SpatialMSMALib.segqc.baselines`` and, with ``--model``, GNSM on label maps
 (:mod:`SpatialMSMALib.segqc.model`) with every read-out of one scoring pass (the model's
 default is ``top_level_kl``). The GNSM model was trained on the ``train`` maps only and
@@ -89,7 +90,7 @@ def gnsm_results(model_path: Path, cases: list[dict], images: dict) -> dict:
         seconds.append(result.seconds)
     cost = {"score_s_per_map": float(np.median(seconds)), "fit_s": None,
             "model": str(model_path)}
-    return {f"GNSM ({name})": evaluate(np.array(values), cases) | cost
+    return {f"GNSM ({name})": evaluate(np.array(values), cases) | cost | {"scores": values}
             for name, values in readouts.items()}
 
 
@@ -124,7 +125,8 @@ def main() -> None:
         scores = np.array([method.score(c["labels"]) for c in cases])
         per_map_s = (time.perf_counter() - start) / len(cases)
         results[method.name] = evaluate(scores, cases) | {"fit_s": fit_s,
-                                                          "score_s_per_map": per_map_s}
+                                                          "score_s_per_map": per_map_s,
+                                                          "scores": scores.tolist()}
     if args.model:
         results.update(gnsm_results(args.model, cases, images))
     print("\n| method | Spearman(score, Dice) | AUROC Dice<0.9 vs clean | s per map |")
@@ -148,6 +150,8 @@ def main() -> None:
             f"{kind}@{sev}": float(np.mean([c["dice"] for c in cases
                                             if c["kind"] == kind and c["severity"] == sev]))
             for kind in sorted(CORRUPTIONS) for sev in args.severities},
+        "cases": [{"subject": c["subject"], "kind": c["kind"], "severity": c["severity"],
+                   "dice": c["dice"]} for c in cases],
         "results": results}, indent=1))
 
 

@@ -66,7 +66,7 @@ TRAINING_KIND = "seg-qc-training"
 TISSUE_CLASSES = (1, 2, 3)
 # QC read-outs of one scoring pass (see score_map); the config picks the QC score
 READOUTS = ("top_level_kl", "class_balanced_kl", "plain_mean_kl", "soft_dice_error",
-            "top_level_dice_error")
+            "top_level_dice_error", "top_level_soft_dice_error")
 
 
 @dataclass
@@ -267,7 +267,8 @@ class SegQCModel:
                     "class_balanced_kl": float(per_level.sum()),
                     "plain_mean_kl": float(np.sum(per_voxel, axis=0).mean()),
                     "soft_dice_error": float(np.sum(dice_errors)),
-                    "top_level_dice_error": 1.0 - mean_dice(cropped_labels, predicted)}
+                    "top_level_dice_error": 1.0 - mean_dice(cropped_labels, predicted),
+                    "top_level_soft_dice_error": dice_errors[0]}
         score = readouts[config.readout]
         return QCResult(score, self.percentile(score), per_level, voxel_map,
                         time.perf_counter() - start, readouts)

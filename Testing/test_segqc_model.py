@@ -182,7 +182,7 @@ def test_seg_qc_cli_on_a_cohort_subject(tmp_path, toy_model):
     sizes = CohortSizes(n_train=1, n_val=0, n_test_healthy=0, n_test_lesioned=0,
                         n_loao_healthy=0, n_loao_lesioned=0)
     manifest = make_benchmark(tmp_path / "cohort", sizes=sizes, seed=5, progress=False,
-                              subject_config=SubjectConfig(spacing_mm=4.0))
+                              subject_config=SubjectConfig(spacing_mm=2.0))
     cohort = tmp_path / "cohort"
     (subject_id, labels, image), = cohort_label_maps(
         manifest, ("train",), tmp_path / "cache", spacing=4.0, progress=False,
@@ -214,8 +214,9 @@ def test_seg_qc_cli_on_a_cohort_subject(tmp_path, toy_model):
 
 
 def test_bundled_qc_model_is_registered_and_flags_a_shifted_map(tmp_path, capsys):
-    """The bundled model (no --model): registry checksum, and on a native 4 mm cohort
-    subject the clean map passes while maps shifted by one and two voxels score increasingly
+    """The bundled model (no --model): registry checksum, and on a native 2 mm cohort
+    subject (the model grid's spacing; a 4 mm map, blocky on that grid, is flagged even when
+    clean) the clean map passes while maps shifted by one and two voxels score increasingly
     higher and are flagged."""
     import hashlib
 
@@ -232,7 +233,7 @@ def test_bundled_qc_model_is_registered_and_flags_a_shifted_map(tmp_path, capsys
     sizes = CohortSizes(n_train=0, n_val=0, n_test_healthy=1, n_test_lesioned=0,
                         n_loao_healthy=0, n_loao_lesioned=0)
     make_benchmark(tmp_path / "cohort", sizes=sizes, seed=11, progress=False,
-                   subject_config=SubjectConfig(spacing_mm=4.0))
+                   subject_config=SubjectConfig(spacing_mm=2.0))
     cohort = tmp_path / "cohort"
     t1 = next(cohort.glob("*_t1.nii.gz"))
     mask = next(cohort.glob("*_brainmask.nii.gz"))

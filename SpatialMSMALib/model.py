@@ -80,8 +80,11 @@ class AnomalyModel:
             net = config.build_model(extra["in_channels"], extra.get("spatial_dims", 3))
         net.load_state_dict(checkpoint["states"]["ema"])
         digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-        provenance = {"score_checkpoint_sha256": digest, "score_training_step": extra["step"],
+        provenance = {"score_checkpoint_sha256": digest,
+                      "score_training_step": extra.get("total_steps", extra["step"]),
                       "score_train_config": checkpoint["config"]}
+        if extra.get("initialised_from"):
+            provenance["score_initialised_from"] = extra["initialised_from"]
         provenance.update(kwargs.pop("provenance", {}))
         channel_names = ["T1", "T2"][: extra["in_channels"]]
         return cls(net.eval(), config.schedule(), channel_names=channel_names,

@@ -2,6 +2,7 @@
 
 import csv
 
+import pytest
 import torch
 
 from SpatialMSMALib.score.training import ScoreTrainConfig, ScoreTrainer, random_crops
@@ -89,3 +90,42 @@ def test_training_reduces_validation_loss(tmp_path):
     assert after < 0.8 * before
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
     assert len(rows) == 60 and rows[-1]["val_loss"] != ""
+
+
+def test_warm_start_begins_from_the_source_ema_and_counts_its_steps(tmp_path):
+    from SpatialMSMALib.checkpoint import load_checkpoint
+    from SpatialMSMALib.errors import InputError
+    from SpatialMSMALib.model import AnomalyModel
+    from SpatialMSMALib.score.training import CHECKPOINT_KIND
+
+    train, val = _volumes(3, 1), _volumes(1, 2)
+    source = ScoreTrainer(_config(), train, val, tmp_path / "a")
+    source.run(progress=False)
+    extended = ScoreTrainer(_config(steps=4, learning_rate=5e-3), train, val, tmp_path / "b")
+    extended.initialise_from(tmp_path / "a" / "last.pt")
+    assert extended.step == 0 and extended.total_steps == 6
+    for mine, theirs in zip(extended.model.state_dict().values(),
+                            source.ema.state_dict().values(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    extended.run(progress=False)
+    checkpoint = load_checkpoint(tmp_path / "b" / "last.pt", kind=CHECKPOINT_KIND)
+    assert checkpoint["extra"]["step"] == 4 and checkpoint["extra"]["total_steps"] == 10
+    assert checkpoint["extra"]["initialised_from"]["steps"] == 6
+    # a resumed extension keeps counting the source's steps
+    again = ScoreTrainer(_config(steps=4, learning_rate=5e-3), train, val, tmp_path / "b")
+    again.resume(tmp_path / "b" / "last.pt")
+    assert again.total_steps == 10
+    # a chain of extensions adds up, and the model file reports the total
+    third = ScoreTrainer(_config(steps=2), train, val, tmp_path / "c")
+    third.initialise_from(tmp_path / "b" / "last.pt")
+    assert third.total_steps == 10
+    model = AnomalyModel.from_score_checkpoint(tmp_path / "b" / "last.pt")
+    assert model.provenance["score_training_step"] == 10
+    assert model.provenance["score_initialised_from"]["steps"] == 6
+    # a different network or noise schedule would change what the features mean
+    with pytest.raises(InputError, match="network"):
+        ScoreTrainer(_config(channels=[4, 4]), train, val, tmp_path / "d").initialise_from(
+            tmp_path / "a" / "last.pt")
+    with pytest.raises(InputError, match="noise schedule"):
+        ScoreTrainer(_config(sigma_max=1.0), train, val, tmp_path / "e").initialise_from(
+            tmp_path / "a" / "last.pt")

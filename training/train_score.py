@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spacing", type=float, default=2.0, help="model grid spacing (mm)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
+                        help="warm start: begin from this score checkpoint's EMA weights with a "
+                             "fresh optimiser and schedule (same network and noise levels), "
+                             "e.g. to extend a finished run")
     parser.add_argument("--t1-only", action="store_true",
                         help="train on the T1 channel only (a model for scans without T2)")
     parser.add_argument(
@@ -99,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.resume and (args.out / "last.pt").exists():
             trainer.resume(args.out / "last.pt")
+        elif args.init_from is not None:
+            trainer.initialise_from(args.init_from)
         result = trainer.run(progress=rank == 0)
         if args.save_rank_weights:
             torch.save(trainer.model.state_dict(), args.out / f"rank{rank}.pt")

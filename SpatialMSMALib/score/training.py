@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -144,6 +145,13 @@ class ScoreTrainer:
         self.noise = config.schedule()
         self.step = 0
         self.best_val = float("inf")
+        #: the checkpoint this run started from (``initialise_from``), else None
+        self.initialised_from: dict | None = None
+
+    @property
+    def total_steps(self) -> int:
+        """Steps of this run plus those of the checkpoints it was initialised from."""
+        return self.step + (self.initialised_from or {}).get("total_steps", 0)
 
     def _lr_factor(self, step: int) -> float:
         """Linear warm-up, then cosine decay to 5% at ``config.steps``."""
@@ -154,7 +162,8 @@ class ScoreTrainer:
     def save(self, name: str = "last.pt") -> Path:
         extra, states = trainer_state(self)
         extra.update(in_channels=self.model.config["in_channels"],
-                     spatial_dims=self.model.config["spatial_dims"], network=self.model.config)
+                     spatial_dims=self.model.config["spatial_dims"], network=self.model.config,
+                     total_steps=self.total_steps, initialised_from=self.initialised_from)
         states.update(model=self.model.state_dict(), ema=self.ema.state_dict())
         return save_checkpoint(
             self.out_dir / name, CHECKPOINT_KIND, asdict(self.config), states, extra
@@ -165,6 +174,46 @@ class ScoreTrainer:
         restore_trainer_state(self, checkpoint, path)
         self.model.load_state_dict(checkpoint["states"]["model"])
         self.ema.load_state_dict(checkpoint["states"]["ema"])
+        self.initialised_from = checkpoint["extra"].get("initialised_from")
+
+    def initialise_from(self, path: str | Path) -> None:
+        """Warm start: a new run (fresh optimiser, schedule and step count) whose model and
+        EMA both start from the EMA weights of another score checkpoint ``path``, e.g. to
+        extend a finished run by another cosine cycle. The network and the noise schedule
+        must be the ones of this run's config, so that the features keep their meaning; the
+        source checkpoint's digest and step count are recorded in every checkpoint written.
+
+        Raises:
+            InputError: naming ``path`` if it is not a score checkpoint or differs in network
+                or noise schedule.
+        """
+        import hashlib
+
+        from ..errors import InputError
+
+        checkpoint = load_checkpoint(path, kind=CHECKPOINT_KIND)
+        stored, extra = checkpoint["config"], checkpoint["extra"]
+        network = extra.get("network")
+        if network is None:  # written before the network config was stored
+            network = ScoreTrainConfig(**stored).build_model(
+                extra["in_channels"], extra.get("spatial_dims", 3), self.grid_shape).config
+        mine = json.loads(json.dumps(self.model.config))
+        if json.loads(json.dumps(network)) != mine:
+            raise InputError(f"{path}: its network {network} is not this run's network {mine}; "
+                             "pass the same architecture options as the run it comes from")
+        noise = ("sigma_min", "sigma_max", "num_levels")
+        theirs = {k: stored.get(k) for k in noise}
+        ours = {k: getattr(self.config, k) for k in noise}
+        if theirs != ours:
+            raise InputError(f"{path}: noise schedule {theirs} differs from this run's {ours}")
+        weights = checkpoint["states"]["ema"]
+        self.model.load_state_dict(weights)
+        self.ema.load_state_dict(weights)
+        self.initialised_from = {
+            "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+            "steps": int(extra["step"]),
+            "total_steps": int(extra.get("total_steps", extra["step"])),
+        }
 
     # -- training ------------------------------------------------------------------------
     def train_step(self) -> float:

@@ -129,3 +129,19 @@ def test_warm_start_begins_from_the_source_ema_and_counts_its_steps(tmp_path):
     with pytest.raises(InputError, match="noise schedule"):
         ScoreTrainer(_config(sigma_max=1.0), train, val, tmp_path / "e").initialise_from(
             tmp_path / "a" / "last.pt")
+    # a deployable model file (e.g. the bundled model) is a source too: its score network
+    model.save(tmp_path / "model.pt")
+    from_model = ScoreTrainer(_config(steps=2), train, val, tmp_path / "f")
+    from_model.initialise_from(tmp_path / "model.pt")
+    assert from_model.total_steps == 10 and from_model.initialised_from["kind"] != CHECKPOINT_KIND
+    for mine, theirs in zip(from_model.model.state_dict().values(),
+                            extended.ema.state_dict().values(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    with pytest.raises(InputError, match="noise schedule"):
+        ScoreTrainer(_config(sigma_max=1.0), train, val, tmp_path / "g").initialise_from(
+            tmp_path / "model.pt")
+    # anything else is refused with the file named
+    from SpatialMSMALib.checkpoint import save_checkpoint
+    save_checkpoint(tmp_path / "other.pt", "flow", {}, {"a": {"w": torch.zeros(1)}}, {})
+    with pytest.raises(InputError, match="other.pt.*neither"):
+        ScoreTrainer(_config(), train, val, tmp_path / "h").initialise_from(tmp_path / "other.pt")

@@ -65,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     parser.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
-                        help="warm start: begin from this score checkpoint's EMA weights with a "
-                             "fresh optimiser and schedule (same network and noise levels), "
-                             "e.g. to extend a finished run")
+                        help="warm start: begin from this score checkpoint's EMA weights (or "
+                             "a model file's score network) with a fresh optimiser and "
+                             "schedule (same network and noise levels), e.g. to extend a "
+                             "finished run")
     parser.add_argument("--t1-only", action="store_true",
                         help="train on the T1 channel only (a model for scans without T2)")
     parser.add_argument(

@@ -179,40 +179,58 @@ class ScoreTrainer:
     def initialise_from(self, path: str | Path) -> None:
         """Warm start: a new run (fresh optimiser, schedule and step count) whose model and
         EMA both start from the EMA weights of another score checkpoint ``path``, e.g. to
-        extend a finished run by another cosine cycle. The network and the noise schedule
+        extend a finished run by another cosine cycle. ``path`` may also be a deployable
+        model file (``AnomalyModel``, such as the bundled ``spatial_msma.pt``): its score
+        network is the EMA network it was built from. The network and the noise schedule
         must be the ones of this run's config, so that the features keep their meaning; the
-        source checkpoint's digest and step count are recorded in every checkpoint written.
+        source's digest and step count are recorded in every checkpoint written.
 
         Raises:
-            InputError: naming ``path`` if it is not a score checkpoint or differs in network
-                or noise schedule.
+            InputError: naming ``path`` if it is neither a score checkpoint nor a model file,
+                or differs in network or noise schedule.
         """
         import hashlib
 
         from ..errors import InputError
+        from ..model import MODEL_KIND  # here: model.py imports this package
 
-        checkpoint = load_checkpoint(path, kind=CHECKPOINT_KIND)
-        stored, extra = checkpoint["config"], checkpoint["extra"]
-        network = extra.get("network")
-        if network is None:  # written before the network config was stored
-            network = ScoreTrainConfig(**stored).build_model(
-                extra["in_channels"], extra.get("spatial_dims", 3), self.grid_shape).config
+        checkpoint = load_checkpoint(path)
+        if checkpoint["kind"] == CHECKPOINT_KIND:
+            stored, extra = checkpoint["config"], checkpoint["extra"]
+            network = extra.get("network")
+            if network is None:  # written before the network config was stored
+                network = ScoreTrainConfig(**stored).build_model(
+                    extra["in_channels"], extra.get("spatial_dims", 3), self.grid_shape).config
+            noise_levels = stored
+            weights = checkpoint["states"]["ema"]
+            steps = int(extra["step"])
+            total_steps = int(extra.get("total_steps", extra["step"]))
+        elif checkpoint["kind"] == MODEL_KIND:
+            network = checkpoint["config"]["score_net"]
+            noise_levels = checkpoint["config"]["schedule"]
+            weights = checkpoint["states"]["score_net"]
+            provenance = checkpoint["extra"].get("provenance", {})
+            steps = total_steps = int(provenance.get("score_training_step", 0))
+        else:
+            raise InputError(f"{path}: holds a '{checkpoint['kind']}', neither a score "
+                             f"checkpoint ('{CHECKPOINT_KIND}') nor a model file "
+                             f"('{MODEL_KIND}')")
         mine = json.loads(json.dumps(self.model.config))
         if json.loads(json.dumps(network)) != mine:
             raise InputError(f"{path}: its network {network} is not this run's network {mine}; "
                              "pass the same architecture options as the run it comes from")
         noise = ("sigma_min", "sigma_max", "num_levels")
-        theirs = {k: stored.get(k) for k in noise}
+        theirs = {k: noise_levels.get(k) for k in noise}
         ours = {k: getattr(self.config, k) for k in noise}
         if theirs != ours:
             raise InputError(f"{path}: noise schedule {theirs} differs from this run's {ours}")
-        weights = checkpoint["states"]["ema"]
         self.model.load_state_dict(weights)
         self.ema.load_state_dict(weights)
         self.initialised_from = {
             "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
-            "steps": int(extra["step"]),
-            "total_steps": int(extra.get("total_steps", extra["step"])),
+            "kind": checkpoint["kind"],
+            "steps": steps,
+            "total_steps": total_steps,
         }
 
     # -- training ------------------------------------------------------------------------

@@ -108,7 +108,8 @@ def run_demo(out_dir: str | Path, *, model_path=None, seed: int = 7, spacing: fl
     metrics = evaluate_case(detection.labels > 0, sample["lesion_mask"], sample["spacing"],
                             detection.heat, detection.brain_mask)
     summary = {key: metrics[key] for key in ("n_truth", "n_detected", "n_pred", "tpr", "ppv",
-                                             "dice", "auroc", "auprc", "fp_volume_ml")}
+                                             "dice", "auroc", "auprc", "flagged_ml",
+                                             "fp_volume_ml")}
     paths = write_outputs(detection, out_dir, model, names, overwrite=True,
                           extra_report={"demo": {"seed": seed, "spacing_mm": spacing,
                                                  "lesions": sample["lesions"],

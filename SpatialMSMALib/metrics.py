@@ -159,11 +159,28 @@ def tpr_by_size(sizes_mm3, detected, edges=SIZE_BIN_EDGES_MM3) -> list[dict]:
     return rows
 
 
-def false_positive_burden(prediction: np.ndarray, spacing) -> dict[str, float]:
-    """For a healthy scan: flagged volume (mL) and number of predicted components."""
+def false_positive_burden(prediction: np.ndarray, spacing,
+                          truth: np.ndarray | None = None) -> dict[str, float]:
+    """Flagged volume and false positives of one binary prediction.
+
+    Returns ``flagged_ml`` (all predicted voxels, mL), ``fp_volume_ml`` (predicted voxels
+    outside ``truth``, mL) and ``fp_components`` (predicted components, 26-connectivity, that
+    touch no truth voxel). Without ``truth`` (a healthy scan) every flagged voxel and
+    component is a false positive.
+    """
     voxel_ml = float(np.prod(np.asarray(spacing, dtype=float))) / 1000.0
-    _, count = label_components(prediction)
-    return {"fp_volume_ml": float(prediction.astype(bool).sum() * voxel_ml), "fp_components": count}
+    p = prediction.astype(bool)
+    labels, count = label_components(p)
+    if truth is None or not truth.any():
+        outside, false_components = p, count
+    else:
+        t = truth.astype(bool)
+        outside = p & ~t
+        touches = ndimage.maximum(t, labels, np.arange(1, count + 1)) > 0 if count else []
+        false_components = int(count - np.sum(touches))
+    return {"flagged_ml": float(p.sum() * voxel_ml),
+            "fp_volume_ml": float(outside.sum() * voxel_ml),
+            "fp_components": false_components}
 
 
 def evaluate_case(
@@ -186,7 +203,7 @@ def evaluate_case(
     result.update(surface_distances(prediction, truth, spacing))
     result["empty_prediction"] = not prediction.any()
     result.update(component_detection(prediction, truth, spacing))
-    result.update(false_positive_burden(prediction, spacing))
+    result.update(false_positive_burden(prediction, spacing, truth))
     if scores is not None:
         if scores.shape != truth.shape:
             raise ValueError(f"scores shape {scores.shape} != truth shape {truth.shape}")

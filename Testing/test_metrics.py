@@ -118,7 +118,19 @@ def test_healthy_false_positive_burden():
     pred = cube((20, 20, 20), (1, 1, 1), 5) | cube((20, 20, 20), (10, 10, 10), 2)
     r = metrics.false_positive_burden(pred, spacing=(2, 2, 2))
     assert r["fp_volume_ml"] == pytest.approx((125 + 8) * 8 / 1000)
+    assert r["flagged_ml"] == r["fp_volume_ml"]
     assert r["fp_components"] == 2
+
+
+def test_false_positives_of_a_lesioned_scan_exclude_the_lesion():
+    pred = cube((20, 20, 20), (1, 1, 1), 5) | cube((20, 20, 20), (10, 10, 10), 2)
+    truth = cube((20, 20, 20), (2, 2, 2), 2)  # 8 voxels inside the first predicted cube
+    r = metrics.false_positive_burden(pred, (2, 2, 2), truth)
+    assert r["flagged_ml"] == pytest.approx((125 + 8) * 8 / 1000)
+    assert r["fp_volume_ml"] == pytest.approx((125 - 8 + 8) * 8 / 1000)
+    assert r["fp_components"] == 1  # the small cube; the large one touches the lesion
+    case = metrics.evaluate_case(pred, truth, (2, 2, 2))
+    assert case["fp_volume_ml"] == r["fp_volume_ml"] and case["n_pred_true"] == 1
 
 
 def test_auroc_auprc():

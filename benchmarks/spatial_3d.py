@@ -62,10 +62,9 @@ def evaluate_split(model, rows, cache: Path, device, fpr=None) -> dict:
         case["id"] = row.id
         in_brain = detection.heat[brain]
         case["heat_p999"] = float(np.percentile(in_brain, 99.9))
-        case["flagged_ml"] = case["fp_volume_ml"]
         cases.append(case)
         print(f"{row.id}: {len(detection.components)} components, "
-              f"flagged {case['fp_volume_ml']:.2f} mL, truth {case['n_truth']} lesions, "
+              f"flagged {case['flagged_ml']:.2f} mL, truth {case['n_truth']} lesions, "
               f"TPR {case['tpr']:.2f} PPV {case['ppv']:.2f} Dice {case['dice']:.3f} "
               f"AUROC {case.get('auroc', float('nan')):.3f}", flush=True)
     return {"cases": cases, "seconds": {k: float(np.median(v)) for k, v in seconds.items()},

@@ -14,7 +14,10 @@ turns heat-map values into voxel-wise false-positive rates measured on healthy v
 scans, so thresholds are set without ground truth (PROTOCOLS.md section 1).
 
 Features enter the flow as ``(log(norm + eps) - mean) / sd`` per noise level, with mean and
-SD measured on the healthy training locations (stored in the model).
+SD measured on the healthy training locations (stored in the model). With
+``intensity_features`` the location's own model-space intensities (one per channel,
+standardised the same way without the log) are modelled jointly with the score norms: a
+hybrid that lets the flow learn what intensity is normal where, off by default.
 """
 
 from __future__ import annotations
@@ -44,6 +47,13 @@ class SpatialFlowConfig:
     encoder_downsample: int = 4  # model grid (2 mm) -> 8 mm for the encoder
     mixture_components: int = 1  # > 1: diagonal Gaussian mixture base distribution
     dropout: float = 0.0
+    #: also model the C model-space intensities of each location (flow input L + C values)
+    intensity_features: bool = False
+
+    @property
+    def input_dim(self) -> int:
+        """Values per location the flow models: L score norms (+ C intensities)."""
+        return self.num_features + (self.in_channels if self.intensity_features else 0)
 
     @property
     def position_dim(self) -> int:
@@ -125,8 +135,10 @@ def _mixture_base(features: int, components: int):
 class SpatialFlow(nn.Module):
     """Conditional MAF over standardised log score norms, with position + global context.
 
-    Buffers ``feature_mean`` / ``feature_sd`` ``(L,)`` hold the standardisation (set by
-    ``set_feature_statistics`` from healthy training locations).
+    Buffers ``feature_mean`` / ``feature_sd`` ``(D,)`` hold the standardisation (set by
+    ``set_feature_statistics`` from healthy training locations); ``D = config.input_dim``.
+    "Raw features" below are ``(N, D)``: the L raw score norms, then (with
+    ``intensity_features``) the C intensities; ``location_features`` assembles them.
     """
 
     def __init__(self, config: SpatialFlowConfig):
@@ -140,7 +152,7 @@ class SpatialFlow(nn.Module):
         )
 
         self.config = config
-        L = config.num_features
+        L = config.input_dim
         transforms = []
         for _ in range(config.flow_layers):
             transforms.append(ReversePermutation(L))
@@ -156,15 +168,28 @@ class SpatialFlow(nn.Module):
         self.register_buffer("feature_sd", torch.ones(L))
 
     # -- inputs ------------------------------------------------------------------------
+    def location_features(self, local: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Per-location raw features ``(D, X, Y, Z)`` from the local score norms
+        ``(L, X, Y, Z)`` and the model-space scan ``(C, X, Y, Z)``."""
+        if not self.config.intensity_features:
+            return local
+        return torch.cat([local.float(), torch.as_tensor(image).float().to(local.device)], 0)
+
+    def _unstandardised(self, raw: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` raw features -> log norms, then intensities as they are."""
+        raw = raw.float()
+        L = self.config.num_features
+        return torch.cat([torch.log(raw[:, :L] + LOG_EPS), raw[:, L:]], dim=1)
+
     def set_feature_statistics(self, raw_norms: torch.Tensor) -> None:
-        """Standardisation from healthy raw norms ``(N, L)``."""
-        logs = torch.log(raw_norms.float() + LOG_EPS)
-        self.feature_mean.copy_(logs.mean(0))
-        self.feature_sd.copy_(logs.std(0).clamp(min=1e-3))
+        """Standardisation from healthy raw features ``(N, D)``."""
+        values = self._unstandardised(raw_norms)
+        self.feature_mean.copy_(values.mean(0))
+        self.feature_sd.copy_(values.std(0).clamp(min=1e-3))
 
     def transform_features(self, raw_norms: torch.Tensor) -> torch.Tensor:
-        """Raw local score norms ``(N, L)`` -> flow inputs ``(N, L)``."""
-        return (torch.log(raw_norms.float() + LOG_EPS) - self.feature_mean) / self.feature_sd
+        """Raw features ``(N, D)`` -> flow inputs ``(N, D)``."""
+        return (self._unstandardised(raw_norms) - self.feature_mean) / self.feature_sd
 
     def global_context(self, lowres: torch.Tensor) -> torch.Tensor:
         """``(B, C, x, y, z)`` downsampled scans -> ``(B, global_features)``."""
@@ -187,9 +212,9 @@ class SpatialFlow(nn.Module):
 
     def log_prob(self, raw_norms: torch.Tensor, positions: torch.Tensor,
                  global_features: torch.Tensor) -> torch.Tensor:
-        """Log-density (nats) ``(N,)`` of raw norms ``(N, L)`` at positions ``(N, 3)`` in
+        """Log-density (nats) ``(N,)`` of raw features ``(N, D)`` at positions ``(N, 3)`` in
         [-1, 1] with per-location global features ``(N, G)``. The standardisation's
-        Jacobian is included, so values are densities of the log norms."""
+        Jacobian is included, so values are densities of the log norms (and intensities)."""
         inputs = self.transform_features(raw_norms)
         log_p = self.flow.log_prob(inputs, context=self.context(positions, global_features))
         return log_p - torch.log(self.feature_sd).sum()
@@ -215,7 +240,7 @@ class SpatialFlow(nn.Module):
         """
         device = torch.device(device)
         self.eval().to(device)
-        local = torch.as_tensor(local)
+        local = self.location_features(torch.as_tensor(local), image)
         shape = tuple(local.shape[1:])
         index = torch.from_numpy(np.argwhere(region)).to(device)
         lowres = downsample_scan(torch.as_tensor(image, dtype=torch.float32),

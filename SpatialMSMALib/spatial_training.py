@@ -48,7 +48,7 @@ class LocationSet:
     """One scan's brain locations.
 
     Attributes:
-        norms: ``(n, L)`` float16 raw local score norms.
+        norms: ``(n, L)`` float16 raw local score norms (``(n, L + C)`` with the intensities).
         index: ``(n, 3)`` int64 voxel indices in the model grid.
         lowres: ``(C, x, y, z)`` float32, the scan downsampled for the global encoder.
         shape: the model grid shape.
@@ -61,9 +61,14 @@ class LocationSet:
 
     @classmethod
     def from_arrays(cls, local: np.ndarray, image: np.ndarray, region: np.ndarray,
-                    downsample: int) -> LocationSet:
+                    downsample: int, intensity_features: bool = False) -> LocationSet:
+        """``local`` ``(L, X, Y, Z)`` score norms, ``image`` ``(C, X, Y, Z)`` model-space
+        scan, ``region`` the locations kept; ``intensity_features`` appends the C intensities
+        to each location's norms (``SpatialFlowConfig.intensity_features``)."""
         index = np.argwhere(region)
         norms = local[:, region].T  # (n, L)
+        if intensity_features:
+            norms = np.concatenate([norms, np.asarray(image)[:, region].T], axis=1)  # (n, L + C)
         return cls(torch.from_numpy(np.ascontiguousarray(norms, np.float16)),
                    torch.from_numpy(index.astype(np.int64)),
                    downsample_scan(torch.from_numpy(np.asarray(image, np.float32)), downsample),

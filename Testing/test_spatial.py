@@ -1,6 +1,7 @@
 """Spatial-MSMA: flow, calibration, post-processing, trainer resume, model file, detection."""
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -130,6 +131,42 @@ def test_flow_learns_position_dependent_features(rng, tmp_path):
         moved = -flow.log_prob(s.norms.float(), mirrored, g)
     far = positions[:, 0].abs() > 0.5
     assert (moved[far] > healthy[far] + 5).float().mean() > 0.9
+
+
+def test_intensity_features_let_the_flow_model_what_intensity_is_normal_where(rng, tmp_path):
+    shape = (12, 10, 8)
+    region = np.ones(shape, bool)
+    x = np.linspace(-1, 1, shape[0])[None, :, None, None]
+
+    def scan():
+        local = np.exp(rng.normal(0, 0.2, (4, *shape))).astype(np.float32)
+        image = (x + rng.normal(0, 0.1, (2, *shape))).astype(np.float32)  # mean depends on x
+        return local, image
+
+    config = _config(300)
+    config.flow.update(intensity_features=True, global_features=0)
+    sets = [LocationSet.from_arrays(*scan(), region, 4, intensity_features=True)
+            for _ in range(6)]
+    trainer = SpatialTrainer(config, sets[:5], sets[5:], tmp_path)
+    assert trainer.flow.config.input_dim == 6 and sets[0].norms.shape == (region.sum(), 6)
+    trainer.run(progress=False)
+    flow = trainer.flow.eval()
+    local, image = scan()
+    # training and inference assemble the same per-location values
+    assembled = flow.location_features(torch.from_numpy(local), image)[:, region].T
+    torch.testing.assert_close(LocationSet.from_arrays(local, image, region, 4, True).norms.float(),
+                               assembled, atol=2e-3, rtol=1e-3)
+    # a brighter T2 in one cube (1.0 = 10 SD of the healthy intensity) is anomalous there
+    # and only there; the score norms are unchanged, so a norm-only flow could not see it
+    bright = image.copy()
+    bright[1, 2:5, 2:5, 2:5] += 1.0
+    inside = np.zeros(shape, bool)
+    inside[2:5, 2:5, 2:5] = True
+    before, after = flow.heat_map(local, image, region), flow.heat_map(local, bright, region)
+    assert (after[inside] - before[inside]).min() > 5
+    np.testing.assert_allclose(after[~inside], before[~inside], rtol=0, atol=1e-5)
+    # and it is stored and restored with the model's flow config
+    assert SpatialFlowConfig(**json.loads(json.dumps(asdict(flow.config)))).intensity_features
 
 
 def test_trainer_resume_continues_the_same_run(rng, tmp_path):

@@ -55,10 +55,19 @@ FLOW_FIELDS = [f for f in dataclasses.fields(SpatialFlowConfig)
                if f.name not in ("num_features", "in_channels")]
 
 
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
 def _add_fields(parser, fields, prefix: str = "") -> None:
     for f in fields:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        parser.add_argument("--" + prefix + f.name.replace("_", "-"), type=type(default),
+        kind = _boolean if isinstance(default, bool) else type(default)
+        parser.add_argument("--" + prefix + f.name.replace("_", "-"), type=kind,
                             default=default, dest=prefix.replace("-", "_") + f.name)
 
 
@@ -229,8 +238,9 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
             out = []
             for scan, path in zip(scans, paths, strict=True):
                 with np.load(path) as cached:
-                    out.append(LocationSet.from_arrays(cached["local"], scan.image,
-                                                       scan.brain_mask, downsample))
+                    out.append(LocationSet.from_arrays(
+                        cached["local"], scan.image, scan.brain_mask, downsample,
+                        intensity_features=config.flow["intensity_features"]))
             return out
 
         train_sets = locations(train_scans, train_paths)

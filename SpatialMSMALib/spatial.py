@@ -49,11 +49,19 @@ class SpatialFlowConfig:
     dropout: float = 0.0
     #: also model the C model-space intensities of each location (flow input L + C values)
     intensity_features: bool = False
+    #: model the L score norms (False with ``intensity_features``: an intensity-only flow,
+    #: the ablation that measures what the score norms add)
+    score_features: bool = True
+
+    @property
+    def score_dim(self) -> int:
+        """Score-norm values per location the flow models (L, or 0)."""
+        return self.num_features if self.score_features else 0
 
     @property
     def input_dim(self) -> int:
-        """Values per location the flow models: L score norms (+ C intensities)."""
-        return self.num_features + (self.in_channels if self.intensity_features else 0)
+        """Values per location the flow models: L score norms and/or C intensities."""
+        return self.score_dim + (self.in_channels if self.intensity_features else 0)
 
     @property
     def position_dim(self) -> int:
@@ -151,6 +159,8 @@ class SpatialFlow(nn.Module):
             ReversePermutation,
         )
 
+        if config.input_dim == 0:
+            raise ValueError("the flow needs score_features and/or intensity_features")
         self.config = config
         L = config.input_dim
         transforms = []
@@ -171,14 +181,15 @@ class SpatialFlow(nn.Module):
     def location_features(self, local: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """Per-location raw features ``(D, X, Y, Z)`` from the local score norms
         ``(L, X, Y, Z)`` and the model-space scan ``(C, X, Y, Z)``."""
-        if not self.config.intensity_features:
-            return local
-        return torch.cat([local.float(), torch.as_tensor(image).float().to(local.device)], 0)
+        parts = [local.float()] if self.config.score_features else []
+        if self.config.intensity_features:
+            parts.append(torch.as_tensor(image).float().to(local.device))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
     def _unstandardised(self, raw: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` raw features -> log norms, then intensities as they are."""
         raw = raw.float()
-        L = self.config.num_features
+        L = self.config.score_dim
         return torch.cat([torch.log(raw[:, :L] + LOG_EPS), raw[:, L:]], dim=1)
 
     def set_feature_statistics(self, raw_norms: torch.Tensor) -> None:

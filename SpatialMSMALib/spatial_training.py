@@ -61,12 +61,14 @@ class LocationSet:
 
     @classmethod
     def from_arrays(cls, local: np.ndarray, image: np.ndarray, region: np.ndarray,
-                    downsample: int, intensity_features: bool = False) -> LocationSet:
+                    downsample: int, intensity_features: bool = False,
+                    score_features: bool = True) -> LocationSet:
         """``local`` ``(L, X, Y, Z)`` score norms, ``image`` ``(C, X, Y, Z)`` model-space
         scan, ``region`` the locations kept; ``intensity_features`` appends the C intensities
-        to each location's norms (``SpatialFlowConfig.intensity_features``)."""
+        to each location's norms, ``score_features=False`` leaves the norms out (the
+        ``SpatialFlowConfig`` fields of the same names)."""
         index = np.argwhere(region)
-        norms = local[:, region].T  # (n, L)
+        norms = local[:, region].T if score_features else np.zeros((len(index), 0), np.float32)
         if intensity_features:
             norms = np.concatenate([norms, np.asarray(image)[:, region].T], axis=1)  # (n, L + C)
         return cls(torch.from_numpy(np.ascontiguousarray(norms, np.float16)),

@@ -169,6 +169,29 @@ def test_intensity_features_let_the_flow_model_what_intensity_is_normal_where(rn
     assert SpatialFlowConfig(**json.loads(json.dumps(asdict(flow.config)))).intensity_features
 
 
+def test_intensity_only_flow_ignores_the_score_norms(rng):
+    shape = (6, 5, 4)
+    region = np.ones(shape, bool)
+    local = np.exp(rng.normal(size=(4, *shape))).astype(np.float32)
+    image = rng.normal(size=(2, *shape)).astype(np.float32)
+    config = SpatialFlowConfig(num_features=4, flow_layers=1, hidden=8, position_frequencies=1,
+                               global_features=0, intensity_features=True,
+                               score_features=False)
+    flow = SpatialFlow(config).eval()
+    assert config.input_dim == 2
+    s = LocationSet.from_arrays(local, image, region, 4, intensity_features=True,
+                                score_features=False)
+    torch.testing.assert_close(s.norms.float(), torch.from_numpy(image[:, region].T),
+                               atol=2e-3, rtol=1e-3)
+    flow.set_feature_statistics(s.norms.float())
+    np.testing.assert_array_equal(flow.heat_map(local, image, region),
+                                  flow.heat_map(local * 5, image, region))
+    assert not np.allclose(flow.heat_map(local, image, region),
+                           flow.heat_map(local, image + 1, region))
+    with pytest.raises(ValueError, match="score_features and/or intensity_features"):
+        SpatialFlow(SpatialFlowConfig(num_features=4, score_features=False))
+
+
 def test_trainer_resume_continues_the_same_run(rng, tmp_path):
     train, val = _location_sets(rng, 4), _location_sets(rng, 1)
     straight = SpatialTrainer(_config(100), train, val, tmp_path / "a")

@@ -240,7 +240,8 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
                 with np.load(path) as cached:
                     out.append(LocationSet.from_arrays(
                         cached["local"], scan.image, scan.brain_mask, downsample,
-                        intensity_features=config.flow["intensity_features"]))
+                        intensity_features=config.flow["intensity_features"],
+                        score_features=config.flow["score_features"]))
             return out
 
         train_sets = locations(train_scans, train_paths)

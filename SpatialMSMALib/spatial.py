@@ -72,6 +72,25 @@ class SpatialFlowConfig:
         return self.position_dim + self.global_features
 
 
+def location_features(local, image, *, score_features: bool,
+                      intensity_features: bool) -> torch.Tensor:
+    """What the flow models per location, ``(D, ...)``: the score norms ``local`` ``(L, ...)``
+    and/or the intensities ``image`` ``(C, ...)`` (the ``SpatialFlowConfig`` fields of the
+    same names choose; trailing axes: a grid ``(X, Y, Z)`` or a list of locations ``(n,)``).
+    One part keeps its dtype, two are joined in float32. The one assembly used by training
+    (``LocationSet``) and detection (``SpatialFlow.heat_map``)."""
+    parts = []
+    if score_features:
+        parts.append(torch.as_tensor(local))
+    if intensity_features:
+        parts.append(torch.as_tensor(image))
+    if not parts:
+        raise ValueError("the flow needs score_features and/or intensity_features")
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p.float().to(parts[0].device) for p in parts], 0)
+
+
 def normalised_positions(voxel_index: torch.Tensor, shape) -> torch.Tensor:
     """Voxel indices ``(N, 3)`` (int) -> positions in [-1, 1] ``(N, 3)`` float32."""
     size = torch.as_tensor(shape, dtype=torch.float32, device=voxel_index.device)
@@ -181,10 +200,8 @@ class SpatialFlow(nn.Module):
     def location_features(self, local: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """Per-location raw features ``(D, X, Y, Z)`` from the local score norms
         ``(L, X, Y, Z)`` and the model-space scan ``(C, X, Y, Z)``."""
-        parts = [local.float()] if self.config.score_features else []
-        if self.config.intensity_features:
-            parts.append(torch.as_tensor(image).float().to(local.device))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        return location_features(local, image, score_features=self.config.score_features,
+                                 intensity_features=self.config.intensity_features)
 
     def _unstandardised(self, raw: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` raw features -> log norms, then intensities as they are."""

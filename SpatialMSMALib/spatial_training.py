@@ -21,7 +21,13 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .spatial import SpatialFlow, SpatialFlowConfig, downsample_scan, normalised_positions
+from .spatial import (
+    SpatialFlow,
+    SpatialFlowConfig,
+    downsample_scan,
+    location_features,
+    normalised_positions,
+)
 from .training_utils import restore_trainer_state, trainer_state, warmup_cosine, wrap_ddp
 
 CHECKPOINT_KIND = "spatial-flow"
@@ -64,16 +70,17 @@ class LocationSet:
                     downsample: int, intensity_features: bool = False,
                     score_features: bool = True) -> LocationSet:
         """``local`` ``(L, X, Y, Z)`` score norms, ``image`` ``(C, X, Y, Z)`` model-space
-        scan, ``region`` the locations kept; ``intensity_features`` appends the C intensities
-        to each location's norms, ``score_features=False`` leaves the norms out (the
-        ``SpatialFlowConfig`` fields of the same names)."""
+        scan, ``region`` the locations kept; ``intensity_features`` / ``score_features``
+        choose what is kept per location, as the ``SpatialFlowConfig`` fields of the same
+        names (``spatial.location_features``)."""
         index = np.argwhere(region)
-        norms = local[:, region].T if score_features else np.zeros((len(index), 0), np.float32)
-        if intensity_features:
-            norms = np.concatenate([norms, np.asarray(image)[:, region].T], axis=1)  # (n, L + C)
-        return cls(torch.from_numpy(np.ascontiguousarray(norms, np.float16)),
+        image = np.asarray(image, np.float32)
+        values = location_features(local[:, region], image[:, region],
+                                   score_features=score_features,
+                                   intensity_features=intensity_features)  # (D, n)
+        return cls(values.T.contiguous().to(torch.float16),
                    torch.from_numpy(index.astype(np.int64)),
-                   downsample_scan(torch.from_numpy(np.asarray(image, np.float32)), downsample),
+                   downsample_scan(torch.from_numpy(image), downsample),
                    tuple(region.shape))
 
 

@@ -19,6 +19,18 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, floor: float) 
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def parse_boolean(text: str) -> bool:
+    """Command-line boolean: true/1/yes or false/0/no (any case); anything else is an error
+    (``argparse`` reports it with the option's name)."""
+    import argparse
+
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
 def training_device(device: str = "auto") -> str:
     """``auto`` -> CUDA when available; under torchrun each process takes the GPU of its
     ``LOCAL_RANK`` (and makes it current)."""

@@ -23,7 +23,7 @@ import torch
 from SpatialMSMALib.dataset import ScanFiles, folder_scans, manifest_scans, model_space
 from SpatialMSMALib.errors import InputError
 from SpatialMSMALib.score.training import ScoreTrainConfig, ScoreTrainer
-from SpatialMSMALib.training_utils import training_device
+from SpatialMSMALib.training_utils import parse_boolean, training_device
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,9 +31,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         name = "--" + f.name.replace("_", "-")
         if isinstance(default, bool):
-            parser.add_argument(
-                name, type=lambda v: v.lower() in ("1", "true", "yes"), default=default
-            )
+            parser.add_argument(name, type=parse_boolean, default=default)
         elif isinstance(default, list):
             parser.add_argument(name, type=type(default[0]), nargs="+", default=default)
         else:

@@ -47,7 +47,7 @@ from SpatialMSMALib.spatial_training import (  # noqa: E402
     SpatialTrainer,
     load_best_flow,
 )
-from SpatialMSMALib.training_utils import training_device  # noqa: E402
+from SpatialMSMALib.training_utils import parse_boolean, training_device  # noqa: E402
 from SpatialMSMALib.typicality import MODEL_NAMES, TypicalityModel  # noqa: E402
 
 TRAIN_FIELDS = [f for f in dataclasses.fields(SpatialTrainConfig) if f.name != "flow"]
@@ -55,18 +55,10 @@ FLOW_FIELDS = [f for f in dataclasses.fields(SpatialFlowConfig)
                if f.name not in ("num_features", "in_channels")]
 
 
-def _boolean(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
-
-
 def _add_fields(parser, fields, prefix: str = "") -> None:
     for f in fields:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kind = _boolean if isinstance(default, bool) else type(default)
+        kind = parse_boolean if isinstance(default, bool) else type(default)
         parser.add_argument("--" + prefix + f.name.replace("_", "-"), type=kind,
                             default=default, dest=prefix.replace("-", "_") + f.name)
 
@@ -116,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     device = training_device(args.device)
     work = args.work or args.out.with_name(args.out.name + ".work")
     try:
+        if not (args.flow_score_features or args.flow_intensity_features):
+            raise InputError("--flow-score-features false needs --flow-intensity-features "
+                             "true: the flow must model something")
         if args.out.exists() and not args.overwrite:
             raise InputError(f"'{args.out}' exists; pass --overwrite to replace it")
         score_checkpoint = args.score_checkpoint

@@ -1,0 +1,30 @@
+"""training/train_spatial.py: option errors are reported before any work."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "training" / "train_spatial.py"
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+def test_a_flow_without_inputs_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "model.pt"
+    result = _run("--data-dir", tmp_path, "--out", out, "--flow-score-features", "false")
+    assert result.returncode == 2
+    assert "--flow-score-features false needs --flow-intensity-features true" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and not (tmp_path / "model.pt.work").exists()
+
+
+def test_a_boolean_option_rejects_other_words(tmp_path):
+    result = _run("--data-dir", tmp_path, "--out", tmp_path / "m.pt",
+                  "--flow-intensity-features", "maybe")
+    assert result.returncode == 2
+    assert "--flow-intensity-features" in result.stderr
+    assert "expected true or false" in result.stderr

@@ -212,6 +212,16 @@ def evaluate_case(
     return result
 
 
+def evaluate_operating_point(prediction: np.ndarray, truth: np.ndarray, spacing) -> dict:
+    """The threshold-dependent metrics of ``evaluate_case`` without the surface distances and
+    the score-map ones (cheap: for sweeping operating points): Dice, component detection and
+    false-positive burden."""
+    result: dict = {"healthy": not truth.any(), "dice": dice(prediction, truth)}
+    result.update(component_detection(prediction, truth, spacing))
+    result.update(false_positive_burden(prediction, spacing, truth))
+    return result
+
+
 def summarize(cases: list[dict]) -> dict:
     """Mean, SD and count over volumes of each scalar metric, plus pooled component TPR/PPV.
 

@@ -133,6 +133,20 @@ def test_false_positives_of_a_lesioned_scan_exclude_the_lesion():
     assert case["fp_volume_ml"] == r["fp_volume_ml"] and case["n_pred_true"] == 1
 
 
+def test_operating_point_metrics_are_the_threshold_dependent_part_of_a_case():
+    pred = cube((20, 20, 20), (1, 1, 1), 5) | cube((20, 20, 20), (10, 10, 10), 2)
+    truth = cube((20, 20, 20), (2, 2, 2), 2) | cube((20, 20, 20), (15, 2, 15), 2)
+    quick = metrics.evaluate_operating_point(pred, truth, (2, 2, 2))
+    full = metrics.evaluate_case(pred, truth, (2, 2, 2))
+    assert "hd99" not in quick and "hd99" in full
+    assert {k: full[k] for k in quick} == quick
+    assert quick["tpr"] == 0.5 and quick["ppv"] == 0.5 and quick["fp_components"] == 1
+    summary = metrics.split_summary([quick, metrics.evaluate_operating_point(
+        pred, np.zeros_like(truth), (2, 2, 2))])
+    assert summary["lesioned"]["pooled_tpr"] == 0.5
+    assert summary["healthy"]["median_flagged_ml"] == pytest.approx((125 + 8) * 8 / 1000)
+
+
 def test_auroc_auprc():
     truth = np.zeros((10, 10, 10), bool)
     truth[:2] = True

@@ -10,7 +10,10 @@ present), at the model's label-free default threshold (voxel FPR from healthy va
 scans) and fixed post-processing, on the scan's native grid. Metrics per split: Dice, HD99,
 MSD (symmetric and ground-truth-to-prediction), component TPR / PPV per volume and pooled,
 TPR by lesion size (and for lesions >= 0.5 mL), voxel AUROC / AUPRC of the heat map inside
-the brain, and the false-positive burden of healthy scans (flagged mL, components). Costs:
+the brain, and the false-positive burden of healthy scans (flagged mL, components). The
+same label-free rule is also swept over voxel FPRs (``--sweep-fprs``, each threshold from the
+healthy validation scans alone, post-processing unchanged): the operating curve a user moves
+along with the threshold slider, with Dice, TPR / PPV and healthy flagged volume per rate. Costs:
 seconds per volume for the flow and for post-processing (features are reported when they
 were computed in this run).
 """
@@ -27,17 +30,24 @@ import numpy as np
 import torch
 
 from SpatialMSMALib.dataset import manifest_scans, model_space
-from SpatialMSMALib.detection import model_heat_map, native_detection
+from SpatialMSMALib.detection import model_heat_map, native_detection, relabel
 from SpatialMSMALib.inference import cached_features, select_device
 from SpatialMSMALib.io import load_volume
-from SpatialMSMALib.metrics import detection_metrics, evaluate_case, split_summary
+from SpatialMSMALib.metrics import (
+    detection_metrics,
+    evaluate_case,
+    evaluate_operating_point,
+    split_summary,
+)
 from SpatialMSMALib.model import AnomalyModel
 
 SPLITS = {"test": ("test_healthy", "test_lesioned"),
           "loao": ("loao_healthy", "loao_lesioned")}
+#: voxel false-positive rates of the operating-point sweep (label-free, like the default)
+SWEEP_FPRS = (0.01, 0.003, 0.001, 0.0003)
 
 
-def evaluate_split(model, rows, cache: Path, device, fpr=None) -> dict:
+def evaluate_split(model, rows, cache: Path, device, fpr=None, sweep_fprs=()) -> dict:
     scans = model_space(rows, cache, model.spacing_mm, need_mapping=True,
                         channels=len(model.channel_names))
     digest = model.provenance["score_checkpoint_sha256"][:12]
@@ -45,7 +55,7 @@ def evaluate_split(model, rows, cache: Path, device, fpr=None) -> dict:
     _, paths = cached_features(model, scans, cache / f"features_{digest}", device,
                                save_local=True)
     feature_seconds = time.perf_counter() - start
-    cases, seconds = [], {"flow": [], "post_process": []}
+    cases, seconds, sweep = [], {"flow": [], "post_process": []}, {}
     for row, scan, path in zip(rows, scans, paths, strict=True):
         with np.load(path) as cached:
             local = cached["local"].astype(np.float32)
@@ -63,12 +73,31 @@ def evaluate_split(model, rows, cache: Path, device, fpr=None) -> dict:
         in_brain = detection.heat[brain]
         case["heat_p999"] = float(np.percentile(in_brain, 99.9))
         cases.append(case)
+        for rate in sweep_fprs:
+            moved = relabel(detection, model, fpr=rate)
+            sweep.setdefault(rate, []).append(evaluate_operating_point(
+                moved.labels > 0, truth.data > 0, truth.spacing))
         print(f"{row.id}: {len(detection.components)} components, "
               f"flagged {case['flagged_ml']:.2f} mL, truth {case['n_truth']} lesions, "
               f"TPR {case['tpr']:.2f} PPV {case['ppv']:.2f} Dice {case['dice']:.3f} "
               f"AUROC {case.get('auroc', float('nan')):.3f}", flush=True)
     return {"cases": cases, "seconds": {k: float(np.median(v)) for k, v in seconds.items()},
-            "feature_seconds_total": feature_seconds}
+            "feature_seconds_total": feature_seconds,
+            "operating_points": [operating_point_row(rate, sweep[rate]) for rate in sweep_fprs]}
+
+
+def operating_point_row(rate: float, cases: list[dict]) -> dict:
+    """One row of the sweep: the split's figures at voxel FPR ``rate``."""
+    summary = split_summary(cases)
+    lesioned = summary.get("lesioned", {})
+    return {"voxel_fpr": rate,
+            "pooled_lesion_tpr": lesioned.get("pooled_tpr"),
+            "pooled_ppv": lesioned.get("pooled_ppv"),
+            "pooled_tpr_lesions_ge_0.5ml": summary.get("pooled_tpr_lesions_ge_0.5ml"),
+            "dice_mean": lesioned.get("dice", {}).get("mean"),
+            "healthy_median_flagged_ml": summary.get("healthy", {}).get("median_flagged_ml"),
+            "healthy_mean_false_components": summary.get("healthy", {}).get(
+                "mean_false_components")}
 
 
 def split_summary_with_scan_level(cases: list[dict]) -> dict:
@@ -107,6 +136,20 @@ def print_table(results: dict) -> None:
     print("TPR/PPV pooled over lesions/components; Dice, HD99, MSD, AUROC, AUPRC: mean over "
           "lesioned volumes; threshold: model default (label-free)")
     for split, r in results["splits"].items():
+        if not r.get("operating_points"):
+            continue
+        print(f"\n{split}: label-free operating points (threshold from healthy validation "
+              "scans at each voxel FPR; same post-processing)")
+        print(f"{'voxel FPR':>9s} {'TPR':>6s} {'PPV':>6s} {'TPR>=0.5mL':>10s} {'Dice':>6s} "
+              f"{'healthy mL (median)':>20s}")
+        for row in r["operating_points"]:
+            def value(key, row=row):
+                v = row.get(key)
+                return float("nan") if v is None else v
+            print(f"{row['voxel_fpr']:9.4f} {value('pooled_lesion_tpr'):6.3f} "
+                  f"{value('pooled_ppv'):6.3f} {value('pooled_tpr_lesions_ge_0.5ml'):10.3f} "
+                  f"{value('dice_mean'):6.3f} {value('healthy_median_flagged_ml'):20.2f}")
+    for split, r in results["splits"].items():
         for name, m in r["summary"].get("scan_level", {}).items():
             print(f"{split}: scan-level healthy vs lesioned from the {name}: AUROC "
                   f"{m['auroc']:.3f}, AUPRC {m['auprc']:.3f}, FPR95 {m['fpr95']:.3f}")
@@ -120,6 +163,8 @@ def main() -> None:
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
     parser.add_argument("--limit", type=int, help="first N scans of each split (quick runs)")
     parser.add_argument("--fpr", type=float, help="voxel FPR (default: the model's)")
+    parser.add_argument("--sweep-fprs", type=float, nargs="*", default=list(SWEEP_FPRS),
+                        help="voxel FPRs of the operating-point sweep (none: no sweep)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -137,7 +182,7 @@ def main() -> None:
         names = SPLITS[split]
         rows_by_split = manifest_scans(args.manifest, names)
         rows = [r for name in names for r in rows_by_split[name][: args.limit]]
-        r = evaluate_split(model, rows, args.cache, device, args.fpr)
+        r = evaluate_split(model, rows, args.cache, device, args.fpr, args.sweep_fprs)
         r["summary"] = split_summary_with_scan_level(r["cases"])
         results["splits"][split] = r
     print_table(results)

@@ -90,6 +90,37 @@ class AnomalyModel:
         return cls(net.eval(), config.schedule(), channel_names=channel_names,
                    provenance=provenance, **kwargs)
 
+    @classmethod
+    def from_score_source(cls, path: str | Path) -> AnomalyModel:
+        """The score network of a ``train_score.py`` checkpoint, or of a model file (such as
+        the bundled ``spatial_msma.pt``), for ``train_spatial.py`` to fit a new flow,
+        calibration and typicality model on: a model file's own are dropped, its score
+        network, grid and feature settings kept. ``provenance["score_checkpoint_sha256"]``
+        identifies the score network either way (a model file's records the checkpoint it
+        was built from), so feature caches are shared between the two sources.
+
+        Raises:
+            InputError: naming ``path`` if it is neither.
+        """
+        from .score.training import CHECKPOINT_KIND
+
+        kind = load_checkpoint(path)["kind"]
+        if kind == CHECKPOINT_KIND:
+            return cls.from_score_checkpoint(path)
+        if kind != MODEL_KIND:
+            raise InputError(f"{path}: holds a '{kind}', neither a score checkpoint "
+                             f"('{CHECKPOINT_KIND}') nor a model file ('{MODEL_KIND}')")
+        model = cls.load(path)
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        kept = ("score_checkpoint_sha256", "score_training_step", "score_train_config",
+                "score_initialised_from")
+        provenance = {k: model.provenance[k] for k in kept if k in model.provenance}
+        provenance.setdefault("score_checkpoint_sha256", digest)
+        provenance["score_model_file"] = {"name": Path(path).name, "sha256": digest}
+        return cls(model.score_net, model.schedule, spacing_mm=model.spacing_mm,
+                   shape=model.shape, channel_names=model.channel_names,
+                   features=model.features, provenance=provenance)
+
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         config = {
             "score_net": self.score_net.config,

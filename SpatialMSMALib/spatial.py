@@ -52,11 +52,24 @@ class SpatialFlowConfig:
     #: model the L score norms (False with ``intensity_features``: an intensity-only flow,
     #: the ablation that measures what the score norms add)
     score_features: bool = True
+    #: which noise levels' score norms the flow models: "all", a range "a-b" or a list
+    #: "i,j,k" of level indices (0 = the largest sigma; both ends of a range included)
+    score_levels: str = "all"
+
+    def __post_init__(self):
+        self.level_indices()  # fail at construction on a bad selection
+
+    def level_indices(self) -> list[int]:
+        """Indices (ascending, into the L noise levels) of the score norms modelled; empty
+        without ``score_features``."""
+        if not self.score_features:
+            return []
+        return parse_levels(self.score_levels, self.num_features)
 
     @property
     def score_dim(self) -> int:
-        """Score-norm values per location the flow models (L, or 0)."""
-        return self.num_features if self.score_features else 0
+        """Score-norm values per location the flow models (number of selected levels)."""
+        return len(self.level_indices())
 
     @property
     def input_dim(self) -> int:
@@ -72,16 +85,42 @@ class SpatialFlowConfig:
         return self.position_dim + self.global_features
 
 
+def parse_levels(spec: str, num_levels: int) -> list[int]:
+    """``"all"``, ``"a-b"`` (inclusive) or ``"i,j,k"`` -> sorted unique level indices in
+    ``[0, num_levels)``; ``ValueError`` naming the problem otherwise."""
+    text = str(spec).strip().lower()
+    if text == "all":
+        return list(range(num_levels))
+    try:
+        if "-" in text:
+            first, last = (int(v) for v in text.split("-"))
+            chosen = list(range(first, last + 1))
+        else:
+            chosen = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"score levels '{spec}': expected 'all', 'a-b' or 'i,j,k' "
+                         "(level indices)") from None
+    if not chosen or min(chosen) < 0 or max(chosen) >= num_levels:
+        raise ValueError(f"score levels '{spec}': need at least one index, each in "
+                         f"0..{num_levels - 1}")
+    return sorted(set(chosen))
+
+
 def location_features(local, image, *, score_features: bool,
-                      intensity_features: bool) -> torch.Tensor:
+                      intensity_features: bool,
+                      score_levels: list[int] | None = None) -> torch.Tensor:
     """What the flow models per location, ``(D, ...)``: the score norms ``local`` ``(L, ...)``
-    and/or the intensities ``image`` ``(C, ...)`` (the ``SpatialFlowConfig`` fields of the
-    same names choose; trailing axes: a grid ``(X, Y, Z)`` or a list of locations ``(n,)``).
-    One part keeps its dtype, two are joined in float32. The one assembly used by training
-    (``LocationSet``) and detection (``SpatialFlow.heat_map``)."""
+    (only the levels ``score_levels`` when given) and/or the intensities ``image``
+    ``(C, ...)`` (the ``SpatialFlowConfig`` fields of the same names choose; trailing axes:
+    a grid ``(X, Y, Z)`` or a list of locations ``(n,)``). One part keeps its dtype, two
+    are joined in float32. The one assembly used by training (``LocationSet``) and
+    detection (``SpatialFlow.heat_map``)."""
     parts = []
     if score_features:
-        parts.append(torch.as_tensor(local))
+        local = torch.as_tensor(local)
+        if score_levels is not None and len(score_levels) != local.shape[0]:
+            local = local[list(score_levels)]
+        parts.append(local)
     if intensity_features:
         parts.append(torch.as_tensor(image))
     if not parts:
@@ -201,7 +240,8 @@ class SpatialFlow(nn.Module):
         """Per-location raw features ``(D, X, Y, Z)`` from the local score norms
         ``(L, X, Y, Z)`` and the model-space scan ``(C, X, Y, Z)``."""
         return location_features(local, image, score_features=self.config.score_features,
-                                 intensity_features=self.config.intensity_features)
+                                 intensity_features=self.config.intensity_features,
+                                 score_levels=self.config.level_indices())
 
     def _unstandardised(self, raw: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` raw features -> log norms, then intensities as they are."""

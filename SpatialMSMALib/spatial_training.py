@@ -54,7 +54,8 @@ class LocationSet:
     """One scan's brain locations.
 
     Attributes:
-        norms: ``(n, L)`` float16 raw local score norms (``(n, L + C)`` with the intensities).
+        norms: ``(n, D)`` float16 raw per-location features: the selected score norms,
+            then (with the intensities) the C intensities.
         index: ``(n, 3)`` int64 voxel indices in the model grid.
         lowres: ``(C, x, y, z)`` float32, the scan downsampled for the global encoder.
         shape: the model grid shape.
@@ -68,16 +69,19 @@ class LocationSet:
     @classmethod
     def from_arrays(cls, local: np.ndarray, image: np.ndarray, region: np.ndarray,
                     downsample: int, intensity_features: bool = False,
-                    score_features: bool = True) -> LocationSet:
+                    score_features: bool = True,
+                    score_levels: list[int] | None = None) -> LocationSet:
         """``local`` ``(L, X, Y, Z)`` score norms, ``image`` ``(C, X, Y, Z)`` model-space
-        scan, ``region`` the locations kept; ``intensity_features`` / ``score_features``
-        choose what is kept per location, as the ``SpatialFlowConfig`` fields of the same
-        names (``spatial.location_features``)."""
+        scan, ``region`` the locations kept; ``intensity_features`` / ``score_features`` /
+        ``score_levels`` (indices, ``SpatialFlowConfig.level_indices``) choose what is kept
+        per location, as the ``SpatialFlowConfig`` fields of the same names
+        (``spatial.location_features``)."""
         index = np.argwhere(region)
         image = np.asarray(image, np.float32)
         values = location_features(local[:, region], image[:, region],
                                    score_features=score_features,
-                                   intensity_features=intensity_features)  # (D, n)
+                                   intensity_features=intensity_features,
+                                   score_levels=score_levels)  # (D, n)
         return cls(values.T.contiguous().to(torch.float16),
                    torch.from_numpy(index.astype(np.int64)),
                    downsample_scan(torch.from_numpy(image), downsample),

@@ -145,3 +145,38 @@ def test_warm_start_begins_from_the_source_ema_and_counts_its_steps(tmp_path):
     save_checkpoint(tmp_path / "other.pt", "flow", {}, {"a": {"w": torch.zeros(1)}}, {})
     with pytest.raises(InputError, match="other.pt.*neither"):
         ScoreTrainer(_config(), train, val, tmp_path / "h").initialise_from(tmp_path / "other.pt")
+
+
+def test_a_model_file_is_a_score_source_for_a_new_flow(tmp_path):
+    """train_spatial.py's --score-checkpoint also takes a model file (e.g. the bundled
+    one): its score network, grid and provenance are kept, its flow and typicality dropped."""
+    import hashlib
+
+    from SpatialMSMALib.checkpoint import save_checkpoint
+    from SpatialMSMALib.errors import InputError
+    from SpatialMSMALib.model import AnomalyModel
+    from SpatialMSMALib.spatial import Calibration, SpatialFlow, SpatialFlowConfig
+
+    trainer = ScoreTrainer(_config(), _volumes(2, 1), _volumes(1, 2), tmp_path / "run")
+    trainer.run(progress=False)
+    checkpoint = tmp_path / "run" / "last.pt"
+    direct = AnomalyModel.from_score_source(checkpoint)
+    model = AnomalyModel.from_score_checkpoint(checkpoint, spacing_mm=4.0, shape=(20, 22, 18))
+    model.spatial = SpatialFlow(SpatialFlowConfig(num_features=5, flow_layers=1, hidden=8))
+    model.calibration = Calibration.from_healthy([torch.randn(1000).numpy()])
+    model.save(tmp_path / "model.pt")
+    reused = AnomalyModel.from_score_source(tmp_path / "model.pt")
+    assert reused.spatial is None and reused.calibration is None and reused.typicality is None
+    assert reused.spacing_mm == 4.0 and reused.shape == (20, 22, 18)
+    for mine, theirs in zip(reused.score_net.state_dict().values(),
+                            direct.score_net.state_dict().values(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    # the same score network has the same feature-cache key from either source
+    assert (reused.provenance["score_checkpoint_sha256"]
+            == direct.provenance["score_checkpoint_sha256"]
+            == hashlib.sha256(checkpoint.read_bytes()).hexdigest())
+    assert reused.provenance["score_model_file"]["sha256"] == hashlib.sha256(
+        (tmp_path / "model.pt").read_bytes()).hexdigest()
+    save_checkpoint(tmp_path / "other.pt", "flow", {}, {"a": {"w": torch.zeros(1)}}, {})
+    with pytest.raises(InputError, match="other.pt.*neither"):
+        AnomalyModel.from_score_source(tmp_path / "other.pt")

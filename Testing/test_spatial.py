@@ -14,6 +14,7 @@ from SpatialMSMALib.spatial import (
     SpatialFlowConfig,
     label_anomalies,
     normalised_positions,
+    parse_levels,
     positional_encoding,
     smooth_in_region,
 )
@@ -190,6 +191,38 @@ def test_intensity_only_flow_ignores_the_score_norms(rng):
                            flow.heat_map(local, image + 1, region))
     with pytest.raises(ValueError, match="score_features and/or intensity_features"):
         SpatialFlow(SpatialFlowConfig(num_features=4, score_features=False))
+
+
+def test_score_level_selection(rng):
+    assert parse_levels("all", 4) == [0, 1, 2, 3]
+    assert parse_levels("1-2", 4) == [1, 2]
+    assert parse_levels(" 3,1,3 ", 4) == [1, 3]
+    for bad in ("2-5", "-1", "x", "", "1-"):
+        with pytest.raises(ValueError, match="score levels"):
+            parse_levels(bad, 4)
+    with pytest.raises(ValueError, match="each in 0..3"):
+        SpatialFlowConfig(num_features=4, score_levels="4")
+    shape = (6, 5, 4)
+    region = np.ones(shape, bool)
+    local = np.exp(rng.normal(size=(4, *shape))).astype(np.float32)
+    image = rng.normal(size=(2, *shape)).astype(np.float32)
+    config = SpatialFlowConfig(num_features=4, flow_layers=1, hidden=8, position_frequencies=1,
+                               global_features=0, intensity_features=True, score_levels="0,2")
+    flow = SpatialFlow(config).eval()
+    assert config.level_indices() == [0, 2] and config.input_dim == 4
+    s = LocationSet.from_arrays(local, image, region, 4, intensity_features=True,
+                                score_levels=config.level_indices())
+    expected = np.concatenate([local[[0, 2]][:, region], image[:, region]]).T
+    torch.testing.assert_close(s.norms.float(), torch.from_numpy(expected), atol=5e-3, rtol=1e-3)
+    flow.set_feature_statistics(s.norms.float())
+    # the unselected levels 1 and 3 do not reach the heat map; a selected one does
+    changed = local.copy()
+    changed[[1, 3]] *= 5
+    np.testing.assert_array_equal(flow.heat_map(local, image, region),
+                                  flow.heat_map(changed, image, region))
+    changed[2] *= 5
+    assert not np.allclose(flow.heat_map(local, image, region),
+                           flow.heat_map(changed, image, region))
 
 
 def test_trainer_resume_continues_the_same_run(rng, tmp_path):

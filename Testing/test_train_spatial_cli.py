@@ -28,3 +28,12 @@ def test_a_boolean_option_rejects_other_words(tmp_path):
     assert result.returncode == 2
     assert "--flow-intensity-features" in result.stderr
     assert "expected true or false" in result.stderr
+
+
+def test_a_malformed_level_selection_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "model.pt"
+    result = _run("--data-dir", tmp_path, "--out", out, "--flow-score-levels", "low")
+    assert result.returncode == 2
+    assert "--flow-score-levels: score levels 'low'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "model.pt.work").exists()

@@ -8,7 +8,8 @@
 Healthy scans only: the ``train`` / ``val`` splits of a benchmark manifest, or a folder of
 ``*_t1/_t2/_brainmask`` NIfTI files (10% -> validation). Steps:
 
-1. score model: ``--score-checkpoint``, or trained first with training/train_score.py
+1. score model: ``--score-checkpoint`` (a score checkpoint, or a model file such as the
+   bundled one, whose score network is reused), or trained first with training/train_score.py
    (``--score-steps``) into ``WORK/score``;
 2. score-norm features of every scan, cached under ``WORK/cache/features_<digest>/`` (the
    local maps as float16; a rerun reuses them; under torchrun each rank computes a share);
@@ -40,7 +41,7 @@ from SpatialMSMALib.detection import model_heat_map  # noqa: E402
 from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.inference import cached_features  # noqa: E402
 from SpatialMSMALib.model import AnomalyModel  # noqa: E402
-from SpatialMSMALib.spatial import Calibration, SpatialFlowConfig  # noqa: E402
+from SpatialMSMALib.spatial import Calibration, SpatialFlowConfig, parse_levels  # noqa: E402
 from SpatialMSMALib.spatial_training import (  # noqa: E402
     LocationSet,
     SpatialTrainConfig,
@@ -71,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="model file to write")
     parser.add_argument("--work", type=Path, help="caches and checkpoints (default OUT.work/)")
     parser.add_argument("--score-checkpoint", type=Path,
-                        help="train_score.py checkpoint (default: train one first)")
+                        help="train_score.py checkpoint, or a model file whose score network "
+                             "is reused (e.g. Resources/Models/spatial_msma.pt: a new flow "
+                             "on your healthy scans); default: train one first")
     parser.add_argument("--score-steps", type=int, default=2500,
                         help="steps when the score model is trained first")
     parser.add_argument("--t1-only", action="store_true",
@@ -111,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.flow_score_features or args.flow_intensity_features):
             raise InputError("--flow-score-features false needs --flow-intensity-features "
                              "true: the flow must model something")
+        try:  # the syntax now; the range once the score model's L is known
+            parse_levels(args.flow_score_levels, 10**6)
+        except ValueError as e:
+            raise InputError(f"--flow-score-levels: {e}") from None
         if args.out.exists() and not args.overwrite:
             raise InputError(f"'{args.out}' exists; pass --overwrite to replace it")
         score_checkpoint = args.score_checkpoint
@@ -196,9 +203,16 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
         splits["train"] = splits["train"][: args.max_train_scans]
         splits["val"] = splits["val"][: args.max_val_scans]
         rows = splits["train"] + splits["val"]
-        model = AnomalyModel.from_score_checkpoint(score_checkpoint)
+        model = AnomalyModel.from_score_source(score_checkpoint)
         digest = model.provenance["score_checkpoint_sha256"][:12]
         n_channels = len(model.channel_names)
+        flow_config = {f.name: getattr(args, "flow_" + f.name) for f in FLOW_FIELDS}
+        flow_config.update(num_features=len(model.sigmas), in_channels=len(model.channel_names))
+        try:
+            flow_config = SpatialFlowConfig(**flow_config)
+        except ValueError as e:
+            raise InputError(f"--flow-score-levels with a {len(model.sigmas)}-level score "
+                             f"model '{score_checkpoint}': {e}") from None
         cache = work / "cache"
         feature_dir = cache / f"features_{digest}"
         start = time.perf_counter()
@@ -222,12 +236,11 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
         if rank == 0:
             print(f"score-norm features of {len(rows)} scans ready in {feature_seconds:.0f} s")
 
-        flow_config = {f.name: getattr(args, "flow_" + f.name) for f in FLOW_FIELDS}
-        flow_config.update(num_features=len(model.sigmas), in_channels=len(model.channel_names))
         config = SpatialTrainConfig(
-            flow=dataclasses.asdict(SpatialFlowConfig(**flow_config)),
+            flow=dataclasses.asdict(flow_config),
             **{f.name: getattr(args, f.name) for f in TRAIN_FIELDS})
         downsample = config.flow["encoder_downsample"]
+        levels = flow_config.level_indices()
 
         def locations(scans, paths):
             out = []
@@ -236,7 +249,7 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
                     out.append(LocationSet.from_arrays(
                         cached["local"], scan.image, scan.brain_mask, downsample,
                         intensity_features=config.flow["intensity_features"],
-                        score_features=config.flow["score_features"]))
+                        score_features=config.flow["score_features"], score_levels=levels))
             return out
 
         train_sets = locations(train_scans, train_paths)

@@ -1,6 +1,7 @@
-"""Cost of `spatial-msma detect` end to end on one 1 mm T1 + T2 pair.
+"""Cost of `spatial-msma detect` end to end on one 1 mm T1 + T2 pair (or T1 alone).
 
-    python benchmarks/detect_cost.py [--model MODEL] [--repeats 3] [--out results/detect_cost.json]
+    python benchmarks/detect_cost.py [--model MODEL] [--t1-only] [--repeats 3] \\
+        [--out results/detect_cost.json]
 
 Builds the demo's sample subject (MNI152 2009a, 1 mm, simulated lesions) once, then runs
 the real command line ``spatial-msma detect`` in a fresh process ``--repeats`` times (load,
@@ -29,6 +30,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--t1-only", action="store_true",
+                        help="give detect the T1 alone (for a T1-only model)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     from SpatialMSMALib.demo import make_sample
@@ -36,7 +39,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="detect_cost_"))
     sample = make_sample(work / "input", seed=7, spacing=1.0)
     command = [sys.executable, "-m", "SpatialMSMALib.cli", "detect",
-               "--t1", str(sample["paths"]["t1"]), "--t2", str(sample["paths"]["t2"]),
+               "--t1", str(sample["paths"]["t1"]),
+               *([] if args.t1_only else ["--t2", str(sample["paths"]["t2"])]),
                "--mask", str(sample["paths"]["brain_mask"]),
                "--device", args.device, "--overwrite"]
     if args.model:
@@ -52,8 +56,9 @@ def main() -> None:
         print(f"run {i + 1}: {walls[-1]:.1f} s  {stages[-1]}", flush=True)
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
     result = {
-        "input": "1 mm MNI152 2009a sample, T1 + T2, " + "x".join(
-            str(s) for s in np.asarray(sample["lesion_mask"].shape)),
+        "input": "1 mm MNI152 2009a sample, {}, {}".format(
+            "T1" if args.t1_only else "T1 + T2",
+            "x".join(str(s) for s in sample["lesion_mask"].shape)),
         "median_wall_s": float(np.median(walls)), "wall_s": walls,
         "median_stage_s": {k: float(np.median([s[k] for s in stages])) for k in stages[0]},
         "peak_rss_gb": round(peak_gb, 2),

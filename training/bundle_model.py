@@ -4,9 +4,10 @@
         [--benchmark results/spatial_3d.json] [--cost results/detect_cost.json] [--overwrite]
 
 Copies the model into ``Resources/Models/`` and writes its entry in
-``Resources/Models/registry.json``: file, SHA-256, channels, grid, training data
-(from the model's provenance), calibration, measured costs and benchmark figures when given,
-and the intended-use statement.
+``Resources/Models/registry.json``: file, SHA-256, channels, grid, what the flow models,
+training data (from the model's provenance), calibration, measured costs and benchmark
+figures when given (``--benchmark``: a ``benchmarks/spatial_3d.py`` result, quoted as a
+flat per-split summary), and the intended-use statement.
 """
 
 from __future__ import annotations
@@ -30,6 +31,71 @@ INTENDED_USE = (
 )
 
 
+def split_figures(split: dict) -> dict:
+    """One split of a ``benchmarks/spatial_3d.py`` result -> the registry's flat figures."""
+    s, lesioned = split["summary"], split["summary"]["lesioned"]
+
+    def mean(key):
+        return lesioned[key]["mean"]
+
+    out = {
+        "n_lesioned": s["n_lesioned"], "n_healthy": s["n_healthy"],
+        "pooled_lesion_tpr": lesioned["pooled_tpr"], "pooled_ppv": lesioned["pooled_ppv"],
+        "pooled_tpr_lesions_ge_0.5ml": s["pooled_tpr_lesions_ge_0.5ml"],
+        "n_lesions_ge_0.5ml": s["n_lesions_ge_0.5ml"],
+        "dice_mean": mean("dice"), "dice_sd": lesioned["dice"]["sd"],
+        "hd99_mm_mean": mean("hd99"), "hd99_mm_sd": lesioned["hd99"]["sd"],
+        "hd99_undefined": lesioned["hd99"]["n_undefined"],
+        "hd99_truth_to_pred_mm_mean": mean("hd99_truth_to_pred"),
+        "msd_mm_mean": mean("msd"), "msd_truth_to_pred_mm_mean": mean("msd_truth_to_pred"),
+        "tpr_per_volume_mean": mean("tpr"), "tpr_per_volume_sd": lesioned["tpr"]["sd"],
+        "ppv_per_volume_mean": mean("ppv"), "ppv_per_volume_sd": lesioned["ppv"]["sd"],
+        "ppv_undefined": lesioned["ppv"]["n_undefined"],
+        "voxel_auroc_mean": mean("auroc"), "voxel_auroc_sd": lesioned["auroc"]["sd"],
+        "voxel_auprc_mean": mean("auprc"),
+        "healthy": s["healthy"],
+        "scan_level": {k: v["auroc"] for k, v in s.get("scan_level", {}).items()},
+        "tpr_by_size": lesioned["tpr_by_size"],
+        "seconds_per_volume": split["seconds"],
+    }
+    if split.get("operating_points"):
+        out["operating_points"] = split["operating_points"]
+    return out
+
+
+def registry_benchmark(result: dict) -> dict:
+    """A ``benchmarks/spatial_3d.py`` result -> ``{"threshold", "splits": {name: figures}}``
+    (a summary already in that form is returned as it is)."""
+    if all("summary" not in split for split in result["splits"].values()):
+        return result
+    return {"threshold": result["calibration"],
+            "splits": {name: split_figures(split) for name, split in result["splits"].items()}}
+
+
+def repository_path(path: Path) -> str:
+    """``path`` relative to the repository root when inside it, else its name."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return Path(path).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
+def flow_inputs(model: AnomalyModel) -> dict:
+    """What the bundled flow models per location (the detector, in words and settings)."""
+    config = model.spatial.config
+    levels = config.level_indices()
+    parts = []
+    if levels:
+        parts.append(f"score norms at {len(levels)} of {len(model.sigmas)} noise levels")
+    if config.intensity_features:
+        parts.append("the location's own intensities (" + ", ".join(model.channel_names) + ")")
+    return {"models": " and ".join(parts), "score_levels": levels,
+            "intensity_features": config.intensity_features,
+            "context": "position in the model grid"
+                       + (" + global image features" if config.global_features else "")}
+
+
 def entry_for(model: AnomalyModel, file: Path, benchmark: dict | None,
               cost: dict | None) -> dict:
     p = model.provenance
@@ -42,6 +108,7 @@ def entry_for(model: AnomalyModel, file: Path, benchmark: dict | None,
                  "space": "MNI152 2009a (RAS), affine registration"},
         "noise_levels": {"L": len(model.sigmas), "sigma_max": float(model.sigmas[0]),
                          "sigma_min": float(model.sigmas[-1])},
+        "flow_inputs": flow_inputs(model),
         "training_data": {
             "cohort": p.get("cohort"), "n_healthy_scans": p.get("n_healthy"),
             "n_flow_train": p.get("n_flow_train"), "n_flow_val": p.get("n_flow_val"),
@@ -70,7 +137,7 @@ def entry_for(model: AnomalyModel, file: Path, benchmark: dict | None,
     if cost:
         entry["expected_time"] = cost
     if benchmark:
-        entry["benchmark"] = benchmark
+        entry["benchmark"] = registry_benchmark(benchmark)
     return entry
 
 
@@ -96,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     tmp.replace(target)
     registry = json.loads(REGISTRY.read_text()) if REGISTRY.exists() else {"models": []}
     registry["models"] = [m for m in registry["models"] if m["file"] != target.name]
-    benchmark = json.loads(args.benchmark.read_text()) if args.benchmark else None
+    benchmark = None
+    if args.benchmark:
+        benchmark = registry_benchmark(json.loads(args.benchmark.read_text()))
+        benchmark["source"] = repository_path(args.benchmark)
     cost = json.loads(args.cost.read_text()) if args.cost else None
     registry["models"].append(entry_for(model, target, benchmark, cost))
     registry["models"].sort(key=lambda m: -len(m["channels"]))

@@ -22,6 +22,22 @@ def test_registry_describes_the_installed_files():
         assert "NOT for clinical use" in entry["intended_use"]
 
 
+def test_registry_quotes_the_committed_benchmark_and_the_flow_inputs():
+    import sys
+
+    sys.path.insert(0, str(MODEL_DIR.parents[1] / "training"))
+    from bundle_model import flow_inputs, registry_benchmark
+
+    for entry in bundled_models():
+        model = AnomalyModel.load(MODEL_DIR / entry["file"])
+        assert entry["flow_inputs"] == json.loads(json.dumps(flow_inputs(model)))
+        source = MODEL_DIR.parents[1] / entry["benchmark"]["source"]
+        measured = json.loads(json.dumps(registry_benchmark(json.loads(source.read_text()))))
+        assert entry["benchmark"]["splits"] == measured["splits"]
+        assert entry["benchmark"]["threshold"]["threshold"] == pytest.approx(
+            model.calibration.default_threshold)
+
+
 def test_default_model_follows_the_inputs():
     two_channel = resolve_model(None, has_t2=True)
     assert two_channel.channel_names == ["T1", "T2"]

@@ -147,7 +147,8 @@ class SpatialMSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with open(registry) as f:
                 for entry in json.load(f).get("models", []):
                     cost = entry.get("expected_time", {})
-                    cpu = cost.get("detect_1mm_t1_t2_cpu_2_cores_s", "?")
+                    cpu = cost.get("detect_1mm_t1_t2_cpu_2_cores_s",
+                                   cost.get("detect_1mm_t1_cpu_2_cores_s", "?"))
                     gpu = cost.get("gpu", "?")
                     gpu = f"{gpu} s" if isinstance(gpu, (int, float)) else "not measured"
                     label = (f"{entry['file']} ({'+'.join(entry['channels'])}; 1 mm scan: "

@@ -3,6 +3,7 @@
 import hashlib
 import json
 
+import numpy as np
 import pytest
 
 from SpatialMSMALib.model import MODEL_DIR, REGISTRY, AnomalyModel, bundled_models, resolve_model
@@ -43,6 +44,12 @@ def test_default_model_follows_the_inputs():
     assert two_channel.channel_names == ["T1", "T2"]
     if any(e["channels"] == ["T1"] for e in bundled_models()):
         assert resolve_model(None, has_t2=False).channel_names == ["T1"]
+        from SpatialMSMALib.errors import InputError
+
+        two_channel_file = MODEL_DIR / next(e["file"] for e in bundled_models()
+                                            if e["channels"] == ["T1", "T2"])
+        with pytest.raises(InputError, match="needs T1 \\+ T2; give --t2 for 'x_t1.nii.gz'"):
+            resolve_model(two_channel_file, has_t2=False, t1_name="x_t1.nii.gz")
     else:
         from SpatialMSMALib.errors import InputError
 
@@ -66,3 +73,25 @@ def test_demo_runs_with_the_bundled_model(tmp_path, capsys):
     for name in ("heatmap.nii.gz", "labels.nii.gz", "figure.png", "input/sample_t1.nii.gz"):
         assert (out / name).exists()
     assert main(["demo", "--out", str(out), "--spacing", "2"]) == 2  # refuses to overwrite
+
+
+def test_detect_with_t1_alone_uses_the_bundled_t1_only_model(tmp_path):
+    """A T1 without T2 runs the T1-only model (no error), and its heat map still ranks the
+    simulated (T1-hypointense) lesion voxels above the healthy brain."""
+    import nibabel as nib
+
+    from SpatialMSMALib.cli import main
+    from SpatialMSMALib.demo import make_sample
+    from SpatialMSMALib.metrics import voxel_auroc_auprc
+
+    assert any(e["channels"] == ["T1"] for e in bundled_models()), "no T1-only model bundled"
+    sample = make_sample(tmp_path / "input", seed=11, spacing=2.0)
+    out = tmp_path / "out"
+    assert main(["detect", "--t1", str(sample["paths"]["t1"]), "--mask",
+                 str(sample["paths"]["brain_mask"]), "--out", str(out), "--device", "cpu"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["channels"] == ["T1"]
+    heat = np.asarray(nib.load(out / "heatmap.nii.gz").dataobj)
+    brain = np.asarray(nib.load(sample["paths"]["brain_mask"]).dataobj) > 0
+    auroc, _ = voxel_auroc_auprc(heat, sample["lesion_mask"], brain)
+    assert auroc > 0.7

@@ -39,6 +39,23 @@ def test_registry_quotes_the_committed_benchmark_and_the_flow_inputs():
             model.calibration.default_threshold)
 
 
+def test_bundling_checks_every_input_before_writing_anything(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(MODEL_DIR.parents[1] / "training"))
+    from bundle_model import main
+
+    registry_before = REGISTRY.read_bytes()
+    bad = tmp_path / "summary.json"
+    bad.write_text(json.dumps({"splits": {"test": {"summary": {}}}}))
+    name = "never_installed.pt"
+    code = main(["--model", str(MODEL_DIR / "spatial_msma.pt"), "--file", name,
+                 "--benchmark", str(bad)])
+    assert code == 2
+    assert f"benchmark '{bad}': not a benchmarks/spatial_3d.py result" in capsys.readouterr().err
+    assert not (MODEL_DIR / name).exists() and REGISTRY.read_bytes() == registry_before
+
+
 def test_default_model_follows_the_inputs():
     two_channel = resolve_model(None, has_t2=True)
     assert two_channel.channel_names == ["T1", "T2"]

@@ -168,6 +168,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    for rate in ([args.fpr] if args.fpr is not None else []) + list(args.sweep_fprs):
+        if not 0 < rate < 1:
+            parser.error(f"voxel false-positive rates are fractions in (0, 1), got {rate}")
     model = AnomalyModel.load(args.model)
     device = select_device(args.device)
     results = {"model": str(args.model), "provenance": model.provenance,

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from SpatialMSMALib import __version__
+from SpatialMSMALib.errors import InputError
 from SpatialMSMALib.model import MODEL_DIR, REGISTRY, AnomalyModel
 
 INTENDED_USE = (
@@ -137,7 +138,7 @@ def entry_for(model: AnomalyModel, file: Path, benchmark: dict | None,
     if cost:
         entry["expected_time"] = cost
     if benchmark:
-        entry["benchmark"] = registry_benchmark(benchmark)
+        entry["benchmark"] = benchmark
     return entry
 
 
@@ -149,13 +150,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cost", type=Path, help="measured costs JSON")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    model = AnomalyModel.load(args.model)
-    if model.spatial is None or model.calibration is None:
-        print(f"error: '{args.model}' has no Spatial-MSMA flow", file=sys.stderr)
-        return 2
-    target = MODEL_DIR / args.file
-    if target.exists() and not args.overwrite:
-        print(f"error: '{target}' exists; pass --overwrite", file=sys.stderr)
+    try:
+        model = AnomalyModel.load(args.model)
+        if model.spatial is None or model.calibration is None:
+            raise InputError(f"'{args.model}' has no Spatial-MSMA flow")
+        target = MODEL_DIR / args.file
+        if target.exists() and not args.overwrite:
+            raise InputError(f"'{target}' exists; pass --overwrite")
+        # every input is read and checked before anything is written
+        benchmark = read_benchmark(args.benchmark) if args.benchmark else None
+        cost = read_json(args.cost, "measured costs") if args.cost else None
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     MODEL_DIR.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name("." + target.name + ".partial")
@@ -163,11 +169,6 @@ def main(argv: list[str] | None = None) -> int:
     tmp.replace(target)
     registry = json.loads(REGISTRY.read_text()) if REGISTRY.exists() else {"models": []}
     registry["models"] = [m for m in registry["models"] if m["file"] != target.name]
-    benchmark = None
-    if args.benchmark:
-        benchmark = registry_benchmark(json.loads(args.benchmark.read_text()))
-        benchmark["source"] = repository_path(args.benchmark)
-    cost = json.loads(args.cost.read_text()) if args.cost else None
     registry["models"].append(entry_for(model, target, benchmark, cost))
     registry["models"].sort(key=lambda m: -len(m["channels"]))
     tmp = REGISTRY.with_name(".registry.json.partial")
@@ -176,6 +177,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"installed {target} ({target.stat().st_size / 1e6:.1f} MB) and updated {REGISTRY}")
     return 0
 
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; ``InputError`` naming the file otherwise."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{what} '{path}': not a readable JSON file ({e})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{what} '{path}': expected a JSON object")
+    return value
+
+
+def read_benchmark(path: Path) -> dict:
+    """The registry's benchmark figures from a ``benchmarks/spatial_3d.py`` result file."""
+    result = read_json(path, "benchmark")
+    try:
+        benchmark = registry_benchmark(result)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"benchmark '{path}': not a benchmarks/spatial_3d.py result "
+                         f"(missing {e})") from None
+    benchmark["source"] = repository_path(path)
+    return benchmark
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,13 +13,19 @@ def _run(*args):
                           text=True, cwd=ROOT, timeout=300)
 
 
-def test_a_flow_without_inputs_is_refused_before_any_work(tmp_path):
+def _assert_refused_before_any_work(tmp_path, message, *options):
     out = tmp_path / "model.pt"
-    result = _run("--data-dir", tmp_path, "--out", out, "--flow-score-features", "false")
+    result = _run("--data-dir", tmp_path, "--out", out, *options)
     assert result.returncode == 2
-    assert "--flow-score-features false needs --flow-intensity-features true" in result.stderr
+    assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists() and not (tmp_path / "model.pt.work").exists()
+
+
+def test_a_flow_without_inputs_is_refused_before_any_work(tmp_path):
+    _assert_refused_before_any_work(
+        tmp_path, "--flow-score-features false needs --flow-intensity-features true",
+        "--flow-score-features", "false")
 
 
 def test_a_boolean_option_rejects_other_words(tmp_path):
@@ -31,9 +37,5 @@ def test_a_boolean_option_rejects_other_words(tmp_path):
 
 
 def test_a_malformed_level_selection_is_refused_before_any_work(tmp_path):
-    out = tmp_path / "model.pt"
-    result = _run("--data-dir", tmp_path, "--out", out, "--flow-score-levels", "low")
-    assert result.returncode == 2
-    assert "--flow-score-levels: score levels 'low'" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "model.pt.work").exists()
+    _assert_refused_before_any_work(tmp_path, "--flow-score-levels: score levels 'low'",
+                                    "--flow-score-levels", "low")

@@ -139,7 +139,8 @@ def model_heat_map(model: AnomalyModel, image: np.ndarray, brain_mask: np.ndarra
         raise InputError("this model file has no Spatial-MSMA flow (it is an MSMA-only model "
                          "from fit_msma.py); train one with training/train_spatial.py")
     region = scored_region(brain_mask, model.calibration.rim_mm, model.spacing_mm)
-    raw = model.spatial.heat_map(local, image, region, device=device, progress=progress)
+    raw = model.spatial.heat_map(local, image, region, device=device, progress=progress,
+                                 brain_mask=brain_mask)
     sigma_vox = model.calibration.smoothing_mm / model.spacing_mm
     return smooth_in_region(raw, region, sigma_vox)
 

@@ -55,9 +55,37 @@ class SpatialFlowConfig:
     #: which noise levels' score norms the flow models: "all", a range "a-b" or a list
     #: "i,j,k" of level indices (0 = the largest sigma; both ends of a range included)
     score_levels: str = "all"
+    #: > 0: also a learned grid of ``position_grid_features`` context values per node,
+    #: ``position_grid_nodes`` nodes per axis over the model grid, read by trilinear
+    #: interpolation at each location (finer anatomy than the sinusoidal encoding)
+    position_grid_features: int = 0
+    position_grid_nodes: int = 24
+    #: with ``intensity_features``: the intensities are modelled at each of these Gaussian
+    #: scales (sigma, mm; "0" = the location's own value), e.g. "0,4,8" for the voxel and
+    #: its neighbourhood means (smoothing restricted to the brain mask)
+    intensity_scales_mm: str = "0"
+    #: voxel size (mm) of the model grid, to turn ``intensity_scales_mm`` into voxels
+    grid_spacing_mm: float = 2.0
 
     def __post_init__(self):
         self.level_indices()  # fail at construction on a bad selection
+        self.intensity_sigmas_vox()
+        if self.position_grid_features > 0 and self.position_grid_nodes < 2:
+            raise ValueError("position_grid_nodes must be at least 2")
+
+    def intensity_sigmas_vox(self) -> list[float]:
+        """``intensity_scales_mm`` as Gaussian sigmas in model-grid voxels (0 = unsmoothed)."""
+        try:
+            scales = [float(v) for v in str(self.intensity_scales_mm).split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"intensity scales '{self.intensity_scales_mm}': expected "
+                             "comma-separated sigmas in mm, e.g. '0,4,8'") from None
+        if not scales or min(scales) < 0 or len(set(scales)) != len(scales):
+            raise ValueError(f"intensity scales '{self.intensity_scales_mm}': need distinct "
+                             "sigmas >= 0 (mm)")
+        if self.grid_spacing_mm <= 0:
+            raise ValueError(f"grid spacing {self.grid_spacing_mm} mm must be positive")
+        return [v / self.grid_spacing_mm for v in scales]
 
     def level_indices(self) -> list[int]:
         """Indices (ascending, into the L noise levels) of the score norms modelled; empty
@@ -74,7 +102,8 @@ class SpatialFlowConfig:
     @property
     def input_dim(self) -> int:
         """Values per location the flow models: L score norms and/or C intensities."""
-        return self.score_dim + (self.in_channels if self.intensity_features else 0)
+        intensities = self.in_channels * len(self.intensity_sigmas_vox())
+        return self.score_dim + (intensities if self.intensity_features else 0)
 
     @property
     def position_dim(self) -> int:
@@ -82,7 +111,7 @@ class SpatialFlowConfig:
 
     @property
     def context_dim(self) -> int:
-        return self.position_dim + self.global_features
+        return self.position_dim + self.position_grid_features + self.global_features
 
 
 def parse_levels(spec: str, num_levels: int) -> list[int]:
@@ -130,6 +159,30 @@ def location_features(local, image, *, score_features: bool,
     return torch.cat([p.float().to(parts[0].device) for p in parts], 0)
 
 
+def multiscale_intensities(image, support: np.ndarray, sigmas_vox) -> np.ndarray:
+    """The model-space scan ``(C, X, Y, Z)`` at each Gaussian scale -> ``(C * S, X, Y, Z)``
+    float32, scale-major (all channels at ``sigmas_vox[0]``, then the next scale). Sigma 0
+    keeps the values; others are normalised convolutions inside ``support`` ``(X, Y, Z)``
+    bool (the brain mask: background never leaks in), and the input values outside it."""
+    from scipy.ndimage import gaussian_filter
+
+    image = np.asarray(image, np.float32)
+    support = np.asarray(support, bool)
+    weight_cache: dict = {}
+    parts = []
+    for sigma in sigmas_vox:
+        if sigma == 0:
+            parts.append(image)
+            continue
+        if sigma not in weight_cache:
+            weight_cache[sigma] = np.maximum(gaussian_filter(support.astype(np.float32), sigma),
+                                             1e-6)
+        smoothed = np.stack([gaussian_filter(np.where(support, c, 0.0).astype(np.float32), sigma)
+                             for c in image]) / weight_cache[sigma]
+        parts.append(np.where(support, smoothed, image).astype(np.float32))
+    return np.concatenate(parts, 0)
+
+
 def normalised_positions(voxel_index: torch.Tensor, shape) -> torch.Tensor:
     """Voxel indices ``(N, 3)`` (int) -> positions in [-1, 1] ``(N, 3)`` float32."""
     size = torch.as_tensor(shape, dtype=torch.float32, device=voxel_index.device)
@@ -144,6 +197,16 @@ def positional_encoding(positions: torch.Tensor, frequencies: int) -> torch.Tens
         angle = positions * (math.pi * 2.0**f)
         parts += [torch.sin(angle), torch.cos(angle)]
     return torch.cat(parts, dim=1)
+
+
+def grid_context(grid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Trilinear read of a ``(1, K, n, n, n)`` grid (axes in model-grid order x, y, z, nodes
+    spanning [-1, 1] corner to corner) at ``(N, 3)`` positions in [-1, 1] -> ``(N, K)``."""
+    # grid_sample wants (x, y, z) = indices into (W, H, D), i.e. our axes reversed
+    where = positions.flip(-1).reshape(1, -1, 1, 1, 3).to(grid.dtype)
+    values = F.grid_sample(grid, where, mode="bilinear", padding_mode="border",
+                           align_corners=True)  # (1, K, N, 1, 1)
+    return values[0, :, :, 0, 0].T
 
 
 class GlobalEncoder(nn.Module):
@@ -232,13 +295,32 @@ class SpatialFlow(nn.Module):
         self.flow = Flow(CompositeTransform(transforms), base)
         self.encoder = (GlobalEncoder(config.in_channels, config.global_features)
                         if config.global_features > 0 else None)
+        n = config.position_grid_nodes
+        self.position_grid = (
+            nn.Parameter(torch.zeros(1, config.position_grid_features, n, n, n))
+            if config.position_grid_features > 0 else None)
         self.register_buffer("feature_mean", torch.zeros(L))
         self.register_buffer("feature_sd", torch.ones(L))
 
     # -- inputs ------------------------------------------------------------------------
-    def location_features(self, local: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def intensity_channels(self, image, support: np.ndarray):
+        """The scan ``(C, X, Y, Z)`` as the flow models it: unchanged, or at each of the
+        config's ``intensity_scales_mm`` (``multiscale_intensities`` inside ``support``)."""
+        sigmas = self.config.intensity_sigmas_vox()
+        if not self.config.intensity_features or sigmas == [0.0]:
+            return image
+        image = image.cpu().numpy() if torch.is_tensor(image) else image
+        return torch.from_numpy(multiscale_intensities(image, support, sigmas))
+
+    def location_features(self, local: torch.Tensor, image: torch.Tensor,
+                          support: np.ndarray | None = None) -> torch.Tensor:
         """Per-location raw features ``(D, X, Y, Z)`` from the local score norms
-        ``(L, X, Y, Z)`` and the model-space scan ``(C, X, Y, Z)``."""
+        ``(L, X, Y, Z)`` and the model-space scan ``(C, X, Y, Z)``; ``support`` (the brain
+        mask) bounds the smoothing of multi-scale intensities (needed only with them)."""
+        if support is not None:
+            image = self.intensity_channels(image, support)
+        elif self.config.intensity_sigmas_vox() != [0.0] and self.config.intensity_features:
+            raise ValueError("multi-scale intensities need the brain mask (support)")
         return location_features(local, image, score_features=self.config.score_features,
                                  intensity_features=self.config.intensity_features,
                                  score_levels=self.config.level_indices())
@@ -267,9 +349,10 @@ class SpatialFlow(nn.Module):
 
     def context(self, positions: torch.Tensor, global_features: torch.Tensor) -> torch.Tensor:
         """``(N, 3)`` positions in [-1, 1] and ``(N, G)`` global features -> ``(N, D)``."""
-        return torch.cat(
-            [positional_encoding(positions, self.config.position_frequencies), global_features],
-            dim=1)
+        parts = [positional_encoding(positions, self.config.position_frequencies)]
+        if self.position_grid is not None:
+            parts.append(grid_context(self.position_grid, positions))
+        return torch.cat(parts + [global_features], dim=1)
 
     # -- densities ---------------------------------------------------------------------
     def forward(self, raw_norms: torch.Tensor, positions: torch.Tensor, lowres: torch.Tensor,
@@ -296,6 +379,7 @@ class SpatialFlow(nn.Module):
         chunk: int = 65536,
         device: str | torch.device = "cpu",
         progress=None,
+        brain_mask: np.ndarray | None = None,
     ) -> np.ndarray:
         """Negative log-likelihood map ``(X, Y, Z)`` float32 (nats) of one scan.
 
@@ -305,10 +389,13 @@ class SpatialFlow(nn.Module):
             region: ``(X, Y, Z)`` bool, where to evaluate (the brain mask); NaN elsewhere.
             chunk: locations per flow evaluation (bounds memory).
             progress: optional ``callable(fraction)``.
+            brain_mask: ``(X, Y, Z)`` bool, where multi-scale intensities are smoothed
+                (default ``region``; training uses the brain mask, so pass it).
         """
         device = torch.device(device)
         self.eval().to(device)
-        local = self.location_features(torch.as_tensor(local), image)
+        support = region if brain_mask is None else brain_mask
+        local = self.location_features(torch.as_tensor(local), image, support)
         shape = tuple(local.shape[1:])
         index = torch.from_numpy(np.argwhere(region)).to(device)
         lowres = downsample_scan(torch.as_tensor(image, dtype=torch.float32),

@@ -26,6 +26,7 @@ from .spatial import (
     SpatialFlowConfig,
     downsample_scan,
     location_features,
+    multiscale_intensities,
     normalised_positions,
 )
 from .training_utils import restore_trainer_state, trainer_state, warmup_cosine, wrap_ddp
@@ -70,15 +71,21 @@ class LocationSet:
     def from_arrays(cls, local: np.ndarray, image: np.ndarray, region: np.ndarray,
                     downsample: int, intensity_features: bool = False,
                     score_features: bool = True,
-                    score_levels: list[int] | None = None) -> LocationSet:
+                    score_levels: list[int] | None = None,
+                    intensity_sigmas_vox: list[float] | None = None) -> LocationSet:
         """``local`` ``(L, X, Y, Z)`` score norms, ``image`` ``(C, X, Y, Z)`` model-space
         scan, ``region`` the locations kept; ``intensity_features`` / ``score_features`` /
         ``score_levels`` (indices, ``SpatialFlowConfig.level_indices``) choose what is kept
         per location, as the ``SpatialFlowConfig`` fields of the same names
-        (``spatial.location_features``)."""
+        (``spatial.location_features``); ``intensity_sigmas_vox``
+        (``SpatialFlowConfig.intensity_sigmas_vox``) gives multi-scale intensities, smoothed
+        inside ``region`` (pass the brain mask, as detection does)."""
         index = np.argwhere(region)
         image = np.asarray(image, np.float32)
-        values = location_features(local[:, region], image[:, region],
+        modelled = image
+        if intensity_features and intensity_sigmas_vox and list(intensity_sigmas_vox) != [0.0]:
+            modelled = multiscale_intensities(image, region, intensity_sigmas_vox)
+        values = location_features(local[:, region], modelled[:, region],
                                    score_features=score_features,
                                    intensity_features=intensity_features,
                                    score_levels=score_levels)  # (D, n)

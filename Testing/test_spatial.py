@@ -12,7 +12,9 @@ from SpatialMSMALib.spatial import (
     Calibration,
     SpatialFlow,
     SpatialFlowConfig,
+    grid_context,
     label_anomalies,
+    multiscale_intensities,
     normalised_positions,
     parse_levels,
     positional_encoding,
@@ -223,6 +225,79 @@ def test_score_level_selection(rng):
     changed[2] *= 5
     assert not np.allclose(flow.heat_map(local, image, region),
                            flow.heat_map(changed, image, region))
+
+
+def test_multiscale_intensities_stay_inside_the_brain(rng):
+    shape = (12, 10, 8)
+    support = np.zeros(shape, bool)
+    support[2:10, 2:8, 2:6] = True
+    image = np.full((2, *shape), -1.0, np.float32)  # background -1, as preprocessing writes
+    image[0][support], image[1][support] = 0.5, -0.25
+    out = multiscale_intensities(image, support, [0.0, 1.5])
+    assert out.shape == (4, *shape) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[:2], image)  # sigma 0: the values themselves
+    # a constant brain stays constant up to its edge: the background never leaks in
+    np.testing.assert_allclose(out[2][support], 0.5, atol=1e-5)
+    np.testing.assert_allclose(out[3][support], -0.25, atol=1e-5)
+    np.testing.assert_array_equal(out[2:][:, ~support], image[:, ~support])
+    # a bright voxel raises its neighbourhood mean, less with distance, and not its own value
+    image[0, 5, 5, 3] += 4.0
+    out = multiscale_intensities(image, support, [0.0, 1.5])
+    assert out[2, 5, 5, 3] > out[2, 6, 5, 3] > out[2, 8, 5, 3] > 0.5 + 1e-4
+    assert out[0, 6, 5, 3] == 0.5
+
+
+def test_multiscale_flow_sees_the_neighbourhood(rng):
+    shape = (10, 9, 8)
+    brain = np.zeros(shape, bool)
+    brain[1:9, 1:8, 1:7] = True
+    region = brain.copy()
+    region[[1, 8]] = False  # the scored region is smaller than the brain (the rim)
+    for bad in ("4,-2", "a", "4,4", ""):
+        with pytest.raises(ValueError, match="intensity scales"):
+            SpatialFlowConfig(intensity_features=True, intensity_scales_mm=bad)
+    config = SpatialFlowConfig(num_features=4, flow_layers=1, hidden=8, position_frequencies=1,
+                               global_features=0, intensity_features=True,
+                               score_features=False, intensity_scales_mm="0,4",
+                               grid_spacing_mm=2.0)
+    assert config.intensity_sigmas_vox() == [0.0, 2.0] and config.input_dim == 4
+    local = np.exp(rng.normal(size=(4, *shape))).astype(np.float32)
+    image = np.where(brain, rng.normal(size=(2, *shape)), -1.0).astype(np.float32)
+    flow = SpatialFlow(config).eval()
+    s = LocationSet.from_arrays(local, image, brain, 4, intensity_features=True,
+                                score_features=False,
+                                intensity_sigmas_vox=config.intensity_sigmas_vox())
+    expected = multiscale_intensities(image, brain, [0.0, 2.0])[:, brain].T
+    torch.testing.assert_close(s.norms.float(), torch.from_numpy(expected), atol=5e-3, rtol=1e-3)
+    flow.set_feature_statistics(s.norms.float())
+    # detection smooths inside the brain mask like training, not inside the scored region
+    assembled = flow.location_features(torch.from_numpy(local), image, brain)[:, brain].T
+    torch.testing.assert_close(assembled.float(), torch.from_numpy(expected))
+    heat = flow.heat_map(local, image, region, brain_mask=brain)
+    assert not np.allclose(heat[region], flow.heat_map(local, image, region)[region])
+    # a change at one voxel moves the heat map at its neighbours (their smoothed values);
+    # a flow of the voxel's own intensities alone would only move it at that voxel
+    changed = image.copy()
+    changed[:, 4, 4, 3] += 3.0
+    moved = np.abs(flow.heat_map(local, changed, region, brain_mask=brain) - heat)
+    assert moved[5, 4, 3] > 1e-3 and moved[4, 6, 3] > 1e-3
+    with pytest.raises(ValueError, match="brain mask"):
+        flow.location_features(torch.from_numpy(local), image)
+
+
+def test_position_grid_context_reads_the_right_node_and_learns(rng, tmp_path):
+    grid = torch.zeros(1, 2, 5, 5, 5)
+    grid[0, 0, 4, 0, 0], grid[0, 1, 0, 2, 4] = 1.0, 3.0  # axes x, y, z
+    positions = torch.tensor([[1.0, -1.0, -1.0], [-1.0, 0.0, 1.0], [0.75, -1.0, -1.0]])
+    torch.testing.assert_close(grid_context(grid, positions),
+                               torch.tensor([[1.0, 0.0], [0.0, 3.0], [0.5, 0.0]]))
+    config = _config(30)
+    config.flow.update(position_grid_features=3, position_grid_nodes=4)
+    trainer = SpatialTrainer(config, _location_sets(rng, 3), _location_sets(rng, 1), tmp_path)
+    assert trainer.flow.config.context_dim == (3 + 6 * config.flow["position_frequencies"]
+                                               + 3 + config.flow["global_features"])
+    trainer.run(progress=False)
+    assert trainer.flow.position_grid.abs().max() > 0  # the grid receives gradients
 
 
 def test_trainer_resume_continues_the_same_run(rng, tmp_path):

@@ -53,7 +53,7 @@ from SpatialMSMALib.typicality import MODEL_NAMES, TypicalityModel  # noqa: E402
 
 TRAIN_FIELDS = [f for f in dataclasses.fields(SpatialTrainConfig) if f.name != "flow"]
 FLOW_FIELDS = [f for f in dataclasses.fields(SpatialFlowConfig)
-               if f.name not in ("num_features", "in_channels")]
+               if f.name not in ("num_features", "in_channels", "grid_spacing_mm")]
 
 
 def _add_fields(parser, fields, prefix: str = "") -> None:
@@ -207,12 +207,14 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
         digest = model.provenance["score_checkpoint_sha256"][:12]
         n_channels = len(model.channel_names)
         flow_config = {f.name: getattr(args, "flow_" + f.name) for f in FLOW_FIELDS}
-        flow_config.update(num_features=len(model.sigmas), in_channels=len(model.channel_names))
+        flow_config.update(num_features=len(model.sigmas), in_channels=len(model.channel_names),
+                           grid_spacing_mm=float(model.spacing_mm))
         try:
             flow_config = SpatialFlowConfig(**flow_config)
         except ValueError as e:
-            raise InputError(f"--flow-score-levels with a {len(model.sigmas)}-level score "
-                             f"model '{score_checkpoint}': {e}") from None
+            raise InputError(f"flow options (--flow-score-levels, --flow-intensity-scales-mm, "
+                             f"...) with the {len(model.sigmas)}-level score model "
+                             f"'{score_checkpoint}': {e}") from None
         cache = work / "cache"
         feature_dir = cache / f"features_{digest}"
         start = time.perf_counter()
@@ -249,7 +251,8 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
                     out.append(LocationSet.from_arrays(
                         cached["local"], scan.image, scan.brain_mask, downsample,
                         intensity_features=config.flow["intensity_features"],
-                        score_features=config.flow["score_features"], score_levels=levels))
+                        score_features=config.flow["score_features"], score_levels=levels,
+                        intensity_sigmas_vox=flow_config.intensity_sigmas_vox()))
             return out
 
         train_sets = locations(train_scans, train_paths)

@@ -1,0 +1,166 @@
+"""What the Spatial-MSMA flow should model: an ablation of its inputs and position context.
+
+    python benchmarks/flow_inputs.py --manifest benchmark --cache CACHE \\
+        --dev-manifest dev --dev-cache DEV_CACHE --name multiscale --scales-mm 0,4,8 \\
+        [--position-frequencies 4] [--grid-features 0] [--steps 3000] --out RESULT.json
+
+One variant per run: a flow over the model-space intensities at the given Gaussian scales
+(``SpatialFlowConfig.intensity_scales_mm``; "0" is the bundled model's input, the voxel's own
+T1/T2), with the sinusoidal position encoding and optionally a learned position grid
+(``--grid-features``), trained on the cohort's ``train`` scans (their scored region: brain
+without a 4 mm rim), validated on ``val``. Then, like the detector: NLL heat map smoothed by
+2 mm inside the scored region, thresholds from the healthy ``val`` scans at voxel FPRs of
+1%, 0.3% and 0.1% (label-free, PROTOCOLS.md), components of at least 0.3 mL. Evaluated on
+the model grid (2 mm; truth masks resampled there), so the figures are for comparing
+variants, not a replacement for ``spatial_3d.py`` (native grid, the shipped model).
+
+Splits evaluated: ``dev`` (``test_*`` of a second cohort made with another master seed, e.g.
+``spatial-msma make-benchmark --seed 1 --n-train 0 --n-val 0 --n-loao-healthy 0
+--n-loao-lesioned 0 --n-test-healthy 6 --n-test-lesioned 12``: the split to choose a variant
+on), then the benchmark's ``test`` and ``loao`` splits. Per split: mean voxel AUROC of the
+lesioned scans, and per rate: TPR for lesions >= 0.5 mL, pooled TPR and PPV, mean Dice and the
+median flagged volume of the healthy scans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from SpatialMSMALib.dataset import manifest_scans
+from SpatialMSMALib.io import load_volume
+from SpatialMSMALib.metrics import LARGE_LESION_MM3, evaluate_operating_point
+from SpatialMSMALib.preprocessing import SpaceMapping
+from SpatialMSMALib.spatial import (
+    Calibration,
+    SpatialFlowConfig,
+    label_anomalies,
+    multiscale_intensities,
+    scored_region,
+    smooth_in_region,
+)
+from SpatialMSMALib.spatial_training import (
+    LocationSet,
+    SpatialTrainConfig,
+    SpatialTrainer,
+    load_best_flow,
+)
+
+SPACING_MM = 2.0
+RIM_MM, SMOOTHING_MM, MIN_COMPONENT_ML = 4.0, 2.0, 0.3
+RATES = (0.01, 0.003, 0.001)
+
+
+def load_scan(cache: Path, scan_id: str, scales_mm: list[float]):
+    """Cached model-space scan -> (intensities at each scale (C*S, X, Y, Z), brain mask,
+    scored region, mapping)."""
+    with np.load(cache / f"{scan_id}_{SPACING_MM:g}mm.npz") as z:
+        brain = z["brain_mask"] > 0
+        image = multiscale_intensities(z["image"], brain, [s / SPACING_MM for s in scales_mm])
+        mapping = SpaceMapping.from_dict(json.loads(str(z["mapping"])))
+    return image, brain, scored_region(brain, RIM_MM, SPACING_MM), mapping
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--cache", type=Path, required=True, help="model-space cache of the cohort")
+    p.add_argument("--train-manifest", type=Path,
+                   help="cohort whose train / val scans fit and calibrate the flow "
+                        "(default --manifest; e.g. one made with stronger deformations)")
+    p.add_argument("--train-cache", type=Path, help="its model-space cache (default --cache)")
+    p.add_argument("--dev-manifest", type=Path, required=True)
+    p.add_argument("--dev-cache", type=Path, required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--scales-mm", default="0", help="Gaussian sigmas (mm), 0 = the voxel")
+    p.add_argument("--position-frequencies", type=int, default=4)
+    p.add_argument("--grid-features", type=int, default=0)
+    p.add_argument("--grid-nodes", type=int, default=24)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--work", type=Path, default=Path("runs/flow_inputs"))
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    scales = [float(s) for s in args.scales_mm.split(",")]
+
+    def location_set(scan_id):  # no score norms: a flow of the intensities
+        image, _, region, _ = load_scan(train_cache, scan_id, scales)
+        return LocationSet.from_arrays(np.zeros((0, *region.shape), np.float32), image,
+                                       region, 4, intensity_features=True,
+                                       score_features=False)
+
+    train_cache = args.train_cache or args.cache
+    start = time.perf_counter()
+    cohort = manifest_scans(args.train_manifest or args.manifest, ("train", "val"))
+    train = [location_set(r.id) for r in cohort["train"]]
+    val = [location_set(r.id) for r in cohort["val"]]
+    flow_config = SpatialFlowConfig(
+        in_channels=train[0].lowres.shape[0], intensity_features=True, score_features=False,
+        position_frequencies=args.position_frequencies, hidden=args.hidden,
+        position_grid_features=args.grid_features, position_grid_nodes=args.grid_nodes)
+    work = args.work / args.name
+    trainer = SpatialTrainer(SpatialTrainConfig(flow=asdict(flow_config), steps=args.steps),
+                             train, val, work)
+    trainer.run(progress=True)
+    flow = load_best_flow(work / "best.pt")
+    train_seconds = time.perf_counter() - start
+    print(f"{args.name}: trained in {train_seconds:.0f} s, best val NLL {trainer.best_val:.3f}")
+
+    def heat_of(cache, scan_id):
+        image, brain, region, mapping = load_scan(cache, scan_id, scales)
+        raw = flow.heat_map(np.zeros((0, *region.shape), np.float32), image, region)
+        return smooth_in_region(raw, region, SMOOTHING_MM / SPACING_MM), region, mapping
+
+    calibration = Calibration.from_healthy(
+        [h[r] for h, r, _ in (heat_of(train_cache, row.id) for row in cohort["val"])])
+    result = {"name": args.name, "scales_mm": scales,
+              "train_cohort": str(args.train_manifest or args.manifest),
+              "flow": asdict(flow_config),
+              "steps": args.steps, "best_val_nll": trainer.best_val,
+              "train_seconds": train_seconds, "grid": "model grid, 2 mm",
+              "rim_mm": RIM_MM, "smoothing_mm": SMOOTHING_MM,
+              "min_component_ml": MIN_COMPONENT_ML, "splits": {}}
+    for split, manifest, cache, prefix in [("dev", args.dev_manifest, args.dev_cache, "test"),
+                                           ("test", args.manifest, args.cache, "test"),
+                                           ("loao", args.manifest, args.cache, "loao")]:
+        rows = manifest_scans(manifest, (prefix + "_healthy", prefix + "_lesioned"))
+        per_rate, aurocs = {rate: [] for rate in RATES}, []
+        for row in rows[prefix + "_healthy"] + rows[prefix + "_lesioned"]:
+            heat, region, mapping = heat_of(cache, row.id)
+            native = load_volume(row.lesion_mask, what="lesion mask", allow_empty=True)
+            truth = mapping.to_model(native.data.astype(np.float32)) > 0.5
+            if truth.any():
+                aurocs.append(roc_auc_score(truth[region], heat[region]))
+            for rate in RATES:
+                labels, _ = label_anomalies(heat, region, calibration.threshold_for_fpr(rate),
+                                            (SPACING_MM,) * 3, MIN_COMPONENT_ML)
+                per_rate[rate].append(evaluate_operating_point(labels > 0, truth,
+                                                               (SPACING_MM,) * 3))
+        figures = {"auroc": float(np.mean(aurocs)), "n_lesioned": len(aurocs)}
+        for rate, cases in per_rate.items():
+            lesioned = [c for c in cases if not c["healthy"]]
+            healthy = [c for c in cases if c["healthy"]]
+            sizes = np.concatenate([c["truth_sizes_mm3"] for c in lesioned])
+            hits = np.concatenate([c["truth_detected"] for c in lesioned]).astype(bool)
+            figures[str(rate)] = {
+                "tpr_ge_0.5ml": float(hits[sizes >= LARGE_LESION_MM3].mean()),
+                "tpr": float(hits.mean()),
+                "ppv": sum(c["n_pred_true"] for c in lesioned)
+                / max(1, sum(c["n_pred"] for c in lesioned)),
+                "dice": float(np.mean([c["dice"] for c in lesioned])),
+                "healthy_median_ml": float(np.median([c["flagged_ml"] for c in healthy])),
+            }
+        result["splits"][split] = figures
+        print(split, json.dumps(figures), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -35,6 +35,12 @@ def _add_make_benchmark(sub) -> None:
     p.add_argument("--n-loao-healthy", type=int, default=5)
     p.add_argument("--n-loao-lesioned", type=int, default=10)
     p.add_argument("--spacing", type=float, default=2.0, help="voxel size of the scans (mm)")
+    p.add_argument("--deformation-mm", type=float, default=2.5,
+                   help="SD of the random deformation's velocity at the control points (mm); "
+                        "5 with --control-spacing-mm 20 makes the 2x-deformation training "
+                        "cohort of the bundled model")
+    p.add_argument("--control-spacing-mm", type=float, default=24.0,
+                   help="spacing of the deformation's control points (mm)")
     p.add_argument("--lesion-kind", default="ms", choices=["ms", "hyperintense_t1", "mass"])
     p.add_argument("--max-load-ml", type=float, default=20.0)
     p.add_argument(
@@ -63,12 +69,15 @@ def _run_make_benchmark(args) -> int:
     )
     if min(vars(sizes).values()) < 0:
         raise InputError("subject counts must be >= 0")
+    if args.deformation_mm < 0 or args.control_spacing_mm <= 0:
+        raise InputError("--deformation-mm must be >= 0 and --control-spacing-mm > 0")
     manifest = make_benchmark(
         args.out,
         anatomy_dir=args.anatomy_dir,
         sizes=sizes,
         seed=args.seed,
-        subject_config=SubjectConfig(spacing_mm=args.spacing),
+        subject_config=SubjectConfig(spacing_mm=args.spacing, deformation_mm=args.deformation_mm,
+                                     control_spacing_mm=args.control_spacing_mm),
         lesion_config=LesionConfig(
             kind=args.lesion_kind, max_load_ml=args.max_load_ml, contrast_boost=args.contrast_boost
         ),

@@ -128,10 +128,18 @@ def test_cli_make_benchmark_and_evaluate(tmp_path, capsys):
             "1",
             "--seed",
             "5",
+            "--deformation-mm",
+            "5",
+            "--control-spacing-mm",
+            "20",
         ]
     )
     assert rc == 0
     assert "manifest.json" in capsys.readouterr().out
+    recorded = load_manifest(tmp_path / "manifest.json")["subject_config"]
+    assert recorded["deformation_mm"] == 5.0 and recorded["control_spacing_mm"] == 20.0
+    rc = main(["make-benchmark", "--out", str(tmp_path / "bad"), "--deformation-mm", "-1"])
+    assert rc == 2 and "--deformation-mm" in capsys.readouterr().err
     truth = tmp_path / "test_lesioned_000_lesionmask.nii.gz"
     rc = main(["evaluate", "--pred", str(truth), "--truth", str(truth), "--json"])
     result = json.loads(capsys.readouterr().out)

@@ -90,11 +90,17 @@ def flow_inputs(model: AnomalyModel) -> dict:
     if levels:
         parts.append(f"score norms at {len(levels)} of {len(model.sigmas)} noise levels")
     if config.intensity_features:
-        parts.append("the location's own intensities (" + ", ".join(model.channel_names) + ")")
+        channels = ", ".join(model.channel_names)
+        scales = config.intensity_scales_mm
+        parts.append(f"the location's own intensities ({channels})" if scales == "0" else
+                     f"the intensities ({channels}) at Gaussian scales {scales} mm")
+    context = "position in the model grid"
+    if config.position_grid_features:
+        context += " (sinusoidal + a learned grid)"
     return {"models": " and ".join(parts), "score_levels": levels,
             "intensity_features": config.intensity_features,
-            "context": "position in the model grid"
-                       + (" + global image features" if config.global_features else "")}
+            "intensity_scales_mm": config.intensity_scales_mm,
+            "context": context + (" + global image features" if config.global_features else "")}
 
 
 def entry_for(model: AnomalyModel, file: Path, benchmark: dict | None,
@@ -114,8 +120,8 @@ def entry_for(model: AnomalyModel, file: Path, benchmark: dict | None,
             "cohort": p.get("cohort"), "n_healthy_scans": p.get("n_healthy"),
             "n_flow_train": p.get("n_flow_train"), "n_flow_val": p.get("n_flow_val"),
             "score_training_steps": p.get("score_training_step"),
-            "description": "synthetic healthy subjects of the benchmark cohort "
-                           "(spatial-msma make-benchmark, seed 0); see training/README.md",
+            "description": "synthetic healthy subjects made by spatial-msma make-benchmark; "
+                           "see training/README.md",
         },
         "calibration": {"default_voxel_fpr": model.calibration.default_fpr,
                         "default_threshold": model.calibration.default_threshold,
@@ -135,6 +141,13 @@ def entry_for(model: AnomalyModel, file: Path, benchmark: dict | None,
                                                if a != m.get("holdout_anatomy")]
         entry["training_data"]["held_out_anatomy"] = m.get("holdout_anatomy")
         entry["training_data"]["cohort_seed"] = m.get("seed")
+        variability = m.get("subject_config", {})
+        entry["training_data"]["subject_variability"] = variability
+        entry["training_data"]["description"] = (
+            "synthetic healthy subjects made by spatial-msma make-benchmark (seed "
+            f"{m.get('seed')}, deformation {variability.get('deformation_mm')} mm at "
+            f"{variability.get('control_spacing_mm')} mm control spacing); see "
+            "training/README.md")
     if cost:
         entry["expected_time"] = cost
     if benchmark:

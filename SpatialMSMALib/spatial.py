@@ -70,8 +70,9 @@ class SpatialFlowConfig:
     def __post_init__(self):
         self.level_indices()  # fail at construction on a bad selection
         self.intensity_sigmas_vox()
-        if self.position_grid_features > 0 and self.position_grid_nodes < 2:
-            raise ValueError("position_grid_nodes must be at least 2")
+        if self.position_grid_features < 0 or (self.position_grid_features > 0
+                                               and self.position_grid_nodes < 2):
+            raise ValueError("position grid: features must be >= 0 and nodes >= 2")
 
     def intensity_sigmas_vox(self) -> list[float]:
         """``intensity_scales_mm`` as Gaussian sigmas in model-grid voxels (0 = unsmoothed)."""
@@ -303,12 +304,15 @@ class SpatialFlow(nn.Module):
         self.register_buffer("feature_sd", torch.ones(L))
 
     # -- inputs ------------------------------------------------------------------------
-    def intensity_channels(self, image, support: np.ndarray):
+    def intensity_channels(self, image, support: np.ndarray | None):
         """The scan ``(C, X, Y, Z)`` as the flow models it: unchanged, or at each of the
-        config's ``intensity_scales_mm`` (``multiscale_intensities`` inside ``support``)."""
+        config's ``intensity_scales_mm`` (``multiscale_intensities`` inside ``support``, the
+        brain mask, which they need)."""
         sigmas = self.config.intensity_sigmas_vox()
         if not self.config.intensity_features or sigmas == [0.0]:
             return image
+        if support is None:
+            raise ValueError("multi-scale intensities need the brain mask (support)")
         image = image.cpu().numpy() if torch.is_tensor(image) else image
         return torch.from_numpy(multiscale_intensities(image, support, sigmas))
 
@@ -317,10 +321,7 @@ class SpatialFlow(nn.Module):
         """Per-location raw features ``(D, X, Y, Z)`` from the local score norms
         ``(L, X, Y, Z)`` and the model-space scan ``(C, X, Y, Z)``; ``support`` (the brain
         mask) bounds the smoothing of multi-scale intensities (needed only with them)."""
-        if support is not None:
-            image = self.intensity_channels(image, support)
-        elif self.config.intensity_sigmas_vox() != [0.0] and self.config.intensity_features:
-            raise ValueError("multi-scale intensities need the brain mask (support)")
+        image = self.intensity_channels(image, support)
         return location_features(local, image, score_features=self.config.score_features,
                                  intensity_features=self.config.intensity_features,
                                  score_levels=self.config.level_indices())

@@ -298,6 +298,10 @@ def test_position_grid_context_reads_the_right_node_and_learns(rng, tmp_path):
                                                + 3 + config.flow["global_features"])
     trainer.run(progress=False)
     assert trainer.flow.position_grid.abs().max() > 0  # the grid receives gradients
+    for bad in ({"position_grid_features": -1}, {"position_grid_features": 2,
+                                                 "position_grid_nodes": 1}):
+        with pytest.raises(ValueError, match="position grid"):
+            SpatialFlowConfig(**bad)
 
 
 def test_trainer_resume_continues_the_same_run(rng, tmp_path):

@@ -60,7 +60,11 @@ RATES = (0.01, 0.003, 0.001)
 def load_scan(cache: Path, scan_id: str, scales_mm: list[float]):
     """Cached model-space scan -> (intensities at each scale (C*S, X, Y, Z), brain mask,
     scored region, mapping)."""
-    with np.load(cache / f"{scan_id}_{SPACING_MM:g}mm.npz") as z:
+    path = cache / f"{scan_id}_{SPACING_MM:g}mm.npz"
+    if not path.exists():
+        raise SystemExit(f"error: '{path}' is missing: preprocess the cohort into this cache "
+                         "first (spatial_3d.py or train_spatial.py write it)")
+    with np.load(path) as z:
         brain = z["brain_mask"] > 0
         image = multiscale_intensities(z["image"], brain, [s / SPACING_MM for s in scales_mm])
         mapping = SpaceMapping.from_dict(json.loads(str(z["mapping"])))

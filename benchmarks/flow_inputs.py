@@ -71,65 +71,16 @@ def load_scan(cache: Path, scan_id: str, scales_mm: list[float]):
     return image, brain, scored_region(brain, RIM_MM, SPACING_MM), mapping
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--manifest", type=Path, required=True)
-    p.add_argument("--cache", type=Path, required=True, help="model-space cache of the cohort")
-    p.add_argument("--train-manifest", type=Path,
-                   help="cohort whose train / val scans fit and calibrate the flow "
-                        "(default --manifest; e.g. one made with stronger deformations)")
-    p.add_argument("--train-cache", type=Path, help="its model-space cache (default --cache)")
-    p.add_argument("--dev-manifest", type=Path, required=True)
-    p.add_argument("--dev-cache", type=Path, required=True)
-    p.add_argument("--name", required=True)
-    p.add_argument("--scales-mm", default="0", help="Gaussian sigmas (mm), 0 = the voxel")
-    p.add_argument("--position-frequencies", type=int, default=4)
-    p.add_argument("--grid-features", type=int, default=0)
-    p.add_argument("--grid-nodes", type=int, default=24)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--work", type=Path, default=Path("runs/flow_inputs"))
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args()
-    scales = [float(s) for s in args.scales_mm.split(",")]
+def evaluate_splits(heat_of, calibration: Calibration, args) -> dict:
+    """Figures of one heat-map function on the ``dev``, ``test`` and ``loao`` splits.
 
-    def location_set(scan_id):  # no score norms: a flow of the intensities
-        image, _, region, _ = load_scan(train_cache, scan_id, scales)
-        return LocationSet.from_arrays(np.zeros((0, *region.shape), np.float32), image,
-                                       region, 4, intensity_features=True,
-                                       score_features=False)
-
-    train_cache = args.train_cache or args.cache
-    start = time.perf_counter()
-    cohort = manifest_scans(args.train_manifest or args.manifest, ("train", "val"))
-    train = [location_set(r.id) for r in cohort["train"]]
-    val = [location_set(r.id) for r in cohort["val"]]
-    flow_config = SpatialFlowConfig(
-        in_channels=train[0].lowres.shape[0], intensity_features=True, score_features=False,
-        position_frequencies=args.position_frequencies, hidden=args.hidden,
-        position_grid_features=args.grid_features, position_grid_nodes=args.grid_nodes)
-    work = args.work / args.name
-    trainer = SpatialTrainer(SpatialTrainConfig(flow=asdict(flow_config), steps=args.steps),
-                             train, val, work)
-    trainer.run(progress=True)
-    flow = load_best_flow(work / "best.pt")
-    train_seconds = time.perf_counter() - start
-    print(f"{args.name}: trained in {train_seconds:.0f} s, best val NLL {trainer.best_val:.3f}")
-
-    def heat_of(cache, scan_id):
-        image, brain, region, mapping = load_scan(cache, scan_id, scales)
-        raw = flow.heat_map(np.zeros((0, *region.shape), np.float32), image, region)
-        return smooth_in_region(raw, region, SMOOTHING_MM / SPACING_MM), region, mapping
-
-    calibration = Calibration.from_healthy(
-        [h[r] for h, r, _ in (heat_of(train_cache, row.id) for row in cohort["val"])])
-    result = {"name": args.name, "scales_mm": scales,
-              "train_cohort": str(args.train_manifest or args.manifest),
-              "flow": asdict(flow_config),
-              "steps": args.steps, "best_val_nll": trainer.best_val,
-              "train_seconds": train_seconds, "grid": "model grid, 2 mm",
-              "rim_mm": RIM_MM, "smoothing_mm": SMOOTHING_MM,
-              "min_component_ml": MIN_COMPONENT_ML, "splits": {}}
+    ``heat_of(cache, scan_id)`` returns the smoothed model-grid heat map ``(X, Y, Z)`` (NaN
+    outside the scored region), the scored region and the scan's ``SpaceMapping``; the truth is
+    resampled to the model grid. ``args`` holds ``manifest``, ``cache``, ``dev_manifest`` and
+    ``dev_cache``. Per split: mean voxel AUROC of the lesioned scans and, per rate of
+    ``RATES`` (thresholds from ``calibration``), TPR for lesions >= 0.5 mL, pooled TPR and
+    PPV, mean Dice and the healthy scans' median flagged volume (mL)."""
+    out = {}
     for split, manifest, cache, prefix in [("dev", args.dev_manifest, args.dev_cache, "test"),
                                            ("test", args.manifest, args.cache, "test"),
                                            ("loao", args.manifest, args.cache, "loao")]:
@@ -160,10 +111,85 @@ def main() -> None:
                 "dice": float(np.mean([c["dice"] for c in lesioned])),
                 "healthy_median_ml": float(np.median([c["flagged_ml"] for c in healthy])),
             }
+        out[split] = figures
+    return out
+
+
+def evaluate_and_write(result: dict, heat_of, calibration: Calibration, args) -> None:
+    """``evaluate_splits`` into ``result["splits"]`` (printed per split), then ``result`` as
+    JSON to ``args.out``."""
+    for split, figures in evaluate_splits(heat_of, calibration, args).items():
         result["splits"][split] = figures
         print(split, json.dumps(figures), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--cache", type=Path, required=True, help="model-space cache of the cohort")
+    p.add_argument("--train-manifest", type=Path,
+                   help="cohort whose train / val scans fit and calibrate the flow "
+                        "(default --manifest; e.g. one made with stronger deformations)")
+    p.add_argument("--train-cache", type=Path, help="its model-space cache (default --cache)")
+    p.add_argument("--dev-manifest", type=Path, required=True)
+    p.add_argument("--dev-cache", type=Path, required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--scales-mm", default="0", help="Gaussian sigmas (mm), 0 = the voxel")
+    p.add_argument("--position-frequencies", type=int, default=4)
+    p.add_argument("--grid-features", type=int, default=0)
+    p.add_argument("--grid-nodes", type=int, default=24)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="training seed (sampling, initialisation)")
+    p.add_argument("--work", type=Path, default=Path("runs/flow_inputs"))
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    args = p.parse_args()
+    if args.out.exists() and not args.overwrite:
+        raise SystemExit(f"error: '{args.out}' exists; pass --overwrite to replace it")
+    scales = [float(s) for s in args.scales_mm.split(",")]
+
+    def location_set(scan_id):  # no score norms: a flow of the intensities
+        image, _, region, _ = load_scan(train_cache, scan_id, scales)
+        return LocationSet.from_arrays(np.zeros((0, *region.shape), np.float32), image,
+                                       region, 4, intensity_features=True,
+                                       score_features=False)
+
+    train_cache = args.train_cache or args.cache
+    start = time.perf_counter()
+    cohort = manifest_scans(args.train_manifest or args.manifest, ("train", "val"))
+    train = [location_set(r.id) for r in cohort["train"]]
+    val = [location_set(r.id) for r in cohort["val"]]
+    flow_config = SpatialFlowConfig(
+        in_channels=train[0].lowres.shape[0], intensity_features=True, score_features=False,
+        position_frequencies=args.position_frequencies, hidden=args.hidden,
+        position_grid_features=args.grid_features, position_grid_nodes=args.grid_nodes)
+    work = args.work / args.name
+    trainer = SpatialTrainer(SpatialTrainConfig(flow=asdict(flow_config), steps=args.steps,
+                                                 seed=args.seed),
+                             train, val, work)
+    trainer.run(progress=True)
+    flow = load_best_flow(work / "best.pt")
+    train_seconds = time.perf_counter() - start
+    print(f"{args.name}: trained in {train_seconds:.0f} s, best val NLL {trainer.best_val:.3f}")
+
+    def heat_of(cache, scan_id):
+        image, brain, region, mapping = load_scan(cache, scan_id, scales)
+        raw = flow.heat_map(np.zeros((0, *region.shape), np.float32), image, region)
+        return smooth_in_region(raw, region, SMOOTHING_MM / SPACING_MM), region, mapping
+
+    calibration = Calibration.from_healthy(
+        [h[r] for h, r, _ in (heat_of(train_cache, row.id) for row in cohort["val"])])
+    result = {"name": args.name, "scales_mm": scales,
+              "train_cohort": str(args.train_manifest or args.manifest),
+              "flow": asdict(flow_config),
+              "steps": args.steps, "seed": args.seed, "best_val_nll": trainer.best_val,
+              "train_seconds": train_seconds, "grid": "model grid, 2 mm",
+              "rim_mm": RIM_MM, "smoothing_mm": SMOOTHING_MM,
+              "min_component_ml": MIN_COMPONENT_ML, "splits": {}}
+    evaluate_and_write(result, heat_of, calibration, args)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,21 @@ def test_registry_quotes_the_committed_benchmark_and_the_flow_inputs():
             model.calibration.default_threshold)
 
 
+def test_registry_names_the_training_cohort_without_the_trainers_folders():
+    import sys
+
+    sys.path.insert(0, str(MODEL_DIR.parents[1] / "training"))
+    from bundle_model import public_cohort
+
+    assert public_cohort({"manifest": "/tmp/someone/aug", "splits": ["train", "val"]}) == {
+        "manifest": "aug", "splits": ["train", "val"]}
+    assert public_cohort({"data_dir": "/home/x/healthy_scans"}) == {"data_dir": "healthy_scans"}
+    assert public_cohort(None) is None
+    for entry in bundled_models():
+        for value in (entry["training_data"]["cohort"] or {}).values():
+            assert "/" not in str(value), f"{entry['file']}: a local path in the registry"
+
+
 def test_bundling_checks_every_input_before_writing_anything(tmp_path, capsys):
     import sys
 

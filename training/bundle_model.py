@@ -103,6 +103,14 @@ def flow_inputs(model: AnomalyModel) -> dict:
             "context": context + (" + global image features" if config.global_features else "")}
 
 
+def public_cohort(cohort: dict | None) -> dict | None:
+    """The provenance's cohort without the trainer's local folders (only their names)."""
+    if not cohort:
+        return cohort
+    return {key: Path(value).name if key in ("manifest", "data_dir") and value else value
+            for key, value in cohort.items()}
+
+
 def entry_for(model: AnomalyModel, file: Path, benchmark: dict | None,
               cost: dict | None) -> dict:
     p = model.provenance
@@ -117,7 +125,7 @@ def entry_for(model: AnomalyModel, file: Path, benchmark: dict | None,
                          "sigma_min": float(model.sigmas[-1])},
         "flow_inputs": flow_inputs(model),
         "training_data": {
-            "cohort": p.get("cohort"), "n_healthy_scans": p.get("n_healthy"),
+            "cohort": public_cohort(p.get("cohort")), "n_healthy_scans": p.get("n_healthy"),
             "n_flow_train": p.get("n_flow_train"), "n_flow_val": p.get("n_flow_val"),
             "score_training_steps": p.get("score_training_step"),
             "description": "synthetic healthy subjects made by spatial-msma make-benchmark; "

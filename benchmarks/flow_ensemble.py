@@ -23,19 +23,35 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from flow_inputs import RIM_MM, SMOOTHING_MM, SPACING_MM, evaluate_and_write, load_scan
+from flow_inputs import (
+    RIM_MM,
+    SMOOTHING_MM,
+    SPACING_MM,
+    evaluate_and_write,
+    load_scan,
+    parse_scales,
+)
 
 from SpatialMSMALib.dataset import manifest_scans
 from SpatialMSMALib.spatial import Calibration, smooth_in_region
 from SpatialMSMALib.spatial_training import load_best_flow
 
 
-def member_raw_nll(flow, scales_mm, cache: Path, scan_id: str):
-    """One member's unsmoothed NLL ``(X, Y, Z)`` (NaN outside the scored region), the scored
-    region and the scan's mapping."""
-    image, _, region, mapping = load_scan(cache, scan_id, scales_mm)
-    raw = flow.heat_map(np.zeros((0, *region.shape), np.float32), image, region)
-    return raw, region, mapping
+def member_raw_nlls(members, cache: Path, scan_id: str):
+    """Every member's unsmoothed NLL ``(X, Y, Z)`` (NaN outside the scored region) for one
+    scan, the scored region and the scan's mapping; members with the same scales share one
+    multi-scale image."""
+    images, maps = {}, []
+    for folder, flow, scales in members:
+        if tuple(scales) not in images:
+            images[tuple(scales)] = load_scan(cache, scan_id, scales)
+        image, _, region, mapping = images[tuple(scales)]
+        if image.shape[0] != flow.config.in_channels:
+            raise SystemExit(f"error: member '{folder}' models {flow.config.in_channels} "
+                             f"channels, but its scales {scales} give {image.shape[0]} for "
+                             f"'{scan_id}': give the scales it was trained with")
+        maps.append(flow.heat_map(np.zeros((0, *region.shape), np.float32), image, region))
+    return maps, region, mapping
 
 
 def main() -> None:
@@ -61,26 +77,29 @@ def main() -> None:
         checkpoint = Path(folder) / "best.pt"
         if not checkpoint.exists():
             raise SystemExit(f"error: '{checkpoint}' is missing: not a flow_inputs.py work folder")
-        members.append((load_best_flow(checkpoint), [float(s) for s in scales.split(",")]))
+        members.append((folder, load_best_flow(checkpoint),
+                        parse_scales(scales, f"--member {folder}")))
 
+    # the healthy validation maps, computed once: standardisation and calibration
     val_rows = manifest_scans(args.train_manifest, ("val",))["val"]
+    val_maps = [member_raw_nlls(members, args.train_cache, row.id) for row in val_rows]
     offsets = []
-    for flow, scales in members:
-        values = np.concatenate([raw[region] for raw, region, _ in (
-            member_raw_nll(flow, scales, args.train_cache, row.id) for row in val_rows)])
+    for i in range(len(members)):
+        values = np.concatenate([maps[i][region] for maps, region, _ in val_maps])
         median, p99 = np.percentile(values, [50, 99])
         offsets.append((median, p99 - median) if args.standardise else (0.0, 1.0))
 
+    def combined(maps, region):
+        mean = np.mean([(raw - shift) / scale
+                        for raw, (shift, scale) in zip(maps, offsets, strict=True)], axis=0)
+        return smooth_in_region(mean, region, SMOOTHING_MM / SPACING_MM)
+
     def heat_of(cache, scan_id):
-        maps = []
-        for (flow, scales), (shift, scale) in zip(members, offsets, strict=True):
-            raw, region, mapping = member_raw_nll(flow, scales, cache, scan_id)
-            maps.append((raw - shift) / scale)
-        mean = np.mean(maps, axis=0)
-        return smooth_in_region(mean, region, SMOOTHING_MM / SPACING_MM), region, mapping
+        maps, region, mapping = member_raw_nlls(members, cache, scan_id)
+        return combined(maps, region), region, mapping
 
     calibration = Calibration.from_healthy(
-        [h[r] for h, r, _ in (heat_of(args.train_cache, row.id) for row in val_rows)])
+        [combined(maps, region)[region] for maps, region, _ in val_maps])
     result = {"name": args.name, "members": [{"work": f, "scales_mm": s} for f, s in args.member],
               "standardise": args.standardise, "combination": "mean of member NLL maps",
               "train_cohort": str(args.train_manifest), "grid": "model grid, 2 mm",

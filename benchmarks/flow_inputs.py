@@ -57,6 +57,17 @@ RIM_MM, SMOOTHING_MM, MIN_COMPONENT_ML = 4.0, 2.0, 0.3
 RATES = (0.01, 0.003, 0.001)
 
 
+def parse_scales(spec: str, option: str) -> list[float]:
+    """Comma-separated Gaussian sigmas (mm) -> list, checked like the flow's own
+    ``intensity_scales_mm``; a clear error naming ``option`` otherwise."""
+    try:
+        sigmas = SpatialFlowConfig(intensity_scales_mm=spec,
+                                   grid_spacing_mm=SPACING_MM).intensity_sigmas_vox()
+    except ValueError as e:
+        raise SystemExit(f"error: {option}: {e}") from None
+    return [sigma * SPACING_MM for sigma in sigmas]
+
+
 def load_scan(cache: Path, scan_id: str, scales_mm: list[float]):
     """Cached model-space scan -> (intensities at each scale (C*S, X, Y, Z), brain mask,
     scored region, mapping)."""
@@ -149,7 +160,7 @@ def main() -> None:
     args = p.parse_args()
     if args.out.exists() and not args.overwrite:
         raise SystemExit(f"error: '{args.out}' exists; pass --overwrite to replace it")
-    scales = [float(s) for s in args.scales_mm.split(",")]
+    scales = parse_scales(args.scales_mm, "--scales-mm")
 
     def location_set(scan_id):  # no score norms: a flow of the intensities
         image, _, region, _ = load_scan(train_cache, scan_id, scales)

@@ -75,20 +75,45 @@ def model_space(
     progress: bool = True,
     need_mapping: bool = False,
     channels: int | None = None,
+    demons=None,
 ) -> list[ModelSpaceScan]:
     """Preprocess (or read from the cache) each scan onto the model grid at ``spacing`` mm.
     With ``need_mapping`` a cache entry from an older version without the mapping is
     recomputed (preprocessing is deterministic, so the image is the same). ``channels=1``
-    keeps only the T1 (for T1-only models; the cache always holds every channel)."""
+    keeps only the T1 (for T1-only models; the cache always holds every channel).
+
+    ``demons`` (a ``preprocessing.DemonsConfig``, as a model file records it) adds the
+    deformable step: its entries (``<id>_<spacing>mm_<tag>.npz``, with the displacement
+    fields) are derived from the affine ones, which stay cached for affine-only models."""
     from tqdm import tqdm
 
     from .io import load_volume
-    from .preprocessing import PreprocessConfig, SpaceMapping, preprocess_scan
+    from .preprocessing import PreprocessConfig, SpaceMapping, deform_to_template, preprocess_scan
     from .template import DEFAULT_SHAPE, DEFAULT_SPACING_MM
 
     shape = tuple(int(round(s * DEFAULT_SPACING_MM / spacing)) for s in DEFAULT_SHAPE)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    if demons is not None:
+        out = []
+        for row in tqdm(rows, desc=f"preprocess ({demons.tag})", disable=not progress):
+            cached = cache_dir / f"{row.id}_{spacing:g}mm_{demons.tag}.npz"
+            if cached.exists():
+                with np.load(cached) as stored:
+                    mapping = SpaceMapping.from_dict(json.loads(str(stored["mapping"])))
+                    mapping.with_displacements(stored)
+                    image, mask = stored["image"], stored["brain_mask"] > 0
+            else:
+                affine = model_space([row], cache_dir, spacing, False, need_mapping=True)[0]
+                mapping = affine.mapping
+                image, mask = deform_to_template(affine.image, affine.brain_mask, mapping, demons)
+                tmp = cached.with_name(cached.name + ".partial.npz")
+                np.savez(tmp, image=image, brain_mask=mask.astype(np.uint8),
+                         mapping=np.array(mapping.to_json()), **mapping.displacement_arrays())
+                tmp.replace(cached)
+            out.append(ModelSpaceScan(row.id, np.asarray(image, np.float32)[:channels],
+                                      np.asarray(mask, bool), mapping))
+        return out
     out = []
     for row in tqdm(rows, desc="preprocess", disable=not progress):
         cached = cache_dir / f"{row.id}_{spacing:g}mm.npz"

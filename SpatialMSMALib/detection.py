@@ -206,7 +206,9 @@ def native_detection(model: AnomalyModel, heat_model: np.ndarray, mapping,
                      fpr: float | None = None, threshold: float | None = None) -> Detection:
     """Map a model-grid heat map to the native grid and label it."""
     floor = float(model.calibration.scores[-1])
-    heat = _heat_to_native(np.nan_to_num(heat_model, nan=floor), mapping,
+    # a deformable model's heat map is in template space: first back onto the affine grid
+    affine_heat = mapping.undeform(np.nan_to_num(heat_model, nan=floor), order=1, fill=floor)
+    heat = _heat_to_native(affine_heat, mapping,
                            np.asarray(native_brain_mask, bool), floor)
     detection = Detection(heat, np.asarray(native_brain_mask, bool), np.zeros(heat.shape, np.int16),
                           np.asarray(mapping.native_grid.affine, float), 0.0, 0.0, floor, [],

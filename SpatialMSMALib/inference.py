@@ -18,7 +18,7 @@ import torch
 from .errors import InputError
 from .io import Volume
 from .model import AnomalyModel
-from .preprocessing import WARN_NCC, PreprocessConfig, PreprocessedScan, preprocess_scan
+from .preprocessing import WARN_NCC, PreprocessedScan, preprocess_scan
 from .score.features import score_norm_features
 
 Progress = Callable[[str, float], None]
@@ -54,8 +54,7 @@ def prepare(
         )
     if len(model.channel_names) == 1:
         t2 = None
-    config = PreprocessConfig(spacing_mm=model.spacing_mm, shape=tuple(model.shape))
-    return preprocess_scan(t1, t2, brain_mask, config, names=names,
+    return preprocess_scan(t1, t2, brain_mask, model.preprocess_config(), names=names,
                            progress=lambda m, f: progress(m, 0.3 * f) if progress else None)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import InputError
+from .preprocessing import DemonsConfig, PreprocessConfig
 from .score.network import ScoreUNet
 from .score.schedule import GeometricNoiseSchedule
 from .spatial import Calibration, SpatialFlow, SpatialFlowConfig
@@ -49,6 +50,8 @@ class AnomalyModel:
         spatial: the Spatial-MSMA conditional flow, or None (MSMA-only model).
         calibration: healthy heat-map quantiles and post-processing settings (with spatial).
         provenance: plain data on how it was made (checkpoint digests, cohort, steps).
+        demons: the deformable preprocessing step its flow was trained with
+            (``preprocessing.DemonsConfig``), or None (affine only).
     """
 
     score_net: ScoreUNet
@@ -61,10 +64,23 @@ class AnomalyModel:
     spatial: SpatialFlow | None = None
     calibration: Calibration | None = None
     provenance: dict = field(default_factory=dict)
+    demons: DemonsConfig | None = None
 
     @property
     def sigmas(self) -> torch.Tensor:
         return self.schedule.sigmas
+
+    def preprocess_config(self) -> PreprocessConfig:
+        """How scans are brought onto this model's grid (detection and training alike)."""
+        return PreprocessConfig(spacing_mm=self.spacing_mm, shape=tuple(self.shape),
+                                demons=self.demons)
+
+    def feature_cache_name(self, digest: str | None = None) -> str:
+        """Folder name of a feature cache of this score network on this model's model-space
+        scans (a deformable model's scans differ, so it has its own). ``digest`` names the
+        network; default: the first 12 hex digits of its checkpoint's SHA-256."""
+        digest = digest or self.provenance["score_checkpoint_sha256"][:12]
+        return f"features_{digest}" + (f"_{self.demons.tag}" if self.demons else "")
 
     @classmethod
     def from_score_checkpoint(cls, path: str | Path, **kwargs) -> AnomalyModel:
@@ -134,6 +150,7 @@ class AnomalyModel:
             "typicality": None,
             "spatial": None,
             "calibration": None,
+            "demons": asdict(self.demons) if self.demons is not None else None,
         }
         states = {"score_net": self.score_net.state_dict()}
         if self.typicality is not None:
@@ -184,6 +201,7 @@ class AnomalyModel:
             spatial=spatial,
             calibration=calibration,
             provenance=checkpoint["extra"].get("provenance", {}),
+            demons=DemonsConfig(**config["demons"]) if config.get("demons") else None,
         )
 
     def __post_init__(self):

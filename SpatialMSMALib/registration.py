@@ -151,3 +151,63 @@ def n4_bias_correction(
     log_bias = from_sitk(n4.GetLogBiasFieldAsImage(sitk_image)).astype(np.float32)
     bias = np.exp(log_bias)
     return (image / bias).astype(np.float32), bias
+
+
+def register_demons(
+    moving: np.ndarray,
+    fixed: np.ndarray,
+    iterations: int = 50,
+    smoothing_voxels: float = 2.0,
+) -> np.ndarray:
+    """Deformable registration of two images on the same grid (e.g. a model-space T1 to the
+    template T1, both normalised alike) with SimpleITK's fast symmetric-forces demons.
+
+    ``moving`` and ``fixed`` are ``(X, Y, Z)``; ``smoothing_voxels`` is the SD of the Gaussian
+    that regularises the displacement field after each of the ``iterations``. Returns the
+    displacement ``u`` as ``(3, X, Y, Z)`` float32 in voxels of that grid, defined on the fixed
+    image: the warped image is ``moving(x + u(x))`` (:func:`warp`). Deterministic.
+    """
+    if moving.shape != fixed.shape:
+        raise ValueError(f"moving {moving.shape} and fixed {fixed.shape} differ in shape")
+    if iterations < 1 or smoothing_voxels <= 0:
+        raise ValueError("iterations must be >= 1 and smoothing_voxels > 0")
+
+    def image(a):  # voxel space: spacing 1, identity direction, so the field is in voxels
+        return sitk.GetImageFromArray(np.ascontiguousarray(a.transpose(2, 1, 0), np.float32))
+
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(int(iterations))
+    demons.SetStandardDeviations(float(smoothing_voxels))
+    field = demons.Execute(image(fixed), image(moving))
+    return np.ascontiguousarray(
+        sitk.GetArrayFromImage(field).transpose(3, 2, 1, 0), dtype=np.float32)
+
+
+def warp(volume: np.ndarray, displacement: np.ndarray, order: int = 1,
+         fill: float = 0.0) -> np.ndarray:
+    """``volume(x + displacement(x))``: ``volume`` ``(X, Y, Z)`` (or ``(C, X, Y, Z)``, each
+    channel alike), ``displacement`` ``(3, X, Y, Z)`` in voxels; ``order`` 1 (linear) or 0
+    (nearest, for labels); points outside the volume get ``fill``."""
+    from scipy import ndimage
+
+    if volume.ndim == 4:
+        return np.stack([warp(c, displacement, order, fill) for c in volume])
+    grid = np.indices(volume.shape, dtype=np.float32)
+    return ndimage.map_coordinates(volume, grid + displacement, order=order, mode="constant",
+                                   cval=fill).astype(volume.dtype, copy=False)
+
+
+def invert_displacement(displacement: np.ndarray, iterations: int = 20) -> np.ndarray:
+    """Inverse ``v`` of a displacement field ``u`` (``(3, X, Y, Z)``, voxels): the field with
+    ``y + v(y) = x`` where ``x + u(x) = y``, found by the fixed-point iteration
+    ``v(y) = -u(y + v(y))`` (converges for smooth fields with Jacobian > 0, as the demons'
+    are). ``warp(warp(a, u), v) ~= a`` away from the borders."""
+    from scipy import ndimage
+
+    grid = np.indices(displacement.shape[1:], dtype=np.float32)
+    inverse = -displacement.copy()
+    for _ in range(iterations):
+        points = grid + inverse
+        inverse = -np.stack([ndimage.map_coordinates(c, points, order=1, mode="nearest")
+                             for c in displacement])
+    return inverse.astype(np.float32)

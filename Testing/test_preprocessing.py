@@ -9,10 +9,17 @@ from SpatialMSMALib.errors import InputError, RegistrationError
 from SpatialMSMALib.geometry import Grid, affine_about_point, rotation_matrix
 from SpatialMSMALib.io import Volume
 from SpatialMSMALib.preprocessing import (
+    DemonsConfig,
     PreprocessConfig,
     SpaceMapping,
     normalize_percentiles,
     preprocess_scan,
+)
+from SpatialMSMALib.registration import (
+    invert_displacement,
+    normalized_cross_correlation,
+    register_demons,
+    warp,
 )
 from SpatialMSMALib.synthesis import SubjectConfig, synthesize_subject
 from SpatialMSMALib.template import model_grid
@@ -264,3 +271,101 @@ def test_registration_is_reproducible():
     with pytest.raises(ValueError, match="seed"):
         register_affine(template.t1, template.grid.affine, template.brain_mask,
                         template.t1, native_affine, seed=0)
+
+
+# -- deformable step (step 7) ---------------------------------------------------------------
+def _smooth_field(shape, amplitude_vox, seed=0):
+    """A smooth random displacement ``(3, X, Y, Z)`` (voxels) with peak ``amplitude_vox``."""
+    rng = np.random.default_rng(seed)
+    field = np.stack([ndimage.gaussian_filter(rng.normal(size=shape), 6.0) for _ in range(3)])
+    return (field * amplitude_vox / np.abs(field).max()).astype(np.float32)
+
+
+def test_demons_recovers_a_known_smooth_displacement():
+    rng = np.random.default_rng(3)
+    fixed = ndimage.gaussian_filter(rng.normal(size=(40, 44, 40)), 2.5).astype(np.float32)
+    fixed /= fixed.std()
+    truth = _smooth_field(fixed.shape, 2.0)
+    moving = warp(fixed, invert_displacement(truth))  # so that moving(x + truth(x)) = fixed(x)
+    found = register_demons(moving, fixed, iterations=100, smoothing_voxels=1.5)
+    inner = (slice(None),) + (slice(8, -8),) * 3
+    error = np.linalg.norm(found - truth, axis=0)[inner[1:]]
+    assert error.mean() < 0.35 * np.linalg.norm(truth, axis=0)[inner[1:]].mean()  # 0: 1.0
+    residual = np.abs(warp(moving, found) - fixed)[inner[1:]].mean()
+    assert residual < 0.25 * np.abs(moving - fixed)[inner[1:]].mean()
+    # the inverse undoes the forward displacement: v(y) + u(y + v(y)) = 0
+    inverse = invert_displacement(found, 8)
+    composed = inverse + np.stack([warp(c, inverse) for c in found])
+    assert np.abs(composed)[inner].max() < 0.01  # voxels
+    assert np.abs(inverse + found)[inner].max() > 0.05  # not simply -u
+    with pytest.raises(ValueError, match="shape"):
+        register_demons(moving[:-1], fixed)
+
+
+def test_a_deformable_mapping_sends_template_points_and_maps_to_the_same_native_place():
+    mapping = _known_mapping()
+    grid = mapping.model_grid
+    shift = np.zeros((3, *grid.shape), np.float32)
+    shift[0] = 3.0  # template x -> affine model x + 3 voxels (6 mm) along the first axis
+    shift[1] = np.linspace(-2.0, 2.0, grid.shape[2])[None, None, :]
+    mapping.template_displacement = shift
+    mapping.template_inverse = invert_displacement(shift, 8)
+    centre = np.array([40.0, 60.0, 50.0])
+    blob = np.linalg.norm(np.indices(grid.shape).transpose(1, 2, 3, 0) - centre, axis=-1) <= 4
+    centre_ras = grid.affine[:3, :3] @ centre + grid.affine[:3, 3]
+    expected = mapping.model_point_to_native(centre_ras[None])[0]
+    # by hand: template voxel + displacement -> affine model RAS -> native
+    moved = centre + shift[:, 40, 60, 50]
+    by_hand = mapping.model_to_native[:3, :3] @ (grid.affine[:3, :3] @ moved + grid.affine[:3, 3])
+    np.testing.assert_allclose(expected, by_hand + mapping.model_to_native[:3, 3], atol=1e-3)
+    native = mapping.native_grid
+    labels = mapping.to_native(blob.astype(np.uint8), order=0)
+    got = _centroid_world(labels, native.affine)
+    assert np.linalg.norm(got - expected) < 0.5 * native.spacing.max()
+    back = mapping.to_model(labels.astype(np.float32))
+    np.testing.assert_allclose(np.array(ndimage.center_of_mass(back)), centre, atol=0.5)
+    # the fields travel next to the JSON, and a mapping that needs them refuses to go without
+    mapping.steps = [{"step": "deformable registration"}]
+    again = SpaceMapping.from_dict(mapping.to_dict())
+    with pytest.raises(ValueError, match="displacement fields are missing"):
+        again.with_displacements({})
+    again.with_displacements(mapping.displacement_arrays())
+    np.testing.assert_array_equal(again.to_native(blob.astype(np.uint8), order=0), labels)
+
+
+def test_demons_step_aligns_a_deformed_subject_with_the_template(tmp_path):
+    subject = synthesize_subject(load_mni152_2009a(), seed=5,
+                                 config=SubjectConfig(deformation_mm=5.0))
+    volumes = (Volume(subject.t1, subject.grid.affine), Volume(subject.t2, subject.grid.affine),
+               Volume(subject.brain_mask, subject.grid.affine))
+    affine = preprocess_scan(*volumes)
+    demons = DemonsConfig(iterations=30)
+    deformed = preprocess_scan(*volumes, PreprocessConfig(demons=demons))
+    step = [s for s in deformed.mapping.steps if s["step"] == "deformable registration"][0]
+    assert step["ncc_after"] > step["ncc_before"] + 0.02
+    assert step["ncc_before"] == pytest.approx(normalized_cross_correlation(
+        affine.image[0], _template_t1(), _template_mask()), abs=1e-3)
+    assert deformed.mapping.deformable and not affine.mapping.deformable
+    assert [s["step"] for s in deformed.mapping.steps][-1] == "total"
+    # the same brain, seen in template space: the mask overlaps the template's better
+    template_mask = _template_mask()
+    dice = [2 * (m & template_mask).sum() / (m.sum() + template_mask.sum())
+            for m in (affine.brain_mask, deformed.brain_mask)]
+    assert dice[1] > dice[0]
+    # the native brain mask, sent to template space and back, is where it was
+    back = deformed.mapping.to_native(deformed.brain_mask.astype(np.float32)) > 0.5
+    native = affine.native_brain_mask
+    assert 2 * (back & native).sum() / (back.sum() + native.sum()) > 0.95
+
+
+def _template_t1():
+    from SpatialMSMALib.template import template_on_grid
+
+    template = template_on_grid()
+    return normalize_percentiles(template.t1, template.brain_mask)[0]
+
+
+def _template_mask():
+    from SpatialMSMALib.template import template_on_grid
+
+    return template_on_grid().brain_mask

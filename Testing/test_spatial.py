@@ -412,6 +412,35 @@ def test_detect_cli_finds_the_lesion_and_writes_every_output(detection_setup, ca
     assert len(moved.components) == strict["n_components"]
 
 
+def test_a_deformable_model_file_finds_the_lesion_where_it_is_in_native_space(
+        detection_setup, tmp_path):
+    """The demons step recorded in the model file is repeated at detection, and the heat map
+    (computed in template space) lands on the lesion in the native grid."""
+    from dataclasses import replace
+
+    from SpatialMSMALib.detection import detect
+    from SpatialMSMALib.io import load_volume
+    from SpatialMSMALib.model import AnomalyModel
+    from SpatialMSMALib.preprocessing import DemonsConfig
+
+    path = replace(detection_setup["model"], demons=DemonsConfig(iterations=20)).save(
+        tmp_path / "deformable.pt")
+    model = AnomalyModel.load(path)
+    assert model.demons == DemonsConfig(iterations=20)
+    assert AnomalyModel.load(detection_setup["path"]).demons is None
+    assert model.feature_cache_name("0" * 12) == "features_000000000000_demons20x2"
+    paths = detection_setup["paths"]
+    t1, t2 = load_volume(paths["t1"]), load_volume(paths["t2"])
+    result = detect(model, t1, t2, device="cpu")
+    step = [s for s in result.mapping.steps if s["step"] == "deformable registration"]
+    assert len(step) == 1 and step[0]["iterations"] == 20
+    assert result.heat.shape == t1.shape and result.components
+    lesion = load_volume(paths["lesion"]).data > 0
+    centre = t1.affine[:3, :3] @ np.argwhere(lesion).mean(0) + t1.affine[:3, 3]
+    assert np.linalg.norm(np.asarray(result.components[0].centroid_ras_mm) - centre) < 16
+    assert (result.labels[lesion] == 1).mean() > 0.3
+
+
 def test_detect_without_t2_says_the_model_needs_it(detection_setup, capsys):
     from SpatialMSMALib.cli import main
 

@@ -39,3 +39,10 @@ def test_a_boolean_option_rejects_other_words(tmp_path):
 def test_a_malformed_level_selection_is_refused_before_any_work(tmp_path):
     _assert_refused_before_any_work(tmp_path, "--flow-score-levels: score levels 'low'",
                                     "--flow-score-levels", "low")
+
+
+def test_an_invalid_demons_setting_is_refused_before_any_work(tmp_path):
+    _assert_refused_before_any_work(tmp_path, "--demons-iterations / --demons-smoothing-vox",
+                                    "--demons-iterations", "-3")
+    _assert_refused_before_any_work(tmp_path, "smoothing_vox > 0",
+                                    "--demons-iterations", "20", "--demons-smoothing-vox", "0")

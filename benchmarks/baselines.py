@@ -335,11 +335,11 @@ def run(args, size: Size | None = None) -> dict:
         if not r:
             hint = " (choose the splits it has with --splits)" if what in SPLITS else ""
             raise SystemExit(f"the manifest '{args.manifest}' has no {what} scans{hint}")
-    digest = score_digest(model)
-    feature_dir = cache / f"features_{digest}"
+    feature_dir = cache / model.feature_cache_name(score_digest(model))
 
     def load(rows_):
-        scans = model_space(rows_, cache, model.spacing_mm, need_mapping=True, channels=channels)
+        scans = model_space(rows_, cache, model.spacing_mm, demons=model.demons,
+                            need_mapping=True, channels=channels)
         _, paths = cached_features(model, scans, feature_dir, device, save_local=True)
         return scans, paths
 

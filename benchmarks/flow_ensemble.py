@@ -45,7 +45,7 @@ def member_raw_nlls(members, cache: Path, scan_id: str):
     for folder, flow, scales in members:
         if tuple(scales) not in images:
             images[tuple(scales)] = load_scan(cache, scan_id, scales)
-        image, _, region, mapping = images[tuple(scales)]
+        image, _, region, mapping, _ = images[tuple(scales)]
         if image.shape[0] != flow.config.in_channels:
             raise SystemExit(f"error: member '{folder}' models {flow.config.in_channels} "
                              f"channels, but its scales {scales} give {image.shape[0]} for "

@@ -27,7 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,8 @@ from sklearn.metrics import roc_auc_score
 from SpatialMSMALib.dataset import manifest_scans
 from SpatialMSMALib.io import load_volume
 from SpatialMSMALib.metrics import LARGE_LESION_MM3, evaluate_operating_point
-from SpatialMSMALib.preprocessing import SpaceMapping
+from SpatialMSMALib.preprocessing import SpaceMapping, normalised_template_t1
+from SpatialMSMALib.registration import invert_displacement, register_demons, warp
 from SpatialMSMALib.spatial import (
     Calibration,
     SpatialFlowConfig,
@@ -51,6 +53,7 @@ from SpatialMSMALib.spatial_training import (
     SpatialTrainer,
     load_best_flow,
 )
+from SpatialMSMALib.template import template_on_grid
 
 SPACING_MM = 2.0
 RIM_MM, SMOOTHING_MM, MIN_COMPONENT_ML = 4.0, 2.0, 0.3
@@ -68,18 +71,55 @@ def parse_scales(spec: str, option: str) -> list[float]:
     return [sigma * SPACING_MM for sigma in sigmas]
 
 
-def load_scan(cache: Path, scan_id: str, scales_mm: list[float]):
+@dataclass
+class Deformable:
+    """Demons registration of each cached model-space T1 to the template T1 (both normalised
+    alike): the flow then sees every scan in template space, and heat maps are mapped back
+    with the inverse field. ``None`` in :func:`load_scan` means the plain affine model space."""
+
+    iterations: int
+    smoothing_vox: float
+    fields: Path  # cache of the displacement fields, one npz per scan
+
+    @cached_property
+    def fixed(self) -> np.ndarray:
+        grid = template_on_grid().grid
+        return normalised_template_t1(SPACING_MM, tuple(grid.shape))
+
+    def field(self, cache: Path, scan_id: str, t1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(forward, inverse) displacement of one scan of ``cache``, ``(3, X, Y, Z)`` voxels,
+        cached under the cache's folder name (two cohorts can share scan ids)."""
+        tag = f"{self.iterations}it_{self.smoothing_vox:g}sd"
+        path = self.fields / cache.resolve().name / f"{scan_id}_{tag}.npz"
+        if path.exists():
+            with np.load(path) as z:
+                return z["forward"].astype(np.float32), z["inverse"].astype(np.float32)
+        forward = register_demons(t1, self.fixed, self.iterations, self.smoothing_vox)
+        inverse = invert_displacement(forward)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, forward=forward.astype(np.float16), inverse=inverse.astype(np.float16))
+        return forward, inverse
+
+
+def load_scan(cache: Path, scan_id: str, scales_mm: list[float],
+              deformable: Deformable | None = None):
     """Cached model-space scan -> (intensities at each scale (C*S, X, Y, Z), brain mask,
-    scored region, mapping)."""
+    scored region, mapping, inverse displacement or None). With ``deformable`` the image,
+    mask and region are in template space (``inverse`` maps them back)."""
     path = cache / f"{scan_id}_{SPACING_MM:g}mm.npz"
     if not path.exists():
         raise SystemExit(f"error: '{path}' is missing: preprocess the cohort into this cache "
                          "first (spatial_3d.py or train_spatial.py write it)")
     with np.load(path) as z:
-        brain = z["brain_mask"] > 0
-        image = multiscale_intensities(z["image"], brain, [s / SPACING_MM for s in scales_mm])
+        brain, image = z["brain_mask"] > 0, z["image"]
         mapping = SpaceMapping.from_dict(json.loads(str(z["mapping"])))
-    return image, brain, scored_region(brain, RIM_MM, SPACING_MM), mapping
+    inverse = None
+    if deformable is not None:
+        forward, inverse = deformable.field(cache, scan_id, image[0])
+        image = warp(image, forward, order=1, fill=-1.0)
+        brain = warp(brain.astype(np.float32), forward, order=1) > 0.5
+    image = multiscale_intensities(image, brain, [s / SPACING_MM for s in scales_mm])
+    return image, brain, scored_region(brain, RIM_MM, SPACING_MM), mapping, inverse
 
 
 def evaluate_splits(heat_of, calibration: Calibration, args) -> dict:
@@ -157,13 +197,20 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("runs/flow_inputs"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--deformable", type=Path, metavar="FIELDS_DIR",
+                   help="demons-register every scan to the template T1 first (fields cached "
+                        "in FIELDS_DIR); heat maps are mapped back before evaluation")
+    p.add_argument("--demons-iterations", type=int, default=50)
+    p.add_argument("--demons-smoothing-vox", type=float, default=2.0)
     args = p.parse_args()
     if args.out.exists() and not args.overwrite:
         raise SystemExit(f"error: '{args.out}' exists; pass --overwrite to replace it")
     scales = parse_scales(args.scales_mm, "--scales-mm")
+    deformable = (Deformable(args.demons_iterations, args.demons_smoothing_vox, args.deformable)
+                  if args.deformable else None)
 
     def location_set(scan_id):  # no score norms: a flow of the intensities
-        image, _, region, _ = load_scan(train_cache, scan_id, scales)
+        image, _, region, _, _ = load_scan(train_cache, scan_id, scales, deformable)
         return LocationSet.from_arrays(np.zeros((0, *region.shape), np.float32), image,
                                        region, 4, intensity_features=True,
                                        score_features=False)
@@ -187,13 +234,21 @@ def main() -> None:
     print(f"{args.name}: trained in {train_seconds:.0f} s, best val NLL {trainer.best_val:.3f}")
 
     def heat_of(cache, scan_id):
-        image, brain, region, mapping = load_scan(cache, scan_id, scales)
+        image, brain, region, mapping, inverse = load_scan(cache, scan_id, scales, deformable)
         raw = flow.heat_map(np.zeros((0, *region.shape), np.float32), image, region)
+        if inverse is not None:  # template space -> the scan's affine model space
+            raw = warp(np.where(region, raw, np.nanmedian(raw[region])).astype(np.float32),
+                       inverse, order=1, fill=float(np.nanmedian(raw[region])))
+            _, _, region, _, _ = load_scan(cache, scan_id, scales)
         return smooth_in_region(raw, region, SMOOTHING_MM / SPACING_MM), region, mapping
 
     calibration = Calibration.from_healthy(
         [h[r] for h, r, _ in (heat_of(train_cache, row.id) for row in cohort["val"])])
     result = {"name": args.name, "scales_mm": scales,
+              "deformable": None if deformable is None else {
+                  "method": "SimpleITK fast symmetric-forces demons, T1 to the template T1",
+                  "iterations": deformable.iterations,
+                  "smoothing_vox": deformable.smoothing_vox},
               "train_cohort": str(args.train_manifest or args.manifest),
               "flow": asdict(flow_config),
               "steps": args.steps, "seed": args.seed, "best_val_nll": trainer.best_val,

@@ -48,11 +48,10 @@ SWEEP_FPRS = (0.01, 0.003, 0.001, 0.0003)
 
 
 def evaluate_split(model, rows, cache: Path, device, fpr=None, sweep_fprs=()) -> dict:
-    scans = model_space(rows, cache, model.spacing_mm, need_mapping=True,
+    scans = model_space(rows, cache, model.spacing_mm, demons=model.demons, need_mapping=True,
                         channels=len(model.channel_names))
-    digest = model.provenance["score_checkpoint_sha256"][:12]
     start = time.perf_counter()
-    _, paths = cached_features(model, scans, cache / f"features_{digest}", device,
+    _, paths = cached_features(model, scans, cache / model.feature_cache_name(), device,
                                save_local=True)
     feature_seconds = time.perf_counter() - start
     cases, seconds, sweep = [], {"flow": [], "post_process": []}, {}

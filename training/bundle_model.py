@@ -120,7 +120,10 @@ def entry_for(model: AnomalyModel, file: Path, benchmark: dict | None,
         "size_bytes": file.stat().st_size,
         "channels": list(model.channel_names),
         "grid": {"spacing_mm": model.spacing_mm, "shape": list(model.shape),
-                 "space": "MNI152 2009a (RAS), affine registration"},
+                 "space": "MNI152 2009a (RAS), affine registration" + (
+                     f" + demons ({model.demons.iterations} iterations, field smoothed by "
+                     f"{model.demons.smoothing_vox:g} voxels) to the template T1"
+                     if model.demons else "")},
         "noise_levels": {"L": len(model.sigmas), "sigma_max": float(model.sigmas[0]),
                          "sigma_min": float(model.sigmas[-1])},
         "flow_inputs": flow_inputs(model),

@@ -58,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"{len(rows)} healthy scans: need at least 8 to fit and cross-fit")
         cache = args.cache or args.out.with_name(args.out.name + ".cache")
         model = AnomalyModel.from_score_checkpoint(args.score_checkpoint)
-        digest = model.provenance["score_checkpoint_sha256"][:12]
-        scans = model_space(rows, cache, model.spacing_mm, channels=len(model.channel_names))
+        scans = model_space(rows, cache, model.spacing_mm, demons=model.demons,
+                            channels=len(model.channel_names))
         device = select_device(args.device)
         start = time.perf_counter()
-        features, _ = cached_features(model, scans, cache / f"features_{digest}", device,
+        features, _ = cached_features(model, scans, cache / model.feature_cache_name(), device,
                                       save_local=args.save_local)
         print(f"features of {len(scans)} scans in {time.perf_counter() - start:.0f} s")
         model.typicality = TypicalityModel.fit(features, models=tuple(args.models))

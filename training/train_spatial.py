@@ -41,6 +41,7 @@ from SpatialMSMALib.detection import model_heat_map  # noqa: E402
 from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.inference import cached_features  # noqa: E402
 from SpatialMSMALib.model import AnomalyModel  # noqa: E402
+from SpatialMSMALib.preprocessing import DemonsConfig  # noqa: E402
 from SpatialMSMALib.spatial import Calibration, SpatialFlowConfig, parse_levels  # noqa: E402
 from SpatialMSMALib.spatial_training import (  # noqa: E402
     LocationSet,
@@ -96,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "volume on the healthy validation scans is within this")
     parser.add_argument("--max-train-scans", type=int, help="use only the first N train scans")
     parser.add_argument("--max-val-scans", type=int, help="use only the first N val scans")
+    parser.add_argument("--demons-iterations", type=int, default=0,
+                        help="deformable registration of every scan to the template before "
+                             "features and flow (preprocessing step 7; the model file records "
+                             "it, and detection repeats it): demons iterations, 0 = affine "
+                             "only. The bundled T1 + T2 model uses 50")
+    parser.add_argument("--demons-smoothing-vox", type=float, default=2.0,
+                        help="SD (model-grid voxels) of the demons field smoothing")
     parser.add_argument("--recalibrate", action="store_true",
                         help="skip flow training: recalibrate WORK/flow/best.pt with new "
                              "post-processing settings")
@@ -120,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--flow-score-levels: {e}") from None
         if args.out.exists() and not args.overwrite:
             raise InputError(f"'{args.out}' exists; pass --overwrite to replace it")
+        demons_config(args)  # a bad setting fails before any work
         score_checkpoint = args.score_checkpoint
         if score_checkpoint is None:
             score_checkpoint = train_score_first(args, work / "score")
@@ -129,6 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def demons_config(args) -> DemonsConfig | None:
+    """The deformable preprocessing step asked for (None: affine only); InputError naming
+    the options when the setting is invalid."""
+    if args.demons_iterations == 0:
+        return None
+    try:
+        return DemonsConfig(args.demons_iterations, args.demons_smoothing_vox)
+    except ValueError as e:
+        raise InputError(f"--demons-iterations / --demons-smoothing-vox: {e}") from None
 
 
 def train_score_first(args, out: Path) -> Path:
@@ -204,7 +224,7 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
         splits["val"] = splits["val"][: args.max_val_scans]
         rows = splits["train"] + splits["val"]
         model = AnomalyModel.from_score_source(score_checkpoint)
-        digest = model.provenance["score_checkpoint_sha256"][:12]
+        model.demons = demons_config(args)
         n_channels = len(model.channel_names)
         flow_config = {f.name: getattr(args, "flow_" + f.name) for f in FLOW_FIELDS}
         flow_config.update(num_features=len(model.sigmas), in_channels=len(model.channel_names),
@@ -216,19 +236,21 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
                              f"...) with the {len(model.sigmas)}-level score model "
                              f"'{score_checkpoint}': {e}") from None
         cache = work / "cache"
-        feature_dir = cache / f"features_{digest}"
+        feature_dir = cache / model.feature_cache_name()
         start = time.perf_counter()
         # every rank computes a share of the features, then all read the full cache
         share = rows[rank::world_size]
-        scans = model_space(share, cache, model.spacing_mm, progress=rank == 0,
+        scans = model_space(share, cache, model.spacing_mm, demons=model.demons, progress=rank == 0,
                             channels=n_channels)
         cached_features(model, scans, feature_dir, device, save_local=True,
                         progress_bar=rank == 0)
         if distributed:
             dist.barrier()
-        train_scans = model_space(splits["train"], cache, model.spacing_mm, progress=False,
+        train_scans = model_space(splits["train"], cache, model.spacing_mm, demons=model.demons,
+                                  progress=False,
                                   channels=n_channels)
-        val_scans = model_space(splits["val"], cache, model.spacing_mm, progress=False,
+        val_scans = model_space(splits["val"], cache, model.spacing_mm, demons=model.demons,
+                                progress=False,
                                 channels=n_channels)
         train_whole, train_paths = cached_features(model, train_scans, feature_dir, device,
                                                    save_local=True, progress_bar=False)

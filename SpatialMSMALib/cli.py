@@ -149,6 +149,10 @@ def _add_preprocess(sub) -> None:
         choices=["atlas", "robex"],
         help="method when no --mask is given (robex needs pip install .[robex])",
     )
+    p.add_argument("--demons-iterations", type=int, default=0,
+                   help="also register deformably to the template (step 7; 0 = off); the "
+                        "displacement fields go to displacement.npz")
+    p.add_argument("--demons-smoothing-vox", type=float, default=2.0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_run_preprocess)
 
@@ -157,16 +161,22 @@ def _run_preprocess(args) -> int:
     from tqdm import tqdm
 
     from .io import load_volume, save_volume
-    from .preprocessing import PreprocessConfig, preprocess_scan
+    from .preprocessing import DemonsConfig, PreprocessConfig, preprocess_scan
     from .template import DEFAULT_SHAPE, DEFAULT_SPACING_MM
 
     shape = tuple(int(round(s * DEFAULT_SPACING_MM / args.spacing)) for s in DEFAULT_SHAPE)
+    try:
+        demons = (DemonsConfig(args.demons_iterations, args.demons_smoothing_vox)
+                  if args.demons_iterations else None)
+    except ValueError as e:
+        raise InputError(f"--demons-iterations / --demons-smoothing-vox: {e}") from None
     config = PreprocessConfig(
         spacing_mm=args.spacing,
         shape=shape,
         n4=not args.no_n4,
         registration=args.registration,
         brain_extraction=args.brain_extraction,
+        demons=demons,
     )
     t1 = load_volume(args.t1, what="T1")
     t2 = load_volume(args.t2, what="T2") if args.t2 else None
@@ -176,7 +186,8 @@ def _run_preprocess(args) -> int:
         "brainmask_model.nii.gz",
         "brainmask_native.nii.gz",
         "mapping.json",
-    ] + (["t2_model.nii.gz"] if t2 is not None else [])
+    ] + (["t2_model.nii.gz"] if t2 is not None else []) + (
+        ["displacement.npz"] if demons else [])
     existing = [name for name in outputs if (args.out / name).exists()]
     if existing and not args.overwrite:
         raise InputError(f"'{args.out}' already holds {existing}; use --overwrite to replace")
@@ -202,6 +213,8 @@ def _run_preprocess(args) -> int:
         args.out / "brainmask_native.nii.gz", result.native_brain_mask, t1.affine, overwrite=True
     )
     (args.out / "mapping.json").write_text(result.mapping.to_json())
+    if result.mapping.deformable:  # SpaceMapping.from_dict(...).with_displacements(np.load)
+        np.savez(args.out / "displacement.npz", **result.mapping.displacement_arrays())
     print(f"wrote {args.out} (registration NCC {result.mapping.registration_ncc:.3f})")
     return 0
 

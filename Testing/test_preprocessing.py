@@ -369,3 +369,28 @@ def _template_mask():
     from SpatialMSMALib.template import template_on_grid
 
     return template_on_grid().brain_mask
+
+
+def test_cli_preprocess_with_demons_writes_the_fields_the_mapping_needs(tmp_path, subject,
+                                                                         capsys):
+    import json
+
+    from SpatialMSMALib.cli import main
+    from SpatialMSMALib.io import load_volume, save_volume
+    from SpatialMSMALib.metrics import dice
+
+    save_volume(tmp_path / "t1.nii.gz", subject.t1, subject.grid.affine)
+    save_volume(tmp_path / "mask.nii.gz", subject.brain_mask, subject.grid.affine)
+    base = ["preprocess", "--t1", str(tmp_path / "t1.nii.gz"), "--mask",
+            str(tmp_path / "mask.nii.gz"), "--out", str(tmp_path / "out"), "--no-n4"]
+    assert main(base + ["--demons-iterations", "-1"]) == 2
+    assert "--demons-iterations" in capsys.readouterr().err
+    assert main(base + ["--demons-iterations", "10"]) == 0
+    mapping = SpaceMapping.from_dict(json.loads((tmp_path / "out" / "mapping.json").read_text()))
+    with pytest.raises(ValueError, match="displacement fields are missing"):
+        mapping.with_displacements({})
+    with np.load(tmp_path / "out" / "displacement.npz") as arrays:
+        mapping.with_displacements(arrays)
+    model_mask = load_volume(tmp_path / "out" / "brainmask_model.nii.gz").data > 0
+    back = mapping.to_native(model_mask.astype(np.uint8), order=0) > 0
+    assert dice(back, subject.brain_mask > 0) > 0.95

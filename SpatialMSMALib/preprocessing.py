@@ -65,8 +65,8 @@ class DemonsConfig:
     ``iterations`` of SimpleITK's fast symmetric-forces demons with the displacement field
     smoothed by a Gaussian of ``smoothing_vox`` model-grid voxels after each; the inverse field
     from ``inverse_iterations`` fixed-point steps (residual < 0.005 voxel at 5 on the benchmark
-    scans). Defaults: the setting the bundled T1 + T2 model was trained with (chosen on the dev
-    cohort, ``benchmarks/flow_inputs.py --deformable``).
+    scans). The bundled T1 + T2 model uses 100 iterations and 1.5 voxels (chosen on the dev
+    cohort, ``benchmarks/flow_inputs.py --deformable``; its model file records them).
     """
 
     iterations: int = 50
@@ -612,16 +612,15 @@ def deform_to_template(image: np.ndarray, brain_mask: np.ndarray, mapping: Space
         raise ValueError("this scan is already in template space")
     t0 = time.perf_counter()
     grid = mapping.model_grid
-    fixed = normalised_template_t1(float(np.linalg.norm(grid.affine[:3, 0])), tuple(grid.shape))
+    spacing = float(np.linalg.norm(grid.affine[:3, 0]))
+    fixed = normalised_template_t1(spacing, tuple(grid.shape))
     if fixed.shape != image.shape[1:]:
         raise ValueError(f"image {image.shape[1:]} is not on the template grid {fixed.shape}")
     forward = register_demons(image[0], fixed, demons.iterations, demons.smoothing_vox)
     inverse = invert_displacement(forward, demons.inverse_iterations)
     warped = warp(np.asarray(image, np.float32), forward, order=1, fill=-1.0)
     mask = warp(np.asarray(brain_mask, np.float32), forward, order=1) > 0.5
-    template_mask = template_on_grid(float(np.linalg.norm(grid.affine[:3, 0])),
-                                     tuple(grid.shape)).brain_mask
-    spacing = float(np.linalg.norm(grid.affine[:3, 0]))
+    template_mask = template_on_grid(spacing, tuple(grid.shape)).brain_mask
     mapping.template_displacement, mapping.template_inverse = forward, inverse
     mapping.steps.append({
         "step": "deformable registration",

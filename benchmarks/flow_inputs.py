@@ -122,6 +122,12 @@ def load_scan(cache: Path, scan_id: str, scales_mm: list[float],
     return image, brain, scored_region(brain, RIM_MM, SPACING_MM), mapping, inverse
 
 
+def affine_region(cache: Path, scan_id: str) -> np.ndarray:
+    """The scored region of a cached scan on its affinely registered model grid."""
+    with np.load(cache / f"{scan_id}_{SPACING_MM:g}mm.npz") as z:
+        return scored_region(z["brain_mask"] > 0, RIM_MM, SPACING_MM)
+
+
 def evaluate_splits(heat_of, calibration: Calibration, args) -> dict:
     """Figures of one heat-map function on the ``dev``, ``test`` and ``loao`` splits.
 
@@ -239,7 +245,7 @@ def main() -> None:
         if inverse is not None:  # template space -> the scan's affine model space
             raw = warp(np.where(region, raw, np.nanmedian(raw[region])).astype(np.float32),
                        inverse, order=1, fill=float(np.nanmedian(raw[region])))
-            _, _, region, _, _ = load_scan(cache, scan_id, scales)
+            region = affine_region(cache, scan_id)
         return smooth_in_region(raw, region, SMOOTHING_MM / SPACING_MM), region, mapping
 
     calibration = Calibration.from_healthy(

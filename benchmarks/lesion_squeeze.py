@@ -1,7 +1,8 @@
 """Does the deformable step (preprocessing step 7) register lesions away?
 
     python benchmarks/lesion_squeeze.py --manifest benchmark --cache CACHE \\
-        [--demons-iterations 100 --demons-smoothing-vox 1.5] [--splits test loao] --out R.json
+        [--demons-iterations 100 --demons-smoothing-vox 1.5] [--splits test loao] --out R.json \\
+        [--overwrite]
 
 For every lesion of at least 0.5 mL in the lesioned scans of the splits: its volume on the
 model grid in template space (the scan's labelled truth mapped through the demons field)
@@ -51,8 +52,14 @@ def main() -> None:
     p.add_argument("--demons-smoothing-vox", type=float, default=1.5)
     p.add_argument("--splits", nargs="+", default=["test", "loao"])
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args()
-    demons = DemonsConfig(args.demons_iterations, args.demons_smoothing_vox)
+    if args.out.exists() and not args.overwrite:
+        raise SystemExit(f"error: '{args.out}' exists; pass --overwrite to replace it")
+    try:
+        demons = DemonsConfig(args.demons_iterations, args.demons_smoothing_vox)
+    except ValueError as e:
+        raise SystemExit(f"error: --demons-iterations / --demons-smoothing-vox: {e}") from None
     result = {"demons": asdict(demons), "cohort": args.manifest.name,
               "rule": "per lesion >= 0.5 mL: model-grid volume in template space / on the "
                       "affine model grid", "splits": {}}
@@ -66,6 +73,9 @@ def main() -> None:
             labels, _ = ndimage.label(truth)
             lesions += [{"id": row.id, "volume_ml": round(v, 3), "ratio": round(r, 4)}
                         for v, r in volume_ratios(labels, scan.mapping)]
+        if not lesions:
+            raise SystemExit(f"error: the {key} scans of '{args.manifest}' have no lesion "
+                             ">= 0.5 mL")
         ratios = np.array([x["ratio"] for x in lesions])
         result["splits"][split] = {
             "n_lesions_ge_0.5ml": len(lesions), "median": float(np.median(ratios)),

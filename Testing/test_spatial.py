@@ -415,7 +415,7 @@ def test_detect_cli_finds_the_lesion_and_writes_every_output(detection_setup, ca
 def test_a_deformable_model_file_repeats_its_step_at_detection(
         detection_setup, tmp_path):
     """The demons step recorded in the model file is repeated at detection, and the heat map
-    (computed in template space) lands on the lesion in the native grid."""
+    (computed in template space) comes back on the native grid."""
     from dataclasses import replace
 
     from SpatialMSMALib.detection import detect

@@ -78,8 +78,10 @@ def model_space(
     demons=None,
 ) -> list[ModelSpaceScan]:
     """Preprocess (or read from the cache) each scan onto the model grid at ``spacing`` mm.
-    With ``need_mapping`` a cache entry from an older version without the mapping is
-    recomputed (preprocessing is deterministic, so the image is the same). ``channels=1``
+    A cache entry written by another preprocessing version (``PREPROCESS_VERSION``, recorded
+    in its mapping; entries without a mapping are version 1) is recomputed, so a changed
+    pipeline never mixes with stale entries. ``need_mapping`` is kept for callers' clarity:
+    every usable entry has its mapping. ``channels=1``
     keeps only the T1 (for T1-only models; the cache always holds every channel).
 
     ``demons`` (a ``preprocessing.DemonsConfig``, as a model file records it) adds the
@@ -88,7 +90,13 @@ def model_space(
     from tqdm import tqdm
 
     from .io import load_volume
-    from .preprocessing import PreprocessConfig, SpaceMapping, deform_to_template, preprocess_scan
+    from .preprocessing import (
+        PREPROCESS_VERSION,
+        PreprocessConfig,
+        SpaceMapping,
+        deform_to_template,
+        preprocess_scan,
+    )
     from .template import DEFAULT_SHAPE, DEFAULT_SPACING_MM
 
     shape = tuple(int(round(s * DEFAULT_SPACING_MM / spacing)) for s in DEFAULT_SHAPE)
@@ -98,12 +106,16 @@ def model_space(
         out = []
         for row in tqdm(rows, desc=f"preprocess ({demons.tag})", disable=not progress):
             cached = cache_dir / f"{row.id}_{spacing:g}mm_{demons.tag}.npz"
+            mapping = None
             if cached.exists():
                 with np.load(cached) as stored:
                     mapping = SpaceMapping.from_dict(json.loads(str(stored["mapping"])))
-                    mapping.with_displacements(stored)
-                    image, mask = stored["image"], stored["brain_mask"] > 0
-            else:
+                    if mapping.preprocess_version == PREPROCESS_VERSION:
+                        mapping.with_displacements(stored)
+                        image, mask = stored["image"], stored["brain_mask"] > 0
+                    else:
+                        mapping = None
+            if mapping is None:
                 affine = model_space([row], cache_dir, spacing, False, need_mapping=True)[0]
                 mapping = affine.mapping
                 image, mask = deform_to_template(affine.image, affine.brain_mask, mapping, demons)
@@ -118,13 +130,13 @@ def model_space(
     for row in tqdm(rows, desc="preprocess", disable=not progress):
         cached = cache_dir / f"{row.id}_{spacing:g}mm.npz"
         stored = np.load(cached) if cached.exists() else None
-        usable = stored is not None and "brain_mask" in stored
-        if usable and need_mapping and "mapping" not in stored:
-            usable = False
-        if usable:
+        mapping = None
+        if stored is not None and "brain_mask" in stored and "mapping" in stored:
+            mapping = SpaceMapping.from_dict(json.loads(str(stored["mapping"])))
+            if mapping.preprocess_version != PREPROCESS_VERSION:
+                mapping = None
+        if mapping is not None:
             image, mask = stored["image"], stored["brain_mask"]
-            mapping = (SpaceMapping.from_dict(json.loads(str(stored["mapping"])))
-                       if "mapping" in stored else None)
         else:
             result = preprocess_scan(
                 load_volume(row.t1, what="T1"),

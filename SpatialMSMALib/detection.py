@@ -33,6 +33,7 @@ from .inference import (
 )
 from .io import Volume, save_volume
 from .model import AnomalyModel
+from .preprocessing import PREPROCESS_VERSION
 from .spatial import component_statistics, label_anomalies, scored_region, smooth_in_region
 
 
@@ -251,6 +252,12 @@ def detect(
                                  image_model=scan.image, brain_mask_model=scan.brain_mask,
                                  fpr=fpr, threshold=threshold)
     problems = contrast_problems(model, scan.image, scan.brain_mask, names)
+    if model.preprocess_version != PREPROCESS_VERSION:
+        problems.append(
+            f"this model was fitted on scans from preprocessing version "
+            f"{model.preprocess_version}; this library's is {PREPROCESS_VERSION} (its "
+            "registration differs slightly): scores and calibration may be off; retrain the "
+            "model (training/train_spatial.py) for reliable thresholds")
     if model.typicality is not None:
         report = typicality_report(model, whole, scan.mapping.registration_ncc, problems)
         detection.typicality = report.to_dict()

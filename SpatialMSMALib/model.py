@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import InputError
-from .preprocessing import DemonsConfig, PreprocessConfig
+from .preprocessing import PREPROCESS_VERSION, DemonsConfig, PreprocessConfig
 from .score.network import ScoreUNet
 from .score.schedule import GeometricNoiseSchedule
 from .spatial import Calibration, SpatialFlow, SpatialFlowConfig
@@ -52,6 +52,9 @@ class AnomalyModel:
         provenance: plain data on how it was made (checkpoint digests, cohort, steps).
         demons: the deformable preprocessing step its flow was trained with
             (``preprocessing.DemonsConfig``), or None (affine only).
+        preprocess_version: the ``preprocessing.PREPROCESS_VERSION`` of the scans its
+            typicality model and flow were fitted on (files without it: 1). Detection warns
+            when this library's pipeline is another version.
     """
 
     score_net: ScoreUNet
@@ -65,6 +68,7 @@ class AnomalyModel:
     calibration: Calibration | None = None
     provenance: dict = field(default_factory=dict)
     demons: DemonsConfig | None = None
+    preprocess_version: int = PREPROCESS_VERSION
 
     @property
     def sigmas(self) -> torch.Tensor:
@@ -80,7 +84,9 @@ class AnomalyModel:
         scans (a deformable model's scans differ, so it has its own). ``digest`` names the
         network; default: the first 12 hex digits of its checkpoint's SHA-256."""
         digest = digest or self.provenance["score_checkpoint_sha256"][:12]
-        return f"features_{digest}" + (f"_{self.demons.tag}" if self.demons else "")
+        name = f"features_{digest}" + (f"_{self.demons.tag}" if self.demons else "")
+        # features of scans preprocessed by this library's version of the pipeline
+        return name + (f"_p{PREPROCESS_VERSION}" if PREPROCESS_VERSION > 1 else "")
 
     @classmethod
     def from_score_checkpoint(cls, path: str | Path, **kwargs) -> AnomalyModel:
@@ -151,6 +157,7 @@ class AnomalyModel:
             "spatial": None,
             "calibration": None,
             "demons": asdict(self.demons) if self.demons is not None else None,
+            "preprocess_version": int(self.preprocess_version),
         }
         states = {"score_net": self.score_net.state_dict()}
         if self.typicality is not None:
@@ -202,6 +209,7 @@ class AnomalyModel:
             calibration=calibration,
             provenance=checkpoint["extra"].get("provenance", {}),
             demons=DemonsConfig(**config["demons"]) if config.get("demons") else None,
+            preprocess_version=int(config.get("preprocess_version", 1)),
         )
 
     def __post_init__(self):

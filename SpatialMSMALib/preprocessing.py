@@ -41,6 +41,7 @@ from .registration import (
     invert_displacement,
     n4_bias_correction,
     normalized_cross_correlation,
+    reduce_to_spacing,
     register_affine,
     register_demons,
     warp,
@@ -56,6 +57,13 @@ WARN_NCC = 0.55
 
 #: minimum fraction of the T1 field of view that the T2 must cover
 MIN_T2_OVERLAP = 0.5
+
+#: version of the pipeline's numerics, recorded in every mapping and model file; a cache
+#: entry from another version is recomputed. 1: registration on the native grid with
+#: whole-image gradient filters. 2: registration on the scan reduced to the template's spacing,
+#: gradients at the metric's samples (registration ~4x faster; transforms within ~0.2 mm of
+#: version 1 on the 1 mm sample).
+PREPROCESS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,7 @@ class SpaceMapping:
     steps: list = field(default_factory=list)
     template_displacement: np.ndarray | None = None
     template_inverse: np.ndarray | None = None
+    preprocess_version: int = PREPROCESS_VERSION
 
     @property
     def deformable(self) -> bool:
@@ -211,6 +220,7 @@ class SpaceMapping:
             "registration_ncc": self.registration_ncc,
             "intensity_range": self.intensity_range,
             "steps": self.steps,
+            "preprocess_version": self.preprocess_version,
         }
 
     @staticmethod
@@ -222,6 +232,7 @@ class SpaceMapping:
             registration_ncc=float(d.get("registration_ncc", float("nan"))),
             intensity_range=d.get("intensity_range", []),
             steps=d.get("steps", []),
+            preprocess_version=int(d.get("preprocess_version", 1)),
         )
 
     def to_json(self) -> str:
@@ -295,14 +306,14 @@ def _head_mask(t1: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(mask)
 
 
-def _initial_translations(template, t1: np.ndarray, affine: np.ndarray) -> list[np.ndarray]:
-    """Candidate starting points (4x4 RAS, translation only) for the rigid stage.
+def _initial_translations(template, head: np.ndarray, affine: np.ndarray) -> list[np.ndarray]:
+    """Candidate starting points (4x4 RAS, translation only) for the rigid stage, from the
+    native head mask ``head`` (voxel -> RAS ``affine``).
 
     ``identity`` (scanner coordinates are often roughly MNI-like) and ``top``: the top of the
     template brain placed 12 mm (scalp) below the top of the head, centred on the head in
     left-right and anterior-posterior. Moments are tried as well (``None``).
     """
-    head = _head_mask(t1)
     idx = np.argwhere(head)
     world = idx @ affine[:3, :3].T + affine[:3, 3]
     brain = np.argwhere(template.brain_mask) @ template.grid.affine[:3, :3].T
@@ -322,28 +333,32 @@ def register_to_template(template, t1, affine, brain_mask, dof: str, steps: list
     Rigid stage from three starting points (moments, identity, head-top alignment), the one
     with the best NCC wins; then, for ``dof == "affine"``, a 12-parameter stage. Without a
     brain mask, a final affine stage runs on the T1 masked by the (dilated) atlas brain
-    mask, which removes most of the skull's and neck's pull.
+    mask, which removes most of the skull's and neck's pull. Every stage sees the scan
+    reduced to about the template grid's spacing (``reduce_to_spacing``; a 1 mm scan to 2 mm).
     """
     t0 = time.perf_counter()
     # bright fat and vessels would take most histogram bins of the MI metric: clip them
     head = _head_mask(t1)
     t1 = np.minimum(t1, np.percentile(t1[head], 99.0)).astype(np.float32)
-    moving = t1 * brain_mask if brain_mask is not None else t1
+    spacing = float(np.linalg.norm(template.grid.affine[:3, 0]))
+    moving, moving_affine = reduce_to_spacing(
+        t1 * brain_mask if brain_mask is not None else t1, affine, spacing)
     fixed_mask = ndimage.binary_dilation(template.brain_mask, iterations=2)
     native_grid = Grid(t1.shape, affine)
+    moving_grid = Grid(moving.shape, moving_affine)
 
     def quality(transform):
-        warped = SpaceMapping(native_grid, template.grid, transform).to_model(moving)
+        warped = SpaceMapping(moving_grid, template.grid, transform).to_model(moving)
         return normalized_cross_correlation(template.t1, warped, template.brain_mask)
 
     candidates = []
-    for start in _initial_translations(template, t1, affine):
+    for start in _initial_translations(template, head, affine):
         rigid = register_affine(
             template.t1,
             template.grid.affine,
             fixed_mask,
             moving,
-            affine,
+            moving_affine,
             dof="rigid",
             initial_model_to_native=start,
         )
@@ -360,7 +375,7 @@ def register_to_template(template, t1, affine, brain_mask, dof: str, steps: list
             template.grid.affine,
             fixed_mask,
             moving,
-            affine,
+            moving_affine,
             dof="affine",
             initial_model_to_native=transform,
         )
@@ -384,8 +399,7 @@ def register_to_template(template, t1, affine, brain_mask, dof: str, steps: list
             template.t1,
             template.grid.affine,
             template.brain_mask,
-            t1 * rough,
-            affine,
+            *reduce_to_spacing(t1 * rough, affine, spacing),
             dof=dof,
             initial_model_to_native=transform,
         )

@@ -75,6 +75,10 @@ def register_affine(
     when ``None``, from the alignment of image moments. Returns the 4x4 RAS transform
     model -> native. Multi-resolution (shrink 4/2/1), metric sampled at 15% of the fixed mask
     with a fixed seed (``seed`` must be > 0: SimpleITK reads 0 as "seed from the clock").
+    Image gradients are computed at the sampled points only (no whole-image gradient filter:
+    on a 1 mm head that filter took half of the time). Callers pass a moving image reduced to
+    about the fixed grid's spacing (:func:`reduce_to_spacing`), which the metric cannot
+    resolve beyond anyway.
     """
     fixed_image = to_sitk(fixed.astype(np.float32), fixed_affine)
     moving_image = to_sitk(moving.astype(np.float32), moving_affine)
@@ -104,6 +108,8 @@ def register_affine(
         raise ValueError("seed must be positive (0 means a wall-clock seed in SimpleITK)")
     method.SetMetricSamplingPercentage(0.15, seed)
     method.SetMetricFixedMask(fixed_mask_image)
+    method.SetMetricUseFixedImageGradientFilter(False)
+    method.SetMetricUseMovingImageGradientFilter(False)
     if moving_mask is not None:
         method.SetMetricMovingMask(to_sitk(moving_mask.astype(np.uint8), moving_affine))
     method.SetInterpolator(sitk.sitkLinear)
@@ -121,6 +127,27 @@ def register_affine(
     method.SetInitialTransform(transform, inPlace=True)
     method.Execute(fixed_image, moving_image)
     return _FLIP @ _matrix_of(transform) @ _FLIP
+
+
+def reduce_to_spacing(image: np.ndarray, affine: np.ndarray, spacing_mm: float
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Anti-aliased integer subsampling of ``image`` ``(I, J, K)`` (voxel -> RAS ``affine``)
+    so that no axis is finer than about ``spacing_mm``: axis ``a`` with voxel size ``d_a`` is
+    smoothed with a Gaussian of SD ``0.4 f_a`` voxels and kept every ``f_a = floor(spacing_mm /
+    d_a)``-th voxel (``f_a = 1``: untouched). Returns ``(reduced float32, its affine)``; voxel
+    ``i`` of the result is voxel ``f * i`` of the input, so the affine stays exact."""
+    from scipy import ndimage
+
+    voxel = np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0)
+    factors = np.maximum(1, np.floor(spacing_mm / voxel + 1e-6)).astype(int)
+    if np.all(factors == 1):
+        return np.asarray(image, np.float32), np.asarray(affine, float)
+    sigma = [0.4 * f if f > 1 else 0.0 for f in factors]
+    smooth = ndimage.gaussian_filter(np.asarray(image, np.float32), sigma)
+    reduced = smooth[:: factors[0], :: factors[1], :: factors[2]]
+    scaled = np.asarray(affine, float).copy()
+    scaled[:3, :3] = scaled[:3, :3] * factors
+    return np.ascontiguousarray(reduced), scaled
 
 
 def _as_affine(rigid) -> sitk.AffineTransform:

@@ -394,3 +394,57 @@ def test_cli_preprocess_with_demons_writes_the_fields_the_mapping_needs(tmp_path
     model_mask = load_volume(tmp_path / "out" / "brainmask_model.nii.gz").data > 0
     back = mapping.to_native(model_mask.astype(np.uint8), order=0) > 0
     assert dice(back, subject.brain_mask > 0) > 0.95
+
+
+# -- registration on a reduced scan, preprocessing versions -----------------------------------
+def test_reduce_to_spacing_keeps_every_kept_voxel_at_its_world_position():
+    from SpatialMSMALib.registration import reduce_to_spacing
+
+    grid = _oblique_native_grid()  # 1.1 x 0.9 x 1.4 mm
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=grid.shape).astype(np.float32)
+    reduced, affine = reduce_to_spacing(image, grid.affine, 2.0)
+    # 2 mm: factors 1 (2.0 / 1.1 = 1.8), 2 (2.2), 1 (1.4)
+    assert reduced.shape == (180, 120, 150)
+    index = np.array([17, 33, 41])
+    world_reduced = affine[:3, :3] @ index + affine[:3, 3]
+    world_native = grid.affine[:3, :3] @ (index * [1, 2, 1]) + grid.affine[:3, 3]
+    np.testing.assert_allclose(world_reduced, world_native, atol=1e-9)
+    # anti-aliased: white noise loses variance along the subsampled axis only
+    assert 0.3 < reduced.std() < 0.8
+    constant = np.full(grid.shape, 5.0, np.float32)
+    np.testing.assert_allclose(reduce_to_spacing(constant, grid.affine, 2.0)[0], 5.0, rtol=1e-5)
+    same, same_affine = reduce_to_spacing(image, grid.affine, 1.0)
+    assert same.shape == image.shape and np.array_equal(same_affine, grid.affine)
+
+
+def test_a_cache_entry_from_another_preprocessing_version_is_recomputed(tmp_path, subject):
+    import json
+
+    from SpatialMSMALib.dataset import ScanFiles, model_space
+    from SpatialMSMALib.io import save_volume
+    from SpatialMSMALib.preprocessing import PREPROCESS_VERSION
+
+    save_volume(tmp_path / "t1.nii.gz", subject.t1, subject.grid.affine)
+    save_volume(tmp_path / "mask.nii.gz", subject.brain_mask, subject.grid.affine)
+    row = ScanFiles("s1", tmp_path / "t1.nii.gz", brain_mask=tmp_path / "mask.nii.gz")
+    cache = tmp_path / "cache"
+    fresh = model_space([row], cache, 4.0, progress=False)[0]
+    assert fresh.mapping.preprocess_version == PREPROCESS_VERSION
+    entry = cache / "s1_4mm.npz"
+
+    def plant(version):  # a stored entry whose image is a marker
+        mapping = fresh.mapping.to_dict() | {"preprocess_version": version}
+        np.savez(entry, image=np.full_like(fresh.image, 7.0),
+                 brain_mask=fresh.brain_mask.astype(np.uint8),
+                 mapping=np.array(json.dumps(mapping)))
+
+    plant(PREPROCESS_VERSION)
+    assert np.all(model_space([row], cache, 4.0, progress=False)[0].image == 7.0)  # read
+    plant(PREPROCESS_VERSION - 1)
+    again = model_space([row], cache, 4.0, progress=False)[0]
+    assert not np.any(again.image == 7.0)  # recomputed, not read
+    # (SimpleITK's threaded sums move the transform by ~1e-4 mm between runs)
+    assert np.corrcoef(again.image.ravel(), fresh.image.ravel())[0, 1] > 0.999
+    with np.load(entry) as stored:
+        assert json.loads(str(stored["mapping"]))["preprocess_version"] == PREPROCESS_VERSION

@@ -252,18 +252,18 @@ def detect(
                                  image_model=scan.image, brain_mask_model=scan.brain_mask,
                                  fpr=fpr, threshold=threshold)
     problems = contrast_problems(model, scan.image, scan.brain_mask, names)
-    if model.preprocess_version != PREPROCESS_VERSION:
-        problems.append(
-            f"this model was fitted on scans from preprocessing version "
-            f"{model.preprocess_version}; this library's is {PREPROCESS_VERSION} (its "
-            "registration differs slightly): scores and calibration may be off; retrain the "
-            "model (training/train_spatial.py) for reliable thresholds")
     if model.typicality is not None:
         report = typicality_report(model, whole, scan.mapping.registration_ncc, problems)
         detection.typicality = report.to_dict()
         detection.warnings = list(report.warnings)
     else:
         detection.warnings = problems
+    if model.preprocess_version != PREPROCESS_VERSION:  # the model's, not the input's, fault
+        detection.warnings.append(
+            f"this model was fitted on scans from preprocessing version "
+            f"{model.preprocess_version}; this library's is {PREPROCESS_VERSION} (its "
+            "registration differs slightly): scores and calibration may be off; retrain the "
+            "model (training/train_spatial.py) for reliable thresholds")
     timings["post_process"] = round(time.perf_counter() - t0, 2)
     detection.timings = timings
     if progress:

@@ -185,6 +185,7 @@ def register_demons(
     fixed: np.ndarray,
     iterations: int = 50,
     smoothing_voxels: float = 2.0,
+    on_iteration=None,
 ) -> np.ndarray:
     """Deformable registration of two images on the same grid (e.g. a model-space T1 to the
     template T1, both normalised alike) with SimpleITK's fast symmetric-forces demons.
@@ -193,6 +194,9 @@ def register_demons(
     that regularises the displacement field after each of the ``iterations``. Returns the
     displacement ``u`` as ``(3, X, Y, Z)`` float32 in voxels of that grid, defined on the fixed
     image: the warped image is ``moving(x + u(x))`` (:func:`warp`). Deterministic.
+
+    ``on_iteration(done, iterations)``, when given, is called after every iteration; an
+    exception it raises (a GUI's ``Cancelled``) stops the registration and is re-raised here.
     """
     if moving.shape != fixed.shape:
         raise ValueError(f"moving {moving.shape} and fixed {fixed.shape} differ in shape")
@@ -205,7 +209,26 @@ def register_demons(
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     demons.SetNumberOfIterations(int(iterations))
     demons.SetStandardDeviations(float(smoothing_voxels))
-    field = demons.Execute(image(fixed), image(moving))
+    raised: list[BaseException] = []
+    if on_iteration is not None:
+        def after_iteration():
+            if raised:
+                return
+            try:
+                on_iteration(int(demons.GetElapsedIterations()), int(iterations))
+            except BaseException as e:  # noqa: BLE001 - handed back to the caller below
+                raised.append(e)
+                demons.Abort()
+
+        demons.AddCommand(sitk.sitkIterationEvent, after_iteration)
+    try:
+        field = demons.Execute(image(fixed), image(moving))
+    except RuntimeError:
+        if raised:  # ITK reports the abort as an error: give back the caller's exception
+            raise raised[0] from None
+        raise
+    if raised:
+        raise raised[0]
     return np.ascontiguousarray(
         sitk.GetArrayFromImage(field).transpose(3, 2, 1, 0), dtype=np.float32)
 

@@ -448,3 +448,25 @@ def test_a_cache_entry_from_another_preprocessing_version_is_recomputed(tmp_path
     assert np.corrcoef(again.image.ravel(), fresh.image.ravel())[0, 1] > 0.999
     with np.load(entry) as stored:
         assert json.loads(str(stored["mapping"]))["preprocess_version"] == PREPROCESS_VERSION
+
+
+def test_the_demons_step_reports_its_iterations_and_can_be_cancelled(subject):
+    from SpatialMSMALib.inference import Cancelled
+
+    t1 = Volume(subject.t1, subject.grid.affine)
+    mask = Volume(subject.brain_mask, subject.grid.affine)
+    config = PreprocessConfig(spacing_mm=4.0, shape=(48, 56, 48), n4=False,
+                              demons=DemonsConfig(iterations=40))
+    seen = []
+
+    def progress(message, fraction):
+        seen.append((message, fraction))
+        if message.startswith("deformable registration, iteration 3 "):
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        preprocess_scan(t1, None, mask, config, progress=progress)
+    fractions = [f for _, f in seen]
+    assert fractions == sorted(fractions) and 0.5 < fractions[-1] < 0.6
+    iterations = [m for m, _ in seen if m.startswith("deformable registration, iteration")]
+    assert iterations == [f"deformable registration, iteration {i} of 40" for i in (1, 2, 3)]

@@ -187,7 +187,7 @@ def _probe(request: dict) -> dict:
     rows = [ScanFiles(**{k: Path(v) if v and k != "id" else v for k, v in r.items()})
             for r in request["rows"]]
     scans = model_space(rows, request["cache"], model.spacing_mm, demons=model.demons,
-                        progress=False,
+                        progress=False, version=model.preprocess_version,
                         need_mapping=True, channels=len(model.channel_names))
     name = request["name"]
     out = {"seconds": [], "stages": []}

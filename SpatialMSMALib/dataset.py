@@ -76,12 +76,15 @@ def model_space(
     need_mapping: bool = False,
     channels: int | None = None,
     demons=None,
+    version: int | None = None,
 ) -> list[ModelSpaceScan]:
     """Preprocess (or read from the cache) each scan onto the model grid at ``spacing`` mm.
-    A cache entry written by another preprocessing version (``PREPROCESS_VERSION``, recorded
-    in its mapping; entries without a mapping are version 1) is recomputed, so a changed
-    pipeline never mixes with stale entries. ``need_mapping`` is kept for callers' clarity:
-    every usable entry has its mapping. ``channels=1``
+    ``version`` is the preprocessing version to run (default the latest,
+    ``PREPROCESS_VERSION``; a benchmark of an older model file passes the model's). A cache
+    entry written by another version (recorded in its mapping; entries without a mapping are
+    version 1) is recomputed, so a changed pipeline never mixes with stale entries.
+    ``need_mapping`` is kept for callers' clarity: every usable entry has its mapping.
+    ``channels=1``
     keeps only the T1 (for T1-only models; the cache always holds every channel).
 
     ``demons`` (a ``preprocessing.DemonsConfig``, as a model file records it) adds the
@@ -100,6 +103,7 @@ def model_space(
     from .template import DEFAULT_SHAPE, DEFAULT_SPACING_MM
 
     shape = tuple(int(round(s * DEFAULT_SPACING_MM / spacing)) for s in DEFAULT_SHAPE)
+    version = PREPROCESS_VERSION if version is None else int(version)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     if demons is not None:
@@ -110,13 +114,14 @@ def model_space(
             if cached.exists():
                 with np.load(cached) as stored:
                     mapping = SpaceMapping.from_dict(json.loads(str(stored["mapping"])))
-                    if mapping.preprocess_version == PREPROCESS_VERSION:
+                    if mapping.preprocess_version == version:
                         mapping.with_displacements(stored)
                         image, mask = stored["image"], stored["brain_mask"] > 0
                     else:
                         mapping = None
             if mapping is None:
-                affine = model_space([row], cache_dir, spacing, False, need_mapping=True)[0]
+                affine = model_space([row], cache_dir, spacing, False, need_mapping=True,
+                                     version=version)[0]
                 mapping = affine.mapping
                 image, mask = deform_to_template(affine.image, affine.brain_mask, mapping, demons)
                 tmp = cached.with_name(cached.name + ".partial.npz")
@@ -133,7 +138,7 @@ def model_space(
         mapping = None
         if stored is not None and "brain_mask" in stored and "mapping" in stored:
             mapping = SpaceMapping.from_dict(json.loads(str(stored["mapping"])))
-            if mapping.preprocess_version != PREPROCESS_VERSION:
+            if mapping.preprocess_version != version:
                 mapping = None
         if mapping is not None:
             image, mask = stored["image"], stored["brain_mask"]
@@ -142,7 +147,7 @@ def model_space(
                 load_volume(row.t1, what="T1"),
                 load_volume(row.t2, what="T2") if row.t2 else None,
                 load_volume(row.brain_mask, what="brain mask") if row.brain_mask else None,
-                PreprocessConfig(spacing_mm=spacing, shape=shape),
+                PreprocessConfig(spacing_mm=spacing, shape=shape, version=version),
                 names={"t1": row.t1, "t2": row.t2, "mask": row.brain_mask},
             )
             image, mask, mapping = result.image, result.brain_mask, result.mapping

@@ -33,7 +33,6 @@ from .inference import (
 )
 from .io import Volume, save_volume
 from .model import AnomalyModel
-from .preprocessing import PREPROCESS_VERSION
 from .spatial import component_statistics, label_anomalies, scored_region, smooth_in_region
 
 
@@ -258,12 +257,6 @@ def detect(
         detection.warnings = list(report.warnings)
     else:
         detection.warnings = problems
-    if model.preprocess_version != PREPROCESS_VERSION:  # the model's, not the input's, fault
-        detection.warnings.append(
-            f"this model was fitted on scans from preprocessing version "
-            f"{model.preprocess_version}; this library's is {PREPROCESS_VERSION} (its "
-            "registration differs slightly): scores and calibration may be off; retrain the "
-            "model (training/train_spatial.py) for reliable thresholds")
     timings["post_process"] = round(time.perf_counter() - t0, 2)
     detection.timings = timings
     if progress:

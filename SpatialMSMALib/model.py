@@ -53,8 +53,8 @@ class AnomalyModel:
         demons: the deformable preprocessing step its flow was trained with
             (``preprocessing.DemonsConfig``), or None (affine only).
         preprocess_version: the ``preprocessing.PREPROCESS_VERSION`` of the scans its
-            typicality model and flow were fitted on (files without it: 1). Detection warns
-            when this library's pipeline is another version.
+            typicality model and flow were fitted on (files without it: 1); detection
+            repeats that version (``preprocess_config``).
     """
 
     score_net: ScoreUNet
@@ -77,7 +77,7 @@ class AnomalyModel:
     def preprocess_config(self) -> PreprocessConfig:
         """How scans are brought onto this model's grid (detection and training alike)."""
         return PreprocessConfig(spacing_mm=self.spacing_mm, shape=tuple(self.shape),
-                                demons=self.demons)
+                                demons=self.demons, version=self.preprocess_version)
 
     def feature_cache_name(self, digest: str | None = None) -> str:
         """Folder name of a feature cache of this score network on this model's model-space
@@ -85,8 +85,8 @@ class AnomalyModel:
         network; default: the first 12 hex digits of its checkpoint's SHA-256."""
         digest = digest or self.provenance["score_checkpoint_sha256"][:12]
         name = f"features_{digest}" + (f"_{self.demons.tag}" if self.demons else "")
-        # features of scans preprocessed by this library's version of the pipeline
-        return name + (f"_p{PREPROCESS_VERSION}" if PREPROCESS_VERSION > 1 else "")
+        # features of scans preprocessed by the model's version of the pipeline
+        return name + (f"_p{self.preprocess_version}" if self.preprocess_version > 1 else "")
 
     @classmethod
     def from_score_checkpoint(cls, path: str | Path, **kwargs) -> AnomalyModel:
@@ -182,6 +182,11 @@ class AnomalyModel:
                 )
         checkpoint = load_checkpoint(path, kind=MODEL_KIND)
         config = checkpoint["config"]
+        if int(config.get("preprocess_version", 1)) > PREPROCESS_VERSION:
+            raise InputError(
+                f"{path}: fitted on scans of preprocessing version "
+                f"{config['preprocess_version']}, newer than this library's "
+                f"({PREPROCESS_VERSION}); upgrade SpatialMSMALib")
         net_config = config["score_net"]
         net = ScoreUNet.from_config(net_config)
         net.load_state_dict(checkpoint["states"]["score_net"])

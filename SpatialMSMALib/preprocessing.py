@@ -50,19 +50,22 @@ from .template import DEFAULT_SHAPE, DEFAULT_SPACING_MM, template_on_grid
 
 #: registration quality (NCC with the template inside its brain mask) below which a scan is
 #: refused, and below which a warning is given. Measured (benchmarks/preprocessing.py and the
-#: benchmark cohort): correct registrations 0.56-0.97 (noisy subjects derived from the ROBEX
-#: head lowest, checked visually); failures and non-brain inputs 0.10-0.47.
+#: cohorts), version 2: correct registrations 0.507-0.97 (noisy, 2x-deformed subjects derived
+#: from the ROBEX head lowest); non-brain inputs 0.08-0.36; the mask-free ROBEX reference head,
+#: mis-registered, 0.505 (warned, not refused). Version 1: 0.51-0.97 against 0.10-0.47.
 REFUSE_NCC = 0.5
 WARN_NCC = 0.55
 
 #: minimum fraction of the T1 field of view that the T2 must cover
 MIN_T2_OVERLAP = 0.5
 
-#: version of the pipeline's numerics, recorded in every mapping and model file; a cache
-#: entry from another version is recomputed. 1: registration on the native grid with
-#: whole-image gradient filters. 2: registration on the scan reduced to the template's spacing,
-#: gradients at the metric's samples (registration ~4x faster; transforms within ~0.2 mm of
-#: version 1 on the 1 mm sample).
+#: version of the pipeline's numerics, recorded in every mapping and model file. New scans
+#: and new models get the latest; ``PreprocessConfig.version`` reruns an older one (a model
+#: file's detection repeats the version it was fitted on), and a cache entry of another
+#: version is recomputed. 1: registration on the native grid with whole-image gradient
+#: filters. 2: registration on the scan reduced to the template's spacing, gradients at the
+#: metric's samples (registration ~4x faster; transforms within ~0.2 mm of version 1 on the
+#: 1 mm sample).
 PREPROCESS_VERSION = 2
 
 
@@ -105,9 +108,13 @@ class PreprocessConfig:
     refuse_ncc: float = REFUSE_NCC
     warn_ncc: float = WARN_NCC
     demons: DemonsConfig | None = None  # step 7, off by default
+    version: int = PREPROCESS_VERSION  # see PREPROCESS_VERSION
 
     def __post_init__(self):
         self.shape = tuple(int(s) for s in self.shape)
+        if not 1 <= int(self.version) <= PREPROCESS_VERSION:
+            raise ValueError(f"preprocessing version {self.version} is unknown to this "
+                             f"library (versions 1-{PREPROCESS_VERSION}); upgrade SpatialMSMALib")
         if isinstance(self.demons, dict):
             self.demons = DemonsConfig(**self.demons)
         if self.registration not in ("affine", "rigid", "none"):
@@ -327,22 +334,30 @@ def _initial_translations(template, head: np.ndarray, affine: np.ndarray) -> lis
     return [None, np.eye(4), top]
 
 
-def register_to_template(template, t1, affine, brain_mask, dof: str, steps: list) -> np.ndarray:
+def register_to_template(template, t1, affine, brain_mask, dof: str, steps: list,
+                         version: int = PREPROCESS_VERSION) -> np.ndarray:
     """Register a native T1 to the template; returns model -> native (4x4 RAS).
 
     Rigid stage from three starting points (moments, identity, head-top alignment), the one
     with the best NCC wins; then, for ``dof == "affine"``, a 12-parameter stage. Without a
     brain mask, a final affine stage runs on the T1 masked by the (dilated) atlas brain
-    mask, which removes most of the skull's and neck's pull. Every stage sees the scan
-    reduced to about the template grid's spacing (``reduce_to_spacing``; a 1 mm scan to 2 mm).
+    mask, which removes most of the skull's and neck's pull. From ``version`` 2 on every
+    stage sees the scan reduced to about the template grid's spacing (``reduce_to_spacing``; a
+    1 mm scan to 2 mm) and the metric's gradients are computed at its samples; version 1 used
+    the native grid and whole-image gradient filters.
     """
     t0 = time.perf_counter()
     # bright fat and vessels would take most histogram bins of the MI metric: clip them
     head = _head_mask(t1)
     t1 = np.minimum(t1, np.percentile(t1[head], 99.0)).astype(np.float32)
     spacing = float(np.linalg.norm(template.grid.affine[:3, 0]))
-    moving, moving_affine = reduce_to_spacing(
-        t1 * brain_mask if brain_mask is not None else t1, affine, spacing)
+    legacy = version < 2
+
+    def reduced(image):
+        return (image.astype(np.float32), affine) if legacy else reduce_to_spacing(
+            image, affine, spacing)
+
+    moving, moving_affine = reduced(t1 * brain_mask if brain_mask is not None else t1)
     fixed_mask = ndimage.binary_dilation(template.brain_mask, iterations=2)
     native_grid = Grid(t1.shape, affine)
     moving_grid = Grid(moving.shape, moving_affine)
@@ -352,7 +367,8 @@ def register_to_template(template, t1, affine, brain_mask, dof: str, steps: list
         return normalized_cross_correlation(template.t1, warped, template.brain_mask)
 
     candidates = []
-    for start in _initial_translations(template, head, affine):
+    # (version 1 found the head for the starting points on the clipped T1)
+    for start in _initial_translations(template, _head_mask(t1) if legacy else head, affine):
         rigid = register_affine(
             template.t1,
             template.grid.affine,
@@ -361,6 +377,7 @@ def register_to_template(template, t1, affine, brain_mask, dof: str, steps: list
             moving_affine,
             dof="rigid",
             initial_model_to_native=start,
+            gradient_filters=legacy,
         )
         candidates.append((quality(rigid), rigid))
     scores = [round(c[0], 4) for c in candidates]
@@ -378,6 +395,7 @@ def register_to_template(template, t1, affine, brain_mask, dof: str, steps: list
             moving_affine,
             dof="affine",
             initial_model_to_native=transform,
+            gradient_filters=legacy,
         )
         steps.append(
             {
@@ -399,9 +417,10 @@ def register_to_template(template, t1, affine, brain_mask, dof: str, steps: list
             template.t1,
             template.grid.affine,
             template.brain_mask,
-            *reduce_to_spacing(t1 * rough, affine, spacing),
+            *reduced(t1 * rough),
             dof=dof,
             initial_model_to_native=transform,
+            gradient_filters=legacy,
         )
         steps.append(
             {
@@ -539,9 +558,11 @@ def preprocess_scan(
         timed({"step": "registration", "method": "none (scan already in MNI space)"}, t0)
     else:
         transform = register_to_template(
-            template, channels[0], native_grid.affine, mask_native, config.registration, steps
+            template, channels[0], native_grid.affine, mask_native, config.registration, steps,
+            version=config.version,
         )
-    mapping = SpaceMapping(native_grid, template.grid, transform)
+    mapping = SpaceMapping(native_grid, template.grid, transform,
+                           preprocess_version=int(config.version))
 
     stage("brain extraction", 0.6)
     t0 = time.perf_counter()

@@ -67,6 +67,7 @@ def register_affine(
     dof: str = "affine",
     initial_model_to_native: np.ndarray | None = None,
     seed: int = 1,
+    gradient_filters: bool = False,
 ) -> np.ndarray:
     """One Mattes-MI registration stage: ``dof`` "rigid" (6) or "affine" (12 parameters).
 
@@ -76,9 +77,9 @@ def register_affine(
     model -> native. Multi-resolution (shrink 4/2/1), metric sampled at 15% of the fixed mask
     with a fixed seed (``seed`` must be > 0: SimpleITK reads 0 as "seed from the clock").
     Image gradients are computed at the sampled points only (no whole-image gradient filter:
-    on a 1 mm head that filter took half of the time). Callers pass a moving image reduced to
-    about the fixed grid's spacing (:func:`reduce_to_spacing`), which the metric cannot
-    resolve beyond anyway.
+    on a 1 mm head that filter took half of the time), unless ``gradient_filters`` (how
+    preprocessing version 1 ran). Callers pass a moving image reduced to about the fixed grid's
+    spacing (:func:`reduce_to_spacing`), which the metric cannot resolve beyond anyway.
     """
     fixed_image = to_sitk(fixed.astype(np.float32), fixed_affine)
     moving_image = to_sitk(moving.astype(np.float32), moving_affine)
@@ -108,8 +109,8 @@ def register_affine(
         raise ValueError("seed must be positive (0 means a wall-clock seed in SimpleITK)")
     method.SetMetricSamplingPercentage(0.15, seed)
     method.SetMetricFixedMask(fixed_mask_image)
-    method.SetMetricUseFixedImageGradientFilter(False)
-    method.SetMetricUseMovingImageGradientFilter(False)
+    method.SetMetricUseFixedImageGradientFilter(gradient_filters)
+    method.SetMetricUseMovingImageGradientFilter(gradient_filters)
     if moving_mask is not None:
         method.SetMetricMovingMask(to_sitk(moving_mask.astype(np.uint8), moving_affine))
     method.SetInterpolator(sitk.sitkLinear)

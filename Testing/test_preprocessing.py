@@ -448,6 +448,44 @@ def test_a_cache_entry_from_another_preprocessing_version_is_recomputed(tmp_path
     assert np.corrcoef(again.image.ravel(), fresh.image.ravel())[0, 1] > 0.999
     with np.load(entry) as stored:
         assert json.loads(str(stored["mapping"]))["preprocess_version"] == PREPROCESS_VERSION
+    # an older model's benchmark asks for its version: that entry is recomputed, not read
+    plant(PREPROCESS_VERSION)
+    old = model_space([row], cache, 4.0, progress=False, version=1)[0]
+    assert old.mapping.preprocess_version == 1 and not np.any(old.image == 7.0)
+    assert np.corrcoef(old.image.ravel(), fresh.image.ravel())[0, 1] > 0.99
+    for unknown in (0, PREPROCESS_VERSION + 1):
+        with pytest.raises(ValueError, match="upgrade"):
+            PreprocessConfig(version=unknown)
+
+
+def test_version_1_registers_on_the_native_grid_and_version_2_on_the_reduced_scan(
+        monkeypatch):
+    """The two versions differ where they should: what the registration stages receive."""
+    import SpatialMSMALib.preprocessing as pipeline
+
+    seen = []
+    real = pipeline.register_affine
+
+    def spy(fixed, fixed_affine, fixed_mask, moving, moving_affine, **kwargs):
+        seen.append((moving.shape, kwargs["gradient_filters"]))
+        return real(fixed, fixed_affine, fixed_mask, moving, moving_affine, **kwargs)
+
+    monkeypatch.setattr(pipeline, "register_affine", spy)
+    from SpatialMSMALib.registration import reduce_to_spacing
+
+    anatomy = load_mni152_2009a()  # a 2 mm scan of it, registered to a 4 mm template grid
+    t1, affine = reduce_to_spacing(anatomy.t1, anatomy.affine, 2.0)
+    mask = reduce_to_spacing(anatomy.brain_mask.astype(np.float32), anatomy.affine, 2.0)[0]
+    reduced_shape = reduce_to_spacing(t1, affine, 4.0)[0].shape
+    assert reduced_shape != t1.shape
+    for version, shape, filters in ((1, t1.shape, True), (2, reduced_shape, False)):
+        seen.clear()
+        config = PreprocessConfig(spacing_mm=4.0, shape=(48, 56, 48), n4=False,
+                                  version=version)
+        result = preprocess_scan(Volume(t1, affine), None, Volume(mask > 0.5, affine), config)
+        assert result.mapping.preprocess_version == version
+        assert result.mapping.registration_ncc > 0.8
+        assert len(seen) == 4 and all(x == (shape, filters) for x in seen)
 
 
 def test_the_demons_step_reports_its_iterations_and_can_be_cancelled(subject):

@@ -384,7 +384,6 @@ def test_detect_cli_finds_the_lesion_and_writes_every_output(detection_setup, ca
     assert top["peak_score"] == pytest.approx(float(heat.data[labels.data == 1].max()), rel=1e-5)
     assert report["voxel_false_positive_rate"] == pytest.approx(0.01)
     assert report["typicality"]["scores"]["knn"]["percentile"] >= 0
-    assert not any("preprocessing version" in w for w in report["warnings"])
     # outputs are never overwritten silently (refused before any computation)
     capsys.readouterr()
     assert main(args) == 2
@@ -420,20 +419,27 @@ def test_a_deformable_model_file_repeats_its_step_at_detection(
     from dataclasses import replace
 
     from SpatialMSMALib.detection import detect
+    from SpatialMSMALib.errors import InputError
     from SpatialMSMALib.io import load_volume
     from SpatialMSMALib.model import AnomalyModel
     from SpatialMSMALib.preprocessing import PREPROCESS_VERSION, DemonsConfig
 
-    # fitted on scans of an older preprocessing version, too: detection must say so
+    # fitted on scans of preprocessing version 1, too: detection must repeat that version
     path = replace(detection_setup["model"], demons=DemonsConfig(iterations=20),
-                   preprocess_version=PREPROCESS_VERSION - 1).save(tmp_path / "deformable.pt")
+                   preprocess_version=1).save(tmp_path / "deformable.pt")
     model = AnomalyModel.load(path)
     assert model.demons == DemonsConfig(iterations=20)
-    assert model.preprocess_version == PREPROCESS_VERSION - 1
+    assert model.preprocess_version == 1 and model.preprocess_config().version == 1
     current = AnomalyModel.load(detection_setup["path"])
     assert current.demons is None and current.preprocess_version == PREPROCESS_VERSION
-    assert (model.feature_cache_name("0" * 12)
-            == f"features_000000000000_demons20x2_p{PREPROCESS_VERSION}")
+    assert model.feature_cache_name("0" * 12) == "features_000000000000_demons20x2"
+    assert (current.feature_cache_name("0" * 12)
+            == f"features_000000000000_p{PREPROCESS_VERSION}")
+    # a model from a newer library is refused at load, naming the file
+    newer = replace(detection_setup["model"], preprocess_version=PREPROCESS_VERSION + 1).save(
+        tmp_path / "newer.pt")
+    with pytest.raises(InputError, match="newer.pt.*upgrade"):
+        AnomalyModel.load(newer)
     paths = detection_setup["paths"]
     t1, t2 = load_volume(paths["t1"]), load_volume(paths["t2"])
     result = detect(model, t1, t2, device="cpu")
@@ -444,7 +450,7 @@ def test_a_deformable_model_file_repeats_its_step_at_detection(
     # this session fixture's flow was trained on affine-space scans, so its components on a
     # template-space scan are not a reliable check of placement
     assert result.mapping.deformable and np.isfinite(result.heat).all()
-    assert any(f"preprocessing version {PREPROCESS_VERSION - 1}" in w for w in result.warnings)
+    assert result.mapping.preprocess_version == 1
 
 
 def test_detect_without_t2_says_the_model_needs_it(detection_setup, capsys):

@@ -339,7 +339,8 @@ def run(args, size: Size | None = None) -> dict:
 
     def load(rows_):
         scans = model_space(rows_, cache, model.spacing_mm, demons=model.demons,
-                            need_mapping=True, channels=channels)
+                            need_mapping=True, channels=channels,
+                            version=model.preprocess_version)
         _, paths = cached_features(model, scans, feature_dir, device, save_local=True)
         return scans, paths
 

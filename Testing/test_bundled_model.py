@@ -21,6 +21,12 @@ def test_registry_describes_the_installed_files():
         assert model.calibration.default_threshold == pytest.approx(
             entry["calibration"]["default_threshold"])
         assert "NOT for clinical use" in entry["intended_use"]
+        # the registry states the preprocessing version detection will repeat (entries
+        # bundled before versions existed are version 1)
+        assert model.preprocess_version == entry["grid"].get("preprocess_version", 1)
+    from SpatialMSMALib.preprocessing import PREPROCESS_VERSION
+
+    assert AnomalyModel.load().preprocess_version == PREPROCESS_VERSION  # the default: latest
 
 
 def test_registry_quotes_the_committed_benchmark_and_the_flow_inputs():

@@ -123,7 +123,8 @@ def entry_for(model: AnomalyModel, file: Path, benchmark: dict | None,
                  "space": "MNI152 2009a (RAS), affine registration" + (
                      f" + demons ({model.demons.iterations} iterations, field smoothed by "
                      f"{model.demons.smoothing_vox:g} voxels) to the template T1"
-                     if model.demons else "")},
+                     if model.demons else ""),
+                 "preprocess_version": int(model.preprocess_version)},
         "noise_levels": {"L": len(model.sigmas), "sigma_max": float(model.sigmas[0]),
                          "sigma_min": float(model.sigmas[-1])},
         "flow_inputs": flow_inputs(model),

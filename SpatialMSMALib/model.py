@@ -182,11 +182,14 @@ class AnomalyModel:
                 )
         checkpoint = load_checkpoint(path, kind=MODEL_KIND)
         config = checkpoint["config"]
-        if int(config.get("preprocess_version", 1)) > PREPROCESS_VERSION:
+        version = config.get("preprocess_version", 1)
+        if not isinstance(version, int) or version < 1:
+            raise InputError(f"{path}: invalid preprocessing version {version!r} in the "
+                             "model file (expected an integer >= 1)")
+        if version > PREPROCESS_VERSION:
             raise InputError(
-                f"{path}: fitted on scans of preprocessing version "
-                f"{config['preprocess_version']}, newer than this library's "
-                f"({PREPROCESS_VERSION}); upgrade SpatialMSMALib")
+                f"{path}: fitted on scans of preprocessing version {version}, newer than "
+                f"this library's ({PREPROCESS_VERSION}); upgrade SpatialMSMALib")
         net_config = config["score_net"]
         net = ScoreUNet.from_config(net_config)
         net.load_state_dict(checkpoint["states"]["score_net"])
@@ -214,7 +217,7 @@ class AnomalyModel:
             calibration=calibration,
             provenance=checkpoint["extra"].get("provenance", {}),
             demons=DemonsConfig(**config["demons"]) if config.get("demons") else None,
-            preprocess_version=int(config.get("preprocess_version", 1)),
+            preprocess_version=version,
         )
 
     def __post_init__(self):

@@ -440,6 +440,9 @@ def test_a_deformable_model_file_repeats_its_step_at_detection(
         tmp_path / "newer.pt")
     with pytest.raises(InputError, match="newer.pt.*upgrade"):
         AnomalyModel.load(newer)
+    broken = replace(detection_setup["model"], preprocess_version=0).save(tmp_path / "bad.pt")
+    with pytest.raises(InputError, match="bad.pt: invalid preprocessing version 0"):
+        AnomalyModel.load(broken)
     paths = detection_setup["paths"]
     t1, t2 = load_volume(paths["t1"]), load_volume(paths["t2"])
     result = detect(model, t1, t2, device="cpu")

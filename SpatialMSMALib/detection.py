@@ -105,7 +105,8 @@ class Detection:
                             "post_processing": {
                                 "smoothing_mm": model.calibration.smoothing_mm,
                                 "rim_mm": model.calibration.rim_mm,
-                                "min_component_ml": model.calibration.min_component_ml}}
+                                "min_component_ml": model.calibration.min_component_ml,
+                                "max_peak_fpr": model.calibration.max_peak_fpr}}
         return out
 
 
@@ -170,7 +171,7 @@ def relabel(detection: Detection, model: AnomalyModel, *, fpr: float | None = No
     min_ml = model.calibration.min_component_ml if min_component_ml is None else min_component_ml
     spacing = np.linalg.norm(detection.affine[:3, :3], axis=0)
     labels, count = label_anomalies(detection.heat, detection.brain_mask, threshold, spacing,
-                                    min_ml)
+                                    min_ml, model.calibration.peak_threshold(threshold))
     components = components_of(labels, count, detection.heat, detection.affine,
                                model.calibration)
     from dataclasses import replace

@@ -202,8 +202,13 @@ class AnomalyModel:
             spatial = SpatialFlow(SpatialFlowConfig(**config["spatial"]))
             spatial.load_state_dict(checkpoint["states"]["spatial"])
             spatial.eval()
-        calibration = (Calibration(**config["calibration"])
-                       if config.get("calibration") is not None else None)
+        calibration = None
+        if config.get("calibration") is not None:
+            try:
+                calibration = Calibration(**config["calibration"])
+            except (TypeError, ValueError) as e:  # a newer library's fields, a bad value
+                raise InputError(f"{path}: unusable calibration in the model file ({e}); "
+                                 "a newer SpatialMSMALib may have written it") from None
         s = config["schedule"]
         return cls(
             net.eval(),

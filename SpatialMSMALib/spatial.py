@@ -441,6 +441,10 @@ class Calibration:
         rim_mm: the outer ``rim_mm`` of the brain mask is not scored (registration and
             mask differences make the brain's edge atypical in healthy scans too).
         min_component_ml: components smaller than this are removed from the label volume.
+        max_peak_fpr: ``None``, or a component is also removed unless its peak reaches the
+            threshold of this (stricter) voxel false-positive rate: hysteresis thresholding,
+            where the operating threshold sets a component's extent and this rate decides
+            whether it is reported at all (see :meth:`peak_threshold`).
         n_scans / n_voxels: how much healthy data the quantiles come from.
     """
 
@@ -450,9 +454,16 @@ class Calibration:
     smoothing_mm: float = 2.0
     min_component_ml: float = 0.1
     rim_mm: float = 0.0
+    max_peak_fpr: float | None = None
     n_scans: int = 0
     n_voxels: int = 0
     notes: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.max_peak_fpr is not None and not (
+                self.fprs[0] <= float(self.max_peak_fpr) <= self.default_fpr):
+            raise ValueError(f"peak false-positive rate {self.max_peak_fpr} must lie in "
+                             f"[{self.fprs[0]:.0e}, the default rate {self.default_fpr}]")
 
     @classmethod
     def from_healthy(cls, brain_values: list[np.ndarray], **settings) -> Calibration:
@@ -482,6 +493,14 @@ class Calibration:
     @property
     def default_threshold(self) -> float:
         return self.threshold_for_fpr(self.default_fpr)
+
+    def peak_threshold(self, threshold: float) -> float | None:
+        """The score a component's peak must reach at operating ``threshold``: that of
+        ``max_peak_fpr``, or ``threshold`` itself when it is the stricter; ``None`` without
+        the rule. (A higher score is more anomalous.)"""
+        if self.max_peak_fpr is None:
+            return None
+        return max(float(threshold), self.threshold_for_fpr(self.max_peak_fpr))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -519,11 +538,13 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
 
 
 def label_anomalies(
-    heat: np.ndarray, region: np.ndarray, threshold: float, spacing_mm, min_component_ml: float
+    heat: np.ndarray, region: np.ndarray, threshold: float, spacing_mm, min_component_ml: float,
+    min_peak: float | None = None,
 ) -> tuple[np.ndarray, int]:
     """Threshold ``heat`` inside ``region``, keep 26-connected components of at least
-    ``min_component_ml``; returns ``(labels int16 (I, J, K), count)``, labels 1..count ordered
-    by decreasing peak score."""
+    ``min_component_ml`` (and, with ``min_peak``, whose highest value reaches it: hysteresis);
+    returns ``(labels int16 (I, J, K), count)``, labels 1..count ordered by decreasing peak
+    score."""
     from scipy import ndimage
 
     with np.errstate(invalid="ignore"):
@@ -539,7 +560,8 @@ def label_anomalies(
     voxel_ml = float(np.prod(np.asarray(spacing_mm, float))) / 1000.0
     sizes, _, peaks, _ = component_statistics(components, count, heat[box])
     ids = np.arange(1, count + 1)
-    keep = ids[sizes * voxel_ml >= min_component_ml]
+    large = sizes * voxel_ml >= min_component_ml
+    keep = ids[large if min_peak is None else large & (peaks >= min_peak)]
     order = keep[np.argsort(-peaks[keep - 1], kind="stable")]
     relabel = np.zeros(count + 1, np.int16)
     relabel[order] = np.arange(1, len(order) + 1, dtype=np.int16)

@@ -64,6 +64,38 @@ def test_label_anomalies_sizes_order_and_minimum():
     assert count == 1 and labels[3, 3, 3] == 0
 
 
+def test_label_anomalies_hysteresis_keeps_only_components_whose_peak_is_strong():
+    heat = np.zeros((20, 20, 20), np.float32)
+    heat[2:6, 2:6, 2:6] = 2.0  # 64 voxels, flat: peak 2
+    heat[10:14, 10:14, 10:14] = 2.0  # 64 voxels with one strong voxel: peak 6
+    heat[11, 11, 11] = 6.0
+    region = np.ones(heat.shape, bool)
+    labels, count = label_anomalies(heat, region, 1.0, (2.0,) * 3, 0.1, min_peak=5.0)
+    assert count == 1
+    # the kept component keeps its whole extent at the operating threshold, not just the
+    # voxels above the peak threshold
+    assert (labels == 1).sum() == 64 and labels[13, 13, 13] == 1 and labels[3, 3, 3] == 0
+    assert label_anomalies(heat, region, 1.0, (2.0,) * 3, 0.1, min_peak=7.0)[1] == 0
+    assert label_anomalies(heat, region, 1.0, (2.0,) * 3, 0.1, min_peak=None)[1] == 2
+
+
+def test_calibration_peak_threshold_is_the_stricter_of_the_two(rng):
+    values = [rng.normal(size=50_000) for _ in range(4)]
+    cal = Calibration.from_healthy(values, max_peak_fpr=1e-3)
+    strict = cal.threshold_for_fpr(1e-3)
+    assert cal.peak_threshold(cal.default_threshold) == pytest.approx(strict)
+    # normal quantiles: 3.09 standard deviations at 0.1%, 2.33 at 1%
+    assert strict == pytest.approx(3.09, abs=0.1)
+    assert cal.default_threshold == pytest.approx(2.33, abs=0.05)
+    assert cal.peak_threshold(strict + 0.5) == pytest.approx(strict + 0.5)
+    assert Calibration.from_healthy(values).peak_threshold(0.0) is None
+    with pytest.raises(ValueError, match="peak false-positive rate"):
+        Calibration.from_healthy(values, max_peak_fpr=0.05)  # looser than the 1% default
+    old = asdict(Calibration.from_healthy(values))
+    del old["max_peak_fpr"]  # a model file written before the rule existed
+    assert Calibration(**old).max_peak_fpr is None
+
+
 def test_component_statistics_match_scipy(rng):
     from scipy import ndimage
 

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-component-ml", default="auto",
                         help="minimum component size (mL), or 'auto' (from healthy "
                              "validation scans, see --healthy-budget-ml)")
+    parser.add_argument("--max-peak-fpr", type=peak_rate, default=DEFAULT_MAX_PEAK_FPR,
+                        help="report a component only if its peak reaches the threshold of "
+                             "this stricter voxel FPR (hysteresis; 'none' turns it off)")
     parser.add_argument("--healthy-budget-ml", type=float, default=1.0,
                         help="'auto' picks the smallest minimum size whose median flagged "
                              "volume on the healthy validation scans is within this")
@@ -164,6 +167,25 @@ def train_score_first(args, out: Path) -> Path:
     return out / "best.pt"
 
 
+#: ``--max-peak-fpr`` default: on the development cohort (benchmark manifest ``dev``, never the
+#: test or leave-one-anatomy-out scans) it removed most false components at the 1% operating
+#: point without losing a lesion (see training/README.md)
+DEFAULT_MAX_PEAK_FPR = 0.001
+
+
+def peak_rate(text: str) -> float | None:
+    """``--max-peak-fpr`` value: a rate in (0, 1), or 'none'."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a rate or 'none'") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a rate in (0, 1)")
+    return value
+
+
 #: minimum component sizes tried by ``--min-component-ml auto`` (mL)
 AUTO_MIN_COMPONENT_ML = (0.05, 0.1, 0.15, 0.2, 0.3)  # below the 0.5 mL lesions of interest
 
@@ -172,11 +194,16 @@ def calibrate(model, val_scans, val_paths, device, args) -> Calibration:
     """Healthy heat-map quantiles of the validation scans (inside the scored region), and
     the post-processing settings; with ``--min-component-ml auto`` the smallest size of
     ``AUTO_MIN_COMPONENT_ML`` whose median flagged volume on these healthy scans is within
-    ``--healthy-budget-ml`` at the default rate (healthy data only, no lesion labels)."""
+    ``--healthy-budget-ml`` at the default rate, with the ``--max-peak-fpr`` rule applied
+    (healthy data only, no lesion labels)."""
     from SpatialMSMALib.spatial import label_anomalies, scored_region
 
     settings = {"smoothing_mm": args.smoothing_mm, "rim_mm": args.rim_mm}
     model.calibration = Calibration([1e-6, 1.0], [1.0, 0.0], **settings)  # for the maps only
+    if args.max_peak_fpr is not None and args.max_peak_fpr > args.fpr:
+        raise SystemExit(f"error: --max-peak-fpr {args.max_peak_fpr} must not exceed --fpr "
+                         f"{args.fpr} (it is the stricter rate)")
+    settings["max_peak_fpr"] = args.max_peak_fpr
     heats, regions = [], []
     for scan, path in zip(val_scans, val_paths, strict=True):
         with np.load(path) as cached:
@@ -190,9 +217,10 @@ def calibrate(model, val_scans, val_paths, device, args) -> Calibration:
         **settings)
     spacing = (model.spacing_mm,) * 3
     threshold = calibration.default_threshold
+    min_peak = calibration.peak_threshold(threshold)
     flagged = {}
     for size in AUTO_MIN_COMPONENT_ML:
-        volumes = [float((label_anomalies(h, r, threshold, spacing, size)[0] > 0).sum())
+        volumes = [float((label_anomalies(h, r, threshold, spacing, size, min_peak)[0] > 0).sum())
                    * model.spacing_mm**3 / 1000 for h, r in zip(heats, regions, strict=True)]
         flagged[size] = float(np.median(volumes))
     calibration.notes["healthy_median_flagged_ml_by_min_component_ml"] = flagged

@@ -1,0 +1,100 @@
+"""The hysteresis rule of the post-processing (``Calibration.max_peak_fpr``): relabelling
+with it, and changing it in a model file without retraining (training/set_post_processing.py)."""
+
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+
+
+def _two_blob_detection(model):
+    """A native-grid detection whose heat map holds two 5x5x5 blobs (2 mm voxels, 1 mL each)
+    at the model's 1% threshold: one with a single voxel at its 0.01% threshold, one without
+    any voxel above its 0.5% threshold."""
+    from SpatialMSMALib.detection import Detection
+
+    cal = model.calibration
+    heat = np.full((30, 30, 30), cal.scores[-1], np.float32)
+    heat[3:8, 3:8, 3:8] = cal.threshold_for_fpr(0.008)  # weak: peak FPR 0.8%
+    heat[15:20, 15:20, 15:20] = cal.threshold_for_fpr(0.008)
+    heat[17, 17, 17] = cal.threshold_for_fpr(1e-4)  # strong peak
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    brain = np.ones(heat.shape, bool)
+    return Detection(heat, brain, np.zeros(heat.shape, np.int16), affine, 0.0, 0.0,
+                     float(cal.scores[-1]), [], None, None, None)
+
+
+def test_relabel_reports_only_components_with_a_strong_peak(detection_setup):
+    from set_post_processing import with_post_processing
+
+    from SpatialMSMALib.detection import relabel
+
+    model = detection_setup["model"]
+    detection = _two_blob_detection(model)
+    plain = relabel(detection, model, fpr=0.01)
+    assert len(plain.components) == 2
+    ruled = with_post_processing(model, max_peak_fpr=1e-3)
+    kept = relabel(detection, ruled, fpr=0.01)
+    assert len(kept.components) == 1
+    assert kept.components[0].peak_voxel_fpr <= 1e-3
+    assert kept.components[0].volume_ml == pytest.approx(125 * 8 / 1000)  # whole extent
+    assert kept.labels[4, 4, 4] == 0 and kept.labels[16, 16, 16] == 1
+    # a stricter operating point than the rule: the rule adds nothing
+    assert len(relabel(detection, ruled, fpr=0.009).components) == 1
+    assert len(relabel(detection, ruled, fpr=5e-5).components) == 0
+    # the report states the rule
+    assert kept.report(ruled)["model"]["post_processing"]["max_peak_fpr"] == 1e-3
+
+
+def test_set_post_processing_writes_a_new_file_and_keeps_the_input(detection_setup, tmp_path,
+                                                                    capsys):
+    from set_post_processing import main
+
+    from SpatialMSMALib.model import AnomalyModel
+
+    source = detection_setup["path"]
+    before = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    out = tmp_path / "ruled.pt"
+    assert main(["--model", str(source), "--out", str(out), "--max-peak-fpr", "0.001",
+                 "--min-component-ml", "0.5"]) == 0
+    assert hashlib.sha256(Path(source).read_bytes()).hexdigest() == before
+    loaded, original = AnomalyModel.load(out), AnomalyModel.load(source)
+    assert loaded.calibration.max_peak_fpr == 0.001
+    assert loaded.calibration.min_component_ml == 0.5
+    assert loaded.calibration.scores == original.calibration.scores  # quantiles unchanged
+    change = loaded.calibration.notes["post_processing_changes"][-1]
+    assert change["previous"] == {"max_peak_fpr": None, "min_component_ml": 0.2}
+    assert loaded.provenance["post_processing_changed"]["new"]["max_peak_fpr"] == 0.001
+    # 'none' turns the rule off again; nothing is overwritten unless asked
+    capsys.readouterr()
+    assert main(["--model", str(out), "--out", str(tmp_path / "off.pt"),
+                 "--max-peak-fpr", "none"]) == 0
+    assert AnomalyModel.load(tmp_path / "off.pt").calibration.max_peak_fpr is None
+    assert main(["--model", str(source), "--out", str(out), "--max-peak-fpr", "0.001"]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    # a rule looser than the default operating rate is refused with a clear message
+    assert main(["--model", str(source), "--out", str(tmp_path / "bad.pt"),
+                 "--max-peak-fpr", "0.05"]) == 2
+    assert "peak false-positive rate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", str(source), "--out", str(source), "--max-peak-fpr", "0.001"])
+
+
+def test_a_model_file_with_an_unusable_calibration_is_refused_naming_it(detection_setup,
+                                                                         tmp_path):
+    from dataclasses import replace
+
+    from SpatialMSMALib.errors import InputError
+    from SpatialMSMALib.model import AnomalyModel
+    from SpatialMSMALib.spatial import Calibration
+
+    model = detection_setup["model"]
+    broken = replace(model, calibration=Calibration.__new__(Calibration))
+    broken.calibration.__dict__.update(model.calibration.__dict__, max_peak_fpr=0.5)
+    path = broken.save(tmp_path / "broken.pt")
+    with pytest.raises(InputError, match="broken.pt.*peak false-positive rate"):
+        AnomalyModel.load(path)

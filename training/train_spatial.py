@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "validation scans, see --healthy-budget-ml)")
     parser.add_argument("--max-peak-fpr", type=peak_rate, default=DEFAULT_MAX_PEAK_FPR,
                         help="report a component only if its peak reaches the threshold of "
-                             "this stricter voxel FPR (hysteresis; 'none' turns it off)")
+                             "this stricter voxel FPR, e.g. 0.001 (hysteresis; default and "
+                             "'none': off)")
     parser.add_argument("--healthy-budget-ml", type=float, default=1.0,
                         help="'auto' picks the smallest minimum size whose median flagged "
                              "volume on the healthy validation scans is within this")
@@ -167,10 +168,11 @@ def train_score_first(args, out: Path) -> Path:
     return out / "best.pt"
 
 
-#: ``--max-peak-fpr`` default: on the development cohort (benchmark manifest ``dev``, never the
-#: test or leave-one-anatomy-out scans) it removed most false components at the 1% operating
-#: point without losing a lesion (see training/README.md)
-DEFAULT_MAX_PEAK_FPR = 0.001
+#: ``--max-peak-fpr`` default: off. On the development cohort (benchmark manifest ``dev``, never
+#: the test or leave-one-anatomy-out scans) 0.001 raised the bundled T1 + T2 model's PPV at 1%
+#: from 0.914 to 1.000 but lost 4 of 40 lesions >= 0.5 mL (TPR 0.700 -> 0.600), and
+#: sensitivity is the figure short of its target (see the main README)
+DEFAULT_MAX_PEAK_FPR = None
 
 
 def peak_rate(text: str) -> float | None:

@@ -460,6 +460,9 @@ class Calibration:
     notes: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if not self.fprs[0] <= float(self.default_fpr) <= 1:  # also refuses NaN
+            raise ValueError(f"default false-positive rate {self.default_fpr} outside "
+                             f"[{self.fprs[0]:.0e}, 1]")
         if self.max_peak_fpr is not None and not (
                 self.fprs[0] <= float(self.max_peak_fpr) <= self.default_fpr):
             raise ValueError(f"peak false-positive rate {self.max_peak_fpr} must lie in "

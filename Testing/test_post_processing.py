@@ -80,6 +80,10 @@ def test_set_post_processing_writes_a_new_file_and_keeps_the_input(detection_set
     assert main(["--model", str(source), "--out", str(tmp_path / "bad.pt"),
                  "--max-peak-fpr", "0.05"]) == 2
     assert "peak false-positive rate" in capsys.readouterr().err
+    assert main(["--model", str(source), "--out", str(tmp_path / "bad.pt"),
+                 "--default-fpr", "2"]) == 2
+    assert "default false-positive rate" in capsys.readouterr().err
+    assert not (tmp_path / "bad.pt").exists()
     with pytest.raises(SystemExit):
         main(["--model", str(source), "--out", str(source), "--max-peak-fpr", "0.001"])
 

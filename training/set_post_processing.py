@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     if hasattr(args, "max_peak_fpr"):  # given, possibly 'none'
         changes["max_peak_fpr"] = args.max_peak_fpr
     if args.min_component_ml is not None:
-        if args.min_component_ml < 0:
+        if not args.min_component_ml >= 0:  # also refuses NaN
             p.error(f"--min-component-ml {args.min_component_ml} must be >= 0")
         changes["min_component_ml"] = args.min_component_ml
     if args.default_fpr is not None:

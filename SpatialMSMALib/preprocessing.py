@@ -25,9 +25,11 @@ label volume) exactly back onto the native grid (:meth:`SpaceMapping.to_native`)
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
@@ -44,6 +46,7 @@ from .registration import (
     reduce_to_spacing,
     register_affine,
     register_demons,
+    single_threaded_itk,
     warp,
 )
 from .template import DEFAULT_SHAPE, DEFAULT_SPACING_MM, template_on_grid
@@ -366,9 +369,7 @@ def register_to_template(template, t1, affine, brain_mask, dof: str, steps: list
         warped = SpaceMapping(moving_grid, template.grid, transform).to_model(moving)
         return normalized_cross_correlation(template.t1, warped, template.brain_mask)
 
-    candidates = []
-    # (version 1 found the head for the starting points on the clipped T1)
-    for start in _initial_translations(template, _head_mask(t1) if legacy else head, affine):
+    def rigid_from(start):
         rigid = register_affine(
             template.t1,
             template.grid.affine,
@@ -379,7 +380,14 @@ def register_to_template(template, t1, affine, brain_mask, dof: str, steps: list
             initial_model_to_native=start,
             gradient_filters=legacy,
         )
-        candidates.append((quality(rigid), rigid))
+        return quality(rigid), rigid
+
+    # (version 1 found the head for the starting points on the clipped T1)
+    starts = _initial_translations(template, _head_mask(t1) if legacy else head, affine)
+    # each registration is single-threaded (reproducible); the starts share the cores
+    workers = max(1, min(len(starts), os.cpu_count() or 1))
+    with single_threaded_itk(), ThreadPoolExecutor(workers) as pool:
+        candidates = list(pool.map(rigid_from, starts))
     scores = [round(c[0], 4) for c in candidates]
     transform = max(candidates, key=lambda c: c[0])[1]
     entry = {"step": "registration", "stage": "rigid, best of 3 starts", "ncc_per_start": scores}

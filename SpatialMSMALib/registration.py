@@ -7,10 +7,46 @@ the template/model space (MNI RAS mm) to the corresponding point of the native s
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
 import numpy as np
 import SimpleITK as sitk
 
 _FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS
+
+_single_thread_lock = threading.Lock()
+_single_thread_users = 0
+_saved_thread_count: int | None = None
+
+
+@contextmanager
+def single_threaded_itk():
+    """Run the enclosed SimpleITK work with ITK's global default of one thread per filter.
+
+    ITK's multi-threaded Mattes-MI registration (v4 metric, random sampling, SimpleITK 2.5 /
+    ITK 5.4) is not reproducible run to run: the same scan registered twice in one process on
+    2 threads gave transforms differing by ~1e-5 in the matrix and ~4e-4 mm in translation,
+    enough to move downstream scores in the 4th digit. With one thread it is bit-identical.
+    (Setting the method's own thread count is not enough: its metric still used the global
+    default.) Callers that want the cores back run independent registrations in parallel
+    Python threads (SimpleITK releases the GIL), as :func:`preprocessing.register_to_template`
+    does. Re-entrant and safe across threads: the previous global default is restored when the
+    last user leaves.
+    """
+    global _single_thread_users, _saved_thread_count
+    with _single_thread_lock:
+        if _single_thread_users == 0:
+            _saved_thread_count = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        _single_thread_users += 1
+    try:
+        yield
+    finally:
+        with _single_thread_lock:
+            _single_thread_users -= 1
+            if _single_thread_users == 0:
+                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(_saved_thread_count)
 
 
 def to_sitk(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
@@ -80,6 +116,8 @@ def register_affine(
     on a 1 mm head that filter took half of the time), unless ``gradient_filters`` (how
     preprocessing version 1 ran). Callers pass a moving image reduced to about the fixed grid's
     spacing (:func:`reduce_to_spacing`), which the metric cannot resolve beyond anyway.
+    Runs single-threaded (:func:`single_threaded_itk`), so the same inputs give the same
+    transform bit for bit.
     """
     fixed_image = to_sitk(fixed.astype(np.float32), fixed_affine)
     moving_image = to_sitk(moving.astype(np.float32), moving_affine)
@@ -126,7 +164,8 @@ def register_affine(
     method.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     method.SetInitialTransform(transform, inPlace=True)
-    method.Execute(fixed_image, moving_image)
+    with single_threaded_itk():
+        method.Execute(fixed_image, moving_image)
     return _FLIP @ _matrix_of(transform) @ _FLIP
 
 

@@ -256,10 +256,8 @@ def test_clear_result_removes_the_result_and_detection_works_again(detection_set
     with pytest.raises(InputError, match="run detection first"):
         logic.rethreshold(fpr=0.01)
     again = logic.detect(t1, t2, model_path=detection_setup["path"], device="cpu")
-    # a second run of the same detection: not bit-identical (registration samples at random
-    # and multi-threaded sums differ), but the same heat map for all practical purposes
-    finite = np.isfinite(again.heat) & np.isfinite(first.heat)
-    assert again.heat.shape == first.heat.shape
-    assert np.corrcoef(again.heat[finite], first.heat[finite])[0, 1] > 0.99
-    assert ((again.labels > 0) == (first.labels > 0)).mean() > 0.999
+    # a second run of the same detection gives the same result, bit for bit (seeded metric
+    # sampling, single-threaded ITK registration, deterministic CPU inference)
+    np.testing.assert_array_equal(again.heat, first.heat)
+    np.testing.assert_array_equal(again.labels, first.labels)
     assert composite.GetForegroundVolumeID() == logic.heat_node.GetID()

@@ -188,7 +188,7 @@ def _probe(request: dict) -> dict:
             for r in request["rows"]]
     scans = model_space(rows, request["cache"], model.spacing_mm, demons=model.demons,
                         progress=False, version=model.preprocess_version,
-                        need_mapping=True, channels=len(model.channel_names))
+                        channels=len(model.channel_names))
     name = request["name"]
     out = {"seconds": [], "stages": []}
     if name == "reference-scale":

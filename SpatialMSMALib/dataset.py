@@ -73,7 +73,6 @@ def model_space(
     cache_dir: str | Path,
     spacing: float = 2.0,
     progress: bool = True,
-    need_mapping: bool = False,
     channels: int | None = None,
     demons=None,
     version: int | None = None,
@@ -83,9 +82,8 @@ def model_space(
     ``PREPROCESS_VERSION``; a benchmark of an older model file passes the model's). A cache
     entry written by another version (recorded in its mapping; entries without a mapping are
     version 1) is recomputed, so a changed pipeline never mixes with stale entries.
-    ``need_mapping`` is kept for callers' clarity: every usable entry has its mapping.
-    ``channels=1``
-    keeps only the T1 (for T1-only models; the cache always holds every channel).
+    Every entry carries its mapping back to the native scan. ``channels=1`` keeps only the
+    T1 (for T1-only models; the cache always holds every channel).
 
     ``demons`` (a ``preprocessing.DemonsConfig``, as a model file records it) adds the
     deformable step: its entries (``<id>_<spacing>mm_<tag>.npz``, with the displacement
@@ -120,8 +118,7 @@ def model_space(
                     else:
                         mapping = None
             if mapping is None:
-                affine = model_space([row], cache_dir, spacing, False, need_mapping=True,
-                                     version=version)[0]
+                affine = model_space([row], cache_dir, spacing, False, version=version)[0]
                 mapping = affine.mapping
                 image, mask = deform_to_template(affine.image, affine.brain_mask, mapping, demons)
                 tmp = cached.with_name(cached.name + ".partial.npz")

@@ -338,8 +338,7 @@ def run(args, size: Size | None = None) -> dict:
     feature_dir = cache / model.feature_cache_name(score_digest(model))
 
     def load(rows_):
-        scans = model_space(rows_, cache, model.spacing_mm, demons=model.demons,
-                            need_mapping=True, channels=channels,
+        scans = model_space(rows_, cache, model.spacing_mm, demons=model.demons, channels=channels,
                             version=model.preprocess_version)
         _, paths = cached_features(model, scans, feature_dir, device, save_local=True)
         return scans, paths

@@ -66,7 +66,7 @@ def main() -> None:
     for split in args.splits:
         key = f"{split}_lesioned"
         rows = manifest_scans(args.manifest, (key,))[key]
-        scans = model_space(rows, args.cache, SPACING_MM, need_mapping=True, demons=demons)
+        scans = model_space(rows, args.cache, SPACING_MM, demons=demons)
         lesions = []
         for row, scan in zip(rows, scans, strict=True):
             truth = load_volume(row.lesion_mask, what="lesion mask", allow_empty=True).data > 0

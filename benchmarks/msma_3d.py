@@ -54,7 +54,7 @@ def main() -> None:
     rows = splits["test_healthy"][: args.n_healthy] + splits["test_lesioned"][: args.n_lesioned]
     labels = np.r_[np.zeros(min(args.n_healthy, len(splits["test_healthy"]))),
                    np.ones(min(args.n_lesioned, len(splits["test_lesioned"])))]
-    scans = model_space(rows, args.cache, model.spacing_mm, demons=model.demons, need_mapping=True,
+    scans = model_space(rows, args.cache, model.spacing_mm, demons=model.demons,
                         version=model.preprocess_version)
     feature_dir = args.cache / model.feature_cache_name()
     start = time.perf_counter()

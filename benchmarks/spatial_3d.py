@@ -48,7 +48,7 @@ SWEEP_FPRS = (0.01, 0.003, 0.001, 0.0003)
 
 
 def evaluate_split(model, rows, cache: Path, device, fpr=None, sweep_fprs=()) -> dict:
-    scans = model_space(rows, cache, model.spacing_mm, demons=model.demons, need_mapping=True,
+    scans = model_space(rows, cache, model.spacing_mm, demons=model.demons,
                         version=model.preprocess_version,
                         channels=len(model.channel_names))
     start = time.perf_counter()

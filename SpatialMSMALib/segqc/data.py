@@ -24,7 +24,7 @@ def model_space_label_maps(scans, tissue_files: dict, cache_dir: str | Path,
     from ..io import load_volume
 
     out = []
-    for scan in model_space(scans, cache_dir, spacing, progress, need_mapping=True):
+    for scan in model_space(scans, cache_dir, spacing, progress):
         if scan.id not in tissue_files:
             raise InputError(f"subject '{scan.id}' has no tissue label map")
         native = load_volume(tissue_files[scan.id], what="tissue labels").data

@@ -186,10 +186,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--manifest", type=Path, required=True)
     p.add_argument("--cache", type=Path, required=True, help="model-space cache of the cohort")
-    p.add_argument("--train-manifest", type=Path,
-                   help="cohort whose train / val scans fit and calibrate the flow "
-                        "(default --manifest; e.g. one made with stronger deformations)")
-    p.add_argument("--train-cache", type=Path, help="its model-space cache (default --cache)")
+    p.add_argument("--train-manifest", type=Path, nargs="+",
+                   help="cohort(s) whose train / val scans fit and calibrate the flow "
+                        "(default --manifest; e.g. one made with stronger deformations; "
+                        "several: their train and val splits are pooled)")
+    p.add_argument("--train-cache", type=Path, nargs="+",
+                   help="their model-space caches, one per --train-manifest (default --cache)")
     p.add_argument("--dev-manifest", type=Path, required=True)
     p.add_argument("--dev-cache", type=Path, required=True)
     p.add_argument("--name", required=True)
@@ -215,17 +217,24 @@ def main() -> None:
     deformable = (Deformable(args.demons_iterations, args.demons_smoothing_vox, args.deformable)
                   if args.deformable else None)
 
-    def location_set(scan_id):  # no score norms: a flow of the intensities
+    def location_set(train_cache, scan_id):  # no score norms: a flow of the intensities
         image, _, region, _, _ = load_scan(train_cache, scan_id, scales, deformable)
         return LocationSet.from_arrays(np.zeros((0, *region.shape), np.float32), image,
                                        region, 4, intensity_features=True,
                                        score_features=False)
 
-    train_cache = args.train_cache or args.cache
+    train_manifests = args.train_manifest or [args.manifest]
+    train_caches = args.train_cache or [args.cache]
+    if len(train_caches) != len(train_manifests):
+        raise SystemExit("error: give one --train-cache per --train-manifest")
     start = time.perf_counter()
-    cohort = manifest_scans(args.train_manifest or args.manifest, ("train", "val"))
-    train = [location_set(r.id) for r in cohort["train"]]
-    val = [location_set(r.id) for r in cohort["val"]]
+    pooled = {"train": [], "val": []}  # (cache, scan id) of every cohort's train / val scans
+    for manifest, cache in zip(train_manifests, train_caches, strict=True):
+        cohort = manifest_scans(manifest, ("train", "val"))
+        for split in pooled:
+            pooled[split] += [(cache, row.id) for row in cohort[split]]
+    train = [location_set(cache, scan_id) for cache, scan_id in pooled["train"]]
+    val = [location_set(cache, scan_id) for cache, scan_id in pooled["val"]]
     flow_config = SpatialFlowConfig(
         in_channels=train[0].lowres.shape[0], intensity_features=True, score_features=False,
         position_frequencies=args.position_frequencies, hidden=args.hidden,
@@ -249,13 +258,13 @@ def main() -> None:
         return smooth_in_region(raw, region, SMOOTHING_MM / SPACING_MM), region, mapping
 
     calibration = Calibration.from_healthy(
-        [h[r] for h, r, _ in (heat_of(train_cache, row.id) for row in cohort["val"])])
+        [h[r] for h, r, _ in (heat_of(cache, scan_id) for cache, scan_id in pooled["val"])])
     result = {"name": args.name, "scales_mm": scales,
               "deformable": None if deformable is None else {
                   "method": "SimpleITK fast symmetric-forces demons, T1 to the template T1",
                   "iterations": deformable.iterations,
                   "smoothing_vox": deformable.smoothing_vox},
-              "train_cohort": str(args.train_manifest or args.manifest),
+              "train_cohort": [str(m) for m in train_manifests],
               "flow": asdict(flow_config),
               "steps": args.steps, "seed": args.seed, "best_val_nll": trainer.best_val,
               "train_seconds": train_seconds, "grid": "model grid, 2 mm",

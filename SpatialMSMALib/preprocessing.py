@@ -384,7 +384,8 @@ def register_to_template(template, t1, affine, brain_mask, dof: str, steps: list
 
     # (version 1 found the head for the starting points on the clipped T1)
     starts = _initial_translations(template, _head_mask(t1) if legacy else head, affine)
-    # each registration is single-threaded (reproducible); the starts share the cores
+    # each registration is single-threaded (reproducible); the starts share the cores; the
+    # setting is held across the pool so the global thread count is not toggled between jobs
     workers = max(1, min(len(starts), os.cpu_count() or 1))
     with single_threaded_itk(), ThreadPoolExecutor(workers) as pool:
         candidates = list(pool.map(rigid_from, starts))

@@ -227,6 +227,15 @@ def main() -> None:
     train_caches = args.train_cache or [args.cache]
     if len(train_caches) != len(train_manifests):
         raise SystemExit("error: give one --train-cache per --train-manifest")
+    if deformable is not None:  # fields are cached under each cache's folder name
+        folders: dict[str, set] = {}
+        for cache in (args.cache, args.dev_cache, *train_caches):
+            folders.setdefault(cache.resolve().name, set()).add(cache.resolve())
+        shared = sorted(name for name, paths in folders.items() if len(paths) > 1)
+        if shared:
+            raise SystemExit(f"error: caches in different folders share the name "
+                             f"{', '.join(shared)}: their demons fields would be mixed up "
+                             "under --deformable; rename one")
     start = time.perf_counter()
     pooled = {"train": [], "val": []}  # (cache, scan id) of every cohort's train / val scans
     for manifest, cache in zip(train_manifests, train_caches, strict=True):

@@ -49,6 +49,9 @@ def _add_make_benchmark(sub) -> None:
         default=1.0,
         help="scale lesion contrast (the reference study used 1.5)",
     )
+    p.add_argument("--morph-fraction", type=float, default=0.0,
+                   help="fraction of the train/val subjects made from their anatomy morphed "
+                        "part of the way towards another training anatomy (default 0)")
     p.add_argument("--montage", type=Path, default=None, help="also write a PNG montage here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cohort")
     p.set_defaults(func=_run_make_benchmark)
@@ -81,6 +84,7 @@ def _run_make_benchmark(args) -> int:
         lesion_config=LesionConfig(
             kind=args.lesion_kind, max_load_ml=args.max_load_ml, contrast_boost=args.contrast_boost
         ),
+        morph_fraction=args.morph_fraction,
         overwrite=args.overwrite,
     )
     stats = json.loads(manifest.read_text())["lesion_statistics"]

@@ -39,10 +39,22 @@ class CohortSizes:
     n_loao_lesioned: int = 10
 
 
+#: range of the morph weight drawn for a morphed subject (0: own shape, 1: the target's)
+MORPH_WEIGHT_RANGE = (0.2, 1.0)
+
+
 def plan_cohort(
-    anatomies: list[str], sizes: CohortSizes, seed: int
+    anatomies: list[str], sizes: CohortSizes, seed: int, morph_fraction: float = 0.0
 ) -> tuple[list[dict], str | None]:
-    """Subject list (id, split, anatomy, lesioned, seed) and the held-out anatomy (or None)."""
+    """Subject list (id, split, anatomy, lesioned, seed) and the held-out anatomy (or None).
+
+    With ``morph_fraction`` > 0 that fraction of the ``train`` and ``val`` subjects (drawn
+    per subject) is made from its anatomy morphed towards another training anatomy
+    (:mod:`.morph`): their records get ``morph_target`` and ``morph_weight``. The held-out
+    anatomy is never a target, and the other splits are never morphed, so a cohort's test
+    and LOAO scans are the same with or without morphs."""
+    if not 0.0 <= morph_fraction <= 1.0:
+        raise InputError(f"the morph fraction must be in [0, 1], not {morph_fraction}")
     holdout = next((a for a in HOLDOUT_PREFERENCE if a in anatomies), None)
     training = [a for a in anatomies if a != holdout]
     splits = [
@@ -71,6 +83,18 @@ def plan_cohort(
                 }
             )
             index += 1
+    if morph_fraction > 0:
+        if len(training) < 2:
+            raise InputError("morphing needs at least two training anatomies "
+                             f"(have {', '.join(training)}): pass --anatomy-dir")
+        for record in subjects:
+            if record["split"] not in ("train", "val"):
+                continue
+            rng = np.random.default_rng([record["seed"], 1])  # independent of the subject's draws
+            if rng.uniform() < morph_fraction:
+                others = [a for a in training if a != record["anatomy"]]
+                record["morph_target"] = others[int(rng.integers(len(others)))]
+                record["morph_weight"] = round(float(rng.uniform(*MORPH_WEIGHT_RANGE)), 4)
     return subjects, holdout
 
 
@@ -82,6 +106,7 @@ def make_benchmark(
     seed: int = 0,
     subject_config: SubjectConfig | None = None,
     lesion_config: LesionConfig | None = None,
+    morph_fraction: float = 0.0,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -89,7 +114,8 @@ def make_benchmark(
 
     Writes per subject ``<id>_t1.nii.gz``, ``_t2.nii.gz`` (synthetic T2-like),
     ``_brainmask.nii.gz``, ``_lesionmask.nii.gz`` and ``_tissue.nii.gz`` (0 background,
-    1 CSF, 2 GM, 3 WM), plus ``manifest.json`` and ``manifest.csv``.
+    1 CSF, 2 GM, 3 WM), plus ``manifest.json`` and ``manifest.csv``. ``morph_fraction``:
+    see :func:`plan_cohort` (the fields between anatomy pairs are computed once per run).
     """
     out_dir = Path(out_dir)
     sizes = sizes or CohortSizes()
@@ -101,8 +127,9 @@ def make_benchmark(
             f"'{manifest_path}' already exists; refusing to overwrite (use --overwrite)"
         )
     anatomy_names = available_anatomies(anatomy_dir)
-    subjects, holdout = plan_cohort(anatomy_names, sizes, seed)
+    subjects, holdout = plan_cohort(anatomy_names, sizes, seed, morph_fraction)
     out_dir.mkdir(parents=True, exist_ok=True)
+    fields = _morph_fields(subjects, anatomy_dir, progress)
     cache: dict[str, Anatomy] = {}
     # group by anatomy so each is loaded once; order of writing does not affect the bytes
     for record in tqdm(
@@ -117,6 +144,8 @@ def make_benchmark(
             record["seed"],
             subject_config,
             lesion_config if record["lesioned"] else None,
+            morph=((fields[name, record["morph_target"]], record["morph_weight"])
+                   if "morph_target" in record else None),
         )
         files = {  # intensities are stored as int16 (WM ~ 1000, noise SD >= 10): lossless enough
             "t1": _to_int16(subject.t1),
@@ -151,12 +180,29 @@ def make_benchmark(
         "sizes": vars(sizes),
         "subject_config": subject_config.to_dict(),
         "lesion_config": lesion_config.to_dict(),
+        "morph": {"fraction": morph_fraction, "weight_range": list(MORPH_WEIGHT_RANGE),
+                  "pairs": sorted(f"{a}->{b}" for a, b in fields)},
         "lesion_statistics": lesion_statistics(subjects),
         "subjects": subjects,
     }
     _write_text(manifest_path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     _write_csv(out_dir / "manifest.csv", subjects)
     return manifest_path
+
+
+def _morph_fields(subjects: list[dict], anatomy_dir, progress: bool) -> dict:
+    """``(source, target) -> MorphField`` for every pair the planned subjects use."""
+    from .morph import morph_field
+
+    pairs = sorted({(r["anatomy"], r["morph_target"]) for r in subjects if "morph_target" in r})
+    loaded: dict[str, Anatomy] = {}
+    fields = {}
+    for source, target in tqdm(pairs, desc="morph fields", disable=not progress or not pairs):
+        for name in (source, target):
+            if name not in loaded:
+                loaded[name] = load_anatomy(name, anatomy_dir)
+        fields[source, target] = morph_field(loaded[source], loaded[target])
+    return fields
 
 
 def _to_int16(image: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ from scipy import ndimage
 from .anatomy import Anatomy
 from .geometry import Grid, affine_about_point, rotation_matrix
 from .lesions import LesionConfig, simulate_lesions
+from .morph import MorphField, morph_coordinates
 
 
 @dataclass
@@ -133,11 +134,17 @@ def synthesize_subject(
     seed: int,
     config: SubjectConfig | None = None,
     lesion_config: LesionConfig | None = None,
+    morph: tuple[MorphField, float] | None = None,
 ) -> Subject:
     """Build one subject from ``anatomy``; deterministic given ``seed``.
 
-    ``lesion_config=None`` makes a healthy subject.
+    ``lesion_config=None`` makes a healthy subject. ``morph`` ``(field, weight)`` first
+    reshapes the anatomy part of the way (``weight`` in [0, 1]) towards the field's target
+    anatomy (:mod:`.morph`; ``field.source`` must be ``anatomy``); the random draws are the
+    same with or without it.
     """
+    if morph is not None and morph[0].source != anatomy.name:
+        raise ValueError(f"morph field of '{morph[0].source}' given for '{anatomy.name}'")
     config = config or SubjectConfig()
     rng = np.random.default_rng(seed)
     grid = subject_grid(anatomy, config.spacing_mm)
@@ -158,6 +165,8 @@ def synthesize_subject(
     to_voxel = np.linalg.inv(anatomy.affine) @ subject_to_anatomy
     coords = np.einsum("ij,j...->i...", to_voxel[:3, :3], world) + to_voxel[:3, 3, None, None, None]
     del world, displacement
+    if morph is not None:
+        coords = morph_coordinates(coords, anatomy.affine, *morph)
 
     def warp(array: np.ndarray, order: int = 1) -> np.ndarray:
         return ndimage.map_coordinates(array, coords, order=order, mode="constant", cval=0.0)

@@ -102,3 +102,33 @@ def test_plan_morphs_only_training_subjects_towards_training_anatomies():
         plan_cohort(names, sizes, seed=3, morph_fraction=1.5)
     with pytest.raises(InputError, match="at least two training anatomies"):
         plan_cohort(["mni152_2009a"], sizes, seed=3, morph_fraction=0.5)
+
+
+def test_make_benchmark_with_morphs(tmp_path, monkeypatch):
+    """The cohort writer computes each needed pair's field once, morphs only the planned
+    train/val subjects and records the pairs; the test splits keep their bytes."""
+    import SpatialMSMALib.cohort as cohort
+
+    shifts = {"mni152_2009a": 0.0, "mni152nlin6asym": 6.0, "robex_reference": -5.0}
+    monkeypatch.setattr(cohort, "available_anatomies", lambda _: list(shifts))
+    monkeypatch.setattr(cohort, "load_anatomy", lambda name, _: toy_anatomy(name, shifts[name]))
+    sizes = CohortSizes(4, 2, 1, 0, 1, 0)
+    config = SubjectConfig(spacing_mm=SPACING)
+    kwargs = dict(sizes=sizes, seed=1, subject_config=config, progress=False)
+    plain = cohort.load_manifest(cohort.make_benchmark(tmp_path / "plain", **kwargs))
+    morphs = cohort.load_manifest(
+        cohort.make_benchmark(tmp_path / "morph", morph_fraction=1.0, **kwargs))
+    assert morphs["holdout_anatomy"] == "robex_reference"
+    assert morphs["morph"]["fraction"] == 1.0
+    assert morphs["morph"]["pairs"] == ["mni152_2009a->mni152nlin6asym",
+                                        "mni152nlin6asym->mni152_2009a"]
+    assert plain["morph"]["pairs"] == []
+    for before, after in zip(plain["subjects"], morphs["subjects"], strict=True):
+        t1_before = (tmp_path / "plain" / before["t1"]).read_bytes()
+        t1_after = (tmp_path / "morph" / after["t1"]).read_bytes()
+        if after["split"] in ("train", "val"):
+            assert after["morph_target"] != after["anatomy"]
+            assert t1_before != t1_after
+        else:
+            assert "morph_target" not in after
+            assert t1_before == t1_after

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, RegistrationError
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,7 @@ def model_space(
     channels: int | None = None,
     demons=None,
     version: int | None = None,
+    refused: list | None = None,
 ) -> list[ModelSpaceScan]:
     """Preprocess (or read from the cache) each scan onto the model grid at ``spacing`` mm.
     ``version`` is the preprocessing version to run (default the latest,
@@ -87,7 +88,14 @@ def model_space(
 
     ``demons`` (a ``preprocessing.DemonsConfig``, as a model file records it) adds the
     deformable step: its entries (``<id>_<spacing>mm_<tag>.npz``, with the displacement
-    fields) are derived from the affine ones, which stay cached for affine-only models."""
+    fields) are derived from the affine ones, which stay cached for affine-only models.
+
+    ``refused``: by default a scan whose registration to the template is refused
+    (``RegistrationError``) stops the run. Given a list, such a scan is left out of the result
+    and ``(id, reason)`` appended to it; the refusal is cached too
+    (``<id>_<spacing>mm.refused.json``, per preprocessing version), so DDP ranks and reruns
+    agree without registering it again. Training scripts pass a list and report it
+    (:func:`check_refused`)."""
     from tqdm import tqdm
 
     from .io import load_volume
@@ -118,7 +126,11 @@ def model_space(
                     else:
                         mapping = None
             if mapping is None:
-                affine = model_space([row], cache_dir, spacing, False, version=version)[0]
+                affine_scans = model_space([row], cache_dir, spacing, False, version=version,
+                                           refused=refused)
+                if not affine_scans:  # refused, and noted in ``refused``
+                    continue
+                affine = affine_scans[0]
                 mapping = affine.mapping
                 image, mask = deform_to_template(affine.image, affine.brain_mask, mapping, demons)
                 tmp = cached.with_name(cached.name + ".partial.npz")
@@ -131,6 +143,12 @@ def model_space(
     out = []
     for row in tqdm(rows, desc="preprocess", disable=not progress):
         cached = cache_dir / f"{row.id}_{spacing:g}mm.npz"
+        marker = cache_dir / f"{row.id}_{spacing:g}mm.refused.json"
+        if refused is not None and marker.exists():
+            note = json.loads(marker.read_text())
+            if note.get("preprocess_version") == version:
+                refused.append((row.id, note["reason"]))
+                continue
         stored = np.load(cached) if cached.exists() else None
         mapping = None
         if stored is not None and "brain_mask" in stored and "mapping" in stored:
@@ -140,13 +158,22 @@ def model_space(
         if mapping is not None:
             image, mask = stored["image"], stored["brain_mask"]
         else:
-            result = preprocess_scan(
-                load_volume(row.t1, what="T1"),
-                load_volume(row.t2, what="T2") if row.t2 else None,
-                load_volume(row.brain_mask, what="brain mask") if row.brain_mask else None,
-                PreprocessConfig(spacing_mm=spacing, shape=shape, version=version),
-                names={"t1": row.t1, "t2": row.t2, "mask": row.brain_mask},
-            )
+            try:
+                result = preprocess_scan(
+                    load_volume(row.t1, what="T1"),
+                    load_volume(row.t2, what="T2") if row.t2 else None,
+                    load_volume(row.brain_mask, what="brain mask") if row.brain_mask else None,
+                    PreprocessConfig(spacing_mm=spacing, shape=shape, version=version),
+                    names={"t1": row.t1, "t2": row.t2, "mask": row.brain_mask},
+                )
+            except RegistrationError as e:
+                if refused is None:
+                    raise
+                tmp = marker.with_name(marker.name + ".partial")
+                tmp.write_text(json.dumps({"preprocess_version": version, "reason": str(e)}))
+                tmp.replace(marker)
+                refused.append((row.id, str(e)))
+                continue
             image, mask, mapping = result.image, result.brain_mask, result.mapping
             tmp = cached.with_name(cached.name + ".partial.npz")
             np.savez(tmp, image=image, brain_mask=mask.astype(np.uint8),
@@ -155,3 +182,17 @@ def model_space(
         image = np.asarray(image, np.float32)[:channels]
         out.append(ModelSpaceScan(row.id, image, np.asarray(mask, bool), mapping))
     return out
+
+
+def check_refused(refused: list, n_scans: int, max_fraction: float = 0.1) -> None:
+    """Report the training scans :func:`model_space` left out (``(id, reason)`` pairs of
+    ``n_scans``): a warning naming each, or an ``InputError`` when more than ``max_fraction``
+    of the cohort was refused (then the cohort or the pipeline is wrong, not one scan)."""
+    if not refused:
+        return
+    lines = "\n".join(f"  {scan_id}: {reason}" for scan_id, reason in refused)
+    if len(refused) > max_fraction * n_scans:
+        raise InputError(f"{len(refused)} of {n_scans} scans could not be registered to the "
+                         f"template (more than {max_fraction:.0%}):\n{lines}")
+    print(f"warning: {len(refused)} of {n_scans} scans left out, registration refused:\n{lines}",
+          flush=True)

@@ -525,3 +525,42 @@ def test_the_demons_step_reports_its_iterations_and_can_be_cancelled(subject):
     assert fractions == sorted(fractions) and 0.5 < fractions[-1] < 0.6
     iterations = [m for m, _ in seen if m.startswith("deformable registration, iteration")]
     assert iterations == [f"deformable registration, iteration {i} of 40" for i in (1, 2, 3)]
+
+
+def test_a_refused_training_scan_is_left_out_and_remembered(tmp_path, subject, monkeypatch,
+                                                           capsys):
+    """Training scripts pass ``refused``: a scan the registration refuses is left out (with
+    its reason), the refusal is cached, and more than 10% refused is an error."""
+    import SpatialMSMALib.preprocessing as preprocessing
+    from SpatialMSMALib.dataset import ScanFiles, check_refused, model_space
+    from SpatialMSMALib.io import save_volume
+
+    save_volume(tmp_path / "t1.nii.gz", subject.t1, subject.grid.affine)
+    save_volume(tmp_path / "mask.nii.gz", subject.brain_mask, subject.grid.affine)
+    cube = np.zeros((45, 55, 45), np.float32)
+    cube[10:35, 12:42, 10:35] = 100
+    cube += np.random.default_rng(0).uniform(0, 5, cube.shape).astype(np.float32)
+    save_volume(tmp_path / "cube.nii.gz", cube, np.diag([4.0, 4.0, 4.0, 1.0]))
+    good = ScanFiles("good", tmp_path / "t1.nii.gz", brain_mask=tmp_path / "mask.nii.gz")
+    bad = ScanFiles("bad", tmp_path / "cube.nii.gz")
+    cache = tmp_path / "cache"
+    with pytest.raises(RegistrationError, match="cube.nii.gz"):
+        model_space([bad], cache, 4.0, progress=False)  # the default: stop
+    refused: list = []
+    scans = model_space([bad, good], cache, 4.0, progress=False, refused=refused)
+    assert [s.id for s in scans] == ["good"]
+    assert [i for i, _ in refused] == ["bad"] and "cube.nii.gz" in refused[0][1]
+    assert (cache / "bad_4mm.refused.json").exists()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a remembered refusal was registered again")
+
+    monkeypatch.setattr(preprocessing, "preprocess_scan", must_not_run)
+    again: list = []
+    assert [s.id for s in model_space([bad, good], cache, 4.0, progress=False,
+                                      refused=again)] == ["good"]
+    assert again == refused
+    check_refused(refused, 10)  # 1 of 10: a warning naming the scan
+    assert "1 of 10 scans left out" in capsys.readouterr().out
+    with pytest.raises(InputError, match="1 of 2 scans could not be registered"):
+        check_refused(refused, 2)

@@ -238,10 +238,19 @@ def main() -> None:
                              "under --deformable; rename one")
     start = time.perf_counter()
     pooled = {"train": [], "val": []}  # (cache, scan id) of every cohort's train / val scans
+    refused = []  # scans the cache records as refused by the registration (dataset.model_space)
     for manifest, cache in zip(train_manifests, train_caches, strict=True):
         cohort = manifest_scans(manifest, ("train", "val"))
         for split in pooled:
-            pooled[split] += [(cache, row.id) for row in cohort[split]]
+            for row in cohort[split]:
+                marker = cache / f"{row.id}_{SPACING_MM:g}mm.refused.json"
+                if marker.exists():
+                    refused.append({"cache": str(cache), "id": row.id,
+                                    "reason": json.loads(marker.read_text())["reason"]})
+                else:
+                    pooled[split].append((cache, row.id))
+    for note in refused:
+        print(f"warning: {note['id']} of {note['cache']} left out: {note['reason']}")
     train = [location_set(cache, scan_id) for cache, scan_id in pooled["train"]]
     val = [location_set(cache, scan_id) for cache, scan_id in pooled["val"]]
     flow_config = SpatialFlowConfig(
@@ -273,7 +282,7 @@ def main() -> None:
                   "method": "SimpleITK fast symmetric-forces demons, T1 to the template T1",
                   "iterations": deformable.iterations,
                   "smoothing_vox": deformable.smoothing_vox},
-              "train_cohort": [str(m) for m in train_manifests],
+              "train_cohort": [str(m) for m in train_manifests], "refused_scans": refused,
               "flow": asdict(flow_config),
               "steps": args.steps, "seed": args.seed, "best_val_nll": trainer.best_val,
               "train_seconds": train_seconds, "grid": "model grid, 2 mm",

@@ -20,7 +20,13 @@ from pathlib import Path
 
 import torch
 
-from SpatialMSMALib.dataset import ScanFiles, folder_scans, manifest_scans, model_space
+from SpatialMSMALib.dataset import (
+    ScanFiles,
+    check_refused,
+    folder_scans,
+    manifest_scans,
+    model_space,
+)
 from SpatialMSMALib.errors import InputError
 from SpatialMSMALib.score.training import ScoreTrainConfig, ScoreTrainer
 from SpatialMSMALib.training_utils import parse_boolean, training_device
@@ -48,9 +54,13 @@ def scan_lists(args) -> dict[str, list[ScanFiles]]:
 
 
 def load_model_space(rows, cache_dir: Path, spacing: float, progress: bool,
-                     channels: int | None = None) -> list[torch.Tensor]:
+                     channels: int | None = None, refused: list | None = None
+                     ) -> list[torch.Tensor]:
+    """Model-space images of ``rows``; scans whose registration is refused are left out and
+    noted in ``refused`` (see ``dataset.model_space``)."""
     return [torch.from_numpy(s.image)
-            for s in model_space(rows, cache_dir, spacing, progress, channels=channels)]
+            for s in model_space(rows, cache_dir, spacing, progress, channels=channels,
+                                 refused=refused)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,8 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         if world_size > 1 and rank != 0:
             dist.barrier()  # rank 0 fills the preprocessing cache first
         channels = 1 if args.t1_only else None
-        train = load_model_space(splits["train"], cache, args.spacing, rank == 0, channels)
-        val = load_model_space(splits["val"], cache, args.spacing, rank == 0, channels)
+        refused: list = []
+        train = load_model_space(splits["train"], cache, args.spacing, rank == 0, channels,
+                                 refused)
+        val = load_model_space(splits["val"], cache, args.spacing, rank == 0, channels, refused)
+        if rank == 0:
+            check_refused(refused, len(splits["train"]) + len(splits["val"]))
+        if not train or not val:
+            raise InputError("no training or no validation scan left after registration")
         if world_size > 1 and rank == 0:
             dist.barrier()
         trainer = ScoreTrainer(

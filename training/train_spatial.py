@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from SpatialMSMALib.dataset import model_space  # noqa: E402
+from SpatialMSMALib.dataset import check_refused, model_space  # noqa: E402
 from SpatialMSMALib.detection import model_heat_map  # noqa: E402
 from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.inference import cached_features  # noqa: E402
@@ -271,17 +271,20 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
         # every rank computes a share of the features, then all read the full cache
         share = rows[rank::world_size]
         scans = model_space(share, cache, model.spacing_mm, demons=model.demons, progress=rank == 0,
-                            channels=n_channels)
+                            channels=n_channels, refused=[])
         cached_features(model, scans, feature_dir, device, save_local=True,
                         progress_bar=rank == 0)
         if distributed:
             dist.barrier()
+        refused: list = []  # read back from the cache's refusal notes, the same on every rank
         train_scans = model_space(splits["train"], cache, model.spacing_mm, demons=model.demons,
-                                  progress=False,
-                                  channels=n_channels)
+                                  progress=False, channels=n_channels, refused=refused)
         val_scans = model_space(splits["val"], cache, model.spacing_mm, demons=model.demons,
-                                progress=False,
-                                channels=n_channels)
+                                progress=False, channels=n_channels, refused=refused)
+        if rank == 0:
+            check_refused(refused, len(rows))
+        if not train_scans or not val_scans:
+            raise InputError("no training or no validation scan left after registration")
         train_whole, train_paths = cached_features(model, train_scans, feature_dir, device,
                                                    save_local=True, progress_bar=False)
         val_whole, val_paths = cached_features(model, val_scans, feature_dir, device,
@@ -331,11 +334,12 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
 
         whole = np.concatenate([train_whole, val_whole])
         model.typicality = TypicalityModel.fit(whole, models=tuple(args.aux_models))
-        ids = [r.id for r in rows]
+        ids = [s.id for s in train_scans + val_scans]
         model.provenance.update({
             "cohort": ({"manifest": str(args.manifest), "splits": ["train", "val"]}
                        if args.manifest else {"data_dir": str(args.data_dir)}),
-            "n_healthy": len(rows), "n_flow_train": len(train_scans),
+            "n_healthy": len(ids), "n_flow_train": len(train_scans),
+            "refused_scans": [{"id": i, "reason": r} for i, r in refused],
             "n_flow_val": len(val_scans),
             "healthy_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
             "flow_train_config": dataclasses.asdict(config),

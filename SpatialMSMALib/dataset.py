@@ -184,15 +184,19 @@ def model_space(
     return out
 
 
-def check_refused(refused: list, n_scans: int, max_fraction: float = 0.1) -> None:
+def check_refused(refused: list, n_scans: int, max_fraction: float = 0.1,
+                  report: bool = True) -> None:
     """Report the training scans :func:`model_space` left out (``(id, reason)`` pairs of
-    ``n_scans``): a warning naming each, or an ``InputError`` when more than ``max_fraction``
-    of the cohort was refused (then the cohort or the pipeline is wrong, not one scan)."""
+    ``n_scans``): a warning naming each (printed when ``report``: rank 0 under DDP), or an
+    ``InputError`` when more than ``max_fraction`` of the cohort was refused (then the cohort
+    or the pipeline is wrong, not one scan; raised on every rank, so none waits for the
+    others)."""
     if not refused:
         return
     lines = "\n".join(f"  {scan_id}: {reason}" for scan_id, reason in refused)
     if len(refused) > max_fraction * n_scans:
         raise InputError(f"{len(refused)} of {n_scans} scans could not be registered to the "
                          f"template (more than {max_fraction:.0%}):\n{lines}")
-    print(f"warning: {len(refused)} of {n_scans} scans left out, registration refused:\n{lines}",
-          flush=True)
+    if report:
+        print(f"warning: {len(refused)} of {n_scans} scans left out, registration refused:\n"
+              f"{lines}", flush=True)

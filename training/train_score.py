@@ -107,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         train = load_model_space(splits["train"], cache, args.spacing, rank == 0, channels,
                                  refused)
         val = load_model_space(splits["val"], cache, args.spacing, rank == 0, channels, refused)
-        if rank == 0:
-            check_refused(refused, len(splits["train"]) + len(splits["val"]))
-        if not train or not val:
-            raise InputError("no training or no validation scan left after registration")
         if world_size > 1 and rank == 0:
             dist.barrier()
+        # after the barrier: every rank has read the same refusals and raises alike
+        check_refused(refused, len(splits["train"]) + len(splits["val"]), report=rank == 0)
+        if not train or not val:
+            raise InputError("no training or no validation scan left after registration")
         trainer = ScoreTrainer(
             config, train, val, args.out, device=device, rank=rank, distributed=world_size > 1
         )

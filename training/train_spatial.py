@@ -281,8 +281,7 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
                                   progress=False, channels=n_channels, refused=refused)
         val_scans = model_space(splits["val"], cache, model.spacing_mm, demons=model.demons,
                                 progress=False, channels=n_channels, refused=refused)
-        if rank == 0:
-            check_refused(refused, len(rows))
+        check_refused(refused, len(rows), report=rank == 0)
         if not train_scans or not val_scans:
             raise InputError("no training or no validation scan left after registration")
         train_whole, train_paths = cached_features(model, train_scans, feature_dir, device,

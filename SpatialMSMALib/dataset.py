@@ -143,12 +143,11 @@ def model_space(
     out = []
     for row in tqdm(rows, desc="preprocess", disable=not progress):
         cached = cache_dir / f"{row.id}_{spacing:g}mm.npz"
-        marker = cache_dir / f"{row.id}_{spacing:g}mm.refused.json"
-        if refused is not None and marker.exists():
-            note = json.loads(marker.read_text())
-            if note.get("preprocess_version") == version:
-                refused.append((row.id, note["reason"]))
-                continue
+        marker = _refusal_note_path(cache_dir, row.id, spacing)
+        reason = refusal_reason(cache_dir, row.id, spacing, version)
+        if refused is not None and reason is not None:
+            refused.append((row.id, reason))
+            continue
         stored = np.load(cached) if cached.exists() else None
         mapping = None
         if stored is not None and "brain_mask" in stored and "mapping" in stored:
@@ -182,6 +181,24 @@ def model_space(
         image = np.asarray(image, np.float32)[:channels]
         out.append(ModelSpaceScan(row.id, image, np.asarray(mask, bool), mapping))
     return out
+
+
+def _refusal_note_path(cache_dir: Path, scan_id: str, spacing: float) -> Path:
+    return Path(cache_dir) / f"{scan_id}_{spacing:g}mm.refused.json"
+
+
+def refusal_reason(cache_dir: str | Path, scan_id: str, spacing: float,
+                   version: int | None = None) -> str | None:
+    """Why :func:`model_space` left ``scan_id`` out of ``cache_dir`` (its cached refusal
+    note), or ``None`` when it did not; with ``version``, only a refusal by that
+    preprocessing version counts."""
+    path = _refusal_note_path(Path(cache_dir), scan_id, spacing)
+    if not path.exists():
+        return None
+    note = json.loads(path.read_text())
+    if version is not None and note.get("preprocess_version") != version:
+        return None
+    return note["reason"]
 
 
 def check_refused(refused: list, n_scans: int, max_fraction: float = 0.1,

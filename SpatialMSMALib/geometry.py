@@ -47,6 +47,13 @@ def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ matrix[:3, :3].T + matrix[:3, 3]
 
 
+def apply_affine_to_coordinates(matrix: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """Apply a 4x4 ``matrix`` to coordinate arrays ``(3, ...)`` (e.g. ``np.indices`` of a
+    grid); returns ``(3, ...)``. The array counterpart of :func:`apply_affine`."""
+    return np.einsum("ij,j...->i...", matrix[:3, :3], coords) + matrix[:3, 3].reshape(
+        (3,) + (1,) * (coords.ndim - 1))
+
+
 def resample(
     source: np.ndarray,
     source_affine: np.ndarray,

@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from .anatomy import Anatomy
+from .geometry import apply_affine_to_coordinates
 from .registration import reduce_to_spacing, register_affine, register_demons
 
 #: T1-like rendering of the tissue maps (CSF, GM, WM) both anatomies are registered on
@@ -73,8 +74,7 @@ def morph_field(
                                        moving_affine, dof="affine")
     to_moving_voxel = np.linalg.inv(moving_affine) @ source_to_target @ fixed_affine
     grid = np.indices(fixed.shape, dtype=np.float32)
-    points = (np.einsum("ij,j...->i...", to_moving_voxel[:3, :3], grid)
-              + to_moving_voxel[:3, 3, None, None, None])
+    points = apply_affine_to_coordinates(to_moving_voxel, grid)
     target_on_source = ndimage.map_coordinates(moving, points, order=1, mode="constant",
                                                cval=0.0).astype(np.float32)
     displacement_vox = register_demons(fixed, target_on_source, iterations, smoothing_vox)
@@ -90,8 +90,7 @@ def morph_coordinates(coords: np.ndarray, anatomy_affine: np.ndarray, field: Mor
     interpolated at ``c`` and converted to the anatomy's voxels (``anatomy_affine``: voxel ->
     RAS mm)."""
     to_field = np.linalg.inv(field.affine) @ anatomy_affine
-    at = np.einsum("ij,j...->i...", to_field[:3, :3], coords) + to_field[:3, 3].reshape(
-        (3,) + (1,) * (coords.ndim - 1))
+    at = apply_affine_to_coordinates(to_field, coords)
     shift_mm = np.stack([ndimage.map_coordinates(d, at, order=1, mode="nearest")
                          for d in field.displacement_mm])
     shift_vox = np.einsum("ij,j...->i...", np.linalg.inv(anatomy_affine[:3, :3]), shift_mm)

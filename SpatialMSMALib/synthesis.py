@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from .anatomy import Anatomy
-from .geometry import Grid, affine_about_point, rotation_matrix
+from .geometry import Grid, affine_about_point, apply_affine_to_coordinates, rotation_matrix
 from .lesions import LesionConfig, simulate_lesions
 from .morph import MorphField, morph_coordinates
 
@@ -157,13 +157,10 @@ def synthesize_subject(
     )
     # subject voxel -> subject RAS (+ deformation) -> anatomy RAS -> anatomy voxel
     world = np.indices(grid.shape, dtype=np.float32)
-    world = (
-        np.einsum("ij,j...->i...", grid.affine[:3, :3], world)
-        + grid.affine[:3, 3, None, None, None]
-    )
+    world = apply_affine_to_coordinates(grid.affine, world)
     world += displacement
     to_voxel = np.linalg.inv(anatomy.affine) @ subject_to_anatomy
-    coords = np.einsum("ij,j...->i...", to_voxel[:3, :3], world) + to_voxel[:3, 3, None, None, None]
+    coords = apply_affine_to_coordinates(to_voxel, world)
     del world, displacement
     if morph is not None:
         coords = morph_coordinates(coords, anatomy.affine, *morph)

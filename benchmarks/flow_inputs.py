@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from SpatialMSMALib.dataset import manifest_scans
+from SpatialMSMALib.dataset import manifest_scans, refusal_reason
 from SpatialMSMALib.io import load_volume
 from SpatialMSMALib.metrics import LARGE_LESION_MM3, evaluate_operating_point
 from SpatialMSMALib.preprocessing import SpaceMapping, normalised_template_t1
@@ -243,10 +243,9 @@ def main() -> None:
         cohort = manifest_scans(manifest, ("train", "val"))
         for split in pooled:
             for row in cohort[split]:
-                marker = cache / f"{row.id}_{SPACING_MM:g}mm.refused.json"
-                if marker.exists():
-                    refused.append({"cache": str(cache), "id": row.id,
-                                    "reason": json.loads(marker.read_text())["reason"]})
+                reason = refusal_reason(cache, row.id, SPACING_MM)
+                if reason is not None:
+                    refused.append({"cache": str(cache), "id": row.id, "reason": reason})
                 else:
                     pooled[split].append((cache, row.id))
     for note in refused:

@@ -289,7 +289,8 @@ def _write_csv(path: Path, subjects: list[dict]) -> None:
 
 def save_montage(manifest_path: str | Path, out_png: str | Path, n_subjects: int = 4) -> Path:
     """PNG of axial slices (T1, T2, lesion outline) through the largest lesion of a few
-    lesioned subjects of a cohort."""
+    lesioned subjects of a cohort; a cohort without lesioned subjects (e.g. a healthy training
+    cohort) shows its first subjects through their middle slice. Returns the PNG path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -300,23 +301,21 @@ def save_montage(manifest_path: str | Path, out_png: str | Path, n_subjects: int
     manifest = load_manifest(manifest_path)
     root = Path(manifest["root"])
     chosen = [s for s in manifest["subjects"] if s["lesioned"] and s["n_lesions"]][:n_subjects]
+    chosen = chosen or manifest["subjects"][:n_subjects]
     if not chosen:
-        raise InputError(f"'{manifest_path}': no lesioned subject to show")
+        raise InputError(f"'{manifest_path}': the cohort has no subject to show")
     fig, axes = plt.subplots(2, len(chosen), figsize=(3.2 * len(chosen), 6.6), squeeze=False)
     for col, subject in enumerate(chosen):
         t1 = load_volume(root / subject["t1"]).data
         t2 = load_volume(root / subject["t2"]).data
         lesion = load_volume(root / subject["lesion_mask"], allow_empty=True).data > 0
-        k = int(np.argmax(lesion.sum(axis=(0, 1))))
+        k = int(np.argmax(lesion.sum(axis=(0, 1)))) if lesion.any() else lesion.shape[2] // 2
         for row, (image, name) in enumerate([(t1, "T1"), (t2, "T2 (synthetic)")]):
             ax = axes[row, col]
             ax.imshow(np.rot90(image[:, :, k]), cmap="gray")
             ax.contour(np.rot90(lesion[:, :, k]), levels=[0.5], colors="r", linewidths=0.8)
-            ax.set_title(
-                f"{subject['id']} {name}\n{subject['anatomy']}, "
-                f"{subject['lesion_volume_ml']:.1f} mL",
-                fontsize=8,
-            )
+            load = f"{subject['lesion_volume_ml']:.1f} mL" if lesion.any() else "healthy"
+            ax.set_title(f"{subject['id']} {name}\n{subject['anatomy']}, {load}", fontsize=8)
             ax.axis("off")
     fig.tight_layout()
     out_png = Path(out_png)

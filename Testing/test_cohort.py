@@ -8,7 +8,13 @@ from scipy import ndimage
 
 from SpatialMSMALib.anatomy import load_mni152_2009a
 from SpatialMSMALib.cli import main
-from SpatialMSMALib.cohort import CohortSizes, load_manifest, make_benchmark, plan_cohort
+from SpatialMSMALib.cohort import (
+    CohortSizes,
+    load_manifest,
+    make_benchmark,
+    plan_cohort,
+    save_montage,
+)
 from SpatialMSMALib.errors import InputError
 from SpatialMSMALib.io import load_volume
 from SpatialMSMALib.lesions import LesionConfig, simulate_lesions
@@ -58,6 +64,28 @@ def test_manifest_contents_and_refusal_to_overwrite(tmp_path):
         make_benchmark(tmp_path, sizes=TINY, seed=1, progress=False)
     before = path.read_bytes()
     assert path.read_bytes() == before
+
+
+def test_montage_of_a_healthy_only_cohort(tmp_path):
+    """A training cohort has no lesion to centre on: the montage shows its subjects' middle
+    slices instead of failing after the cohort was written."""
+    import matplotlib.image
+
+    healthy = CohortSizes(n_train=2, n_val=0, n_test_healthy=0, n_test_lesioned=0,
+                          n_loao_healthy=0, n_loao_lesioned=0)
+    manifest = make_benchmark(tmp_path / "c", sizes=healthy, seed=3, progress=False)
+    png = save_montage(manifest, tmp_path / "m" / "montage.png")
+    pixels = matplotlib.image.imread(png)
+    assert pixels.shape[1] > pixels.shape[0] * 0.8  # two subjects side by side, two rows
+    assert pixels[..., :3].std() > 0.1  # an image, not a blank page
+    empty = tmp_path / "e"
+    empty.mkdir()
+    data = json.loads(manifest.read_text())
+    data["subjects"] = []
+    (empty / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(InputError, match="no subject to show"):
+        save_montage(empty / "manifest.json", tmp_path / "never.png")
+    assert not (tmp_path / "never.png").exists()
 
 
 def test_plan_holds_out_one_anatomy_for_loao():

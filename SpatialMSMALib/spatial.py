@@ -22,6 +22,7 @@ hybrid that lets the flow learn what intensity is normal where, off by default.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -32,6 +33,12 @@ from torch import nn
 
 #: avoids log(0) for locations whose norm is exactly zero (outside the network's crop)
 LOG_EPS = 1e-6
+
+
+#: ``SpatialFlowConfig.intensity_reference`` choices
+INTENSITY_REFERENCES = ("none", "template_wm")
+#: template white-matter probability above which a voxel is a reference voxel
+REFERENCE_WM_PROBABILITY = 0.9
 
 
 @dataclass
@@ -66,10 +73,18 @@ class SpatialFlowConfig:
     intensity_scales_mm: str = "0"
     #: voxel size (mm) of the model grid, to turn ``intensity_scales_mm`` into voxels
     grid_spacing_mm: float = 2.0
+    #: with ``intensity_features``: "template_wm" subtracts from each channel, before the
+    #: scales, its median over the scan's brain voxels where the template's white-matter
+    #: probability exceeds 0.9 (the subject's own white matter as the intensity reference;
+    #: the model grid is template space); "none" models the normalised intensities as they are
+    intensity_reference: str = "none"
 
     def __post_init__(self):
         self.level_indices()  # fail at construction on a bad selection
         self.intensity_sigmas_vox()
+        if self.intensity_reference not in INTENSITY_REFERENCES:
+            raise ValueError(f"intensity reference '{self.intensity_reference}': expected one "
+                             f"of {', '.join(INTENSITY_REFERENCES)}")
         if self.position_grid_features < 0 or (self.position_grid_features > 0
                                                and self.position_grid_nodes < 2):
             raise ValueError("position grid: features must be >= 0 and nodes >= 2")
@@ -158,6 +173,41 @@ def location_features(local, image, *, score_features: bool,
     if len(parts) == 1:
         return parts[0]
     return torch.cat([p.float().to(parts[0].device) for p in parts], 0)
+
+
+def intensity_reference_mask(config: SpatialFlowConfig, shape) -> np.ndarray | None:
+    """Where each channel's reference median is taken, ``(X, Y, Z)`` bool on the model grid
+    of ``shape`` (the template's white matter for "template_wm"), or ``None`` ("none")."""
+    if not config.intensity_features or config.intensity_reference == "none":
+        return None
+    return _template_white_matter(float(config.grid_spacing_mm), tuple(int(v) for v in shape))
+
+
+@functools.lru_cache(maxsize=4)
+def _template_white_matter(spacing_mm: float, shape: tuple) -> np.ndarray:
+    from .template import template_on_grid
+
+    mask = template_on_grid(spacing_mm, shape).white_matter > REFERENCE_WM_PROBABILITY
+    mask.setflags(write=False)
+    return mask
+
+
+def referenced_intensities(image, support: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The scan ``(C, X, Y, Z)`` minus, per channel, its median over ``support & reference``
+    (both ``(X, Y, Z)`` bool: the brain mask and, e.g., the template's white matter); values
+    outside ``support`` unchanged. So a constant offset of a channel inside the brain (a
+    different contrast or normalisation) does not change the result. ``ValueError`` when
+    fewer than 100 voxels are both brain and reference (a mask that does not cover the brain's
+    white matter: the scan is not in the model grid)."""
+    image = np.asarray(image, np.float32)
+    support = np.asarray(support, bool)
+    voxels = support & np.asarray(reference, bool)
+    if voxels.sum() < 100:
+        raise ValueError(f"intensity reference: only {int(voxels.sum())} brain voxels lie in "
+                         "the template's white matter; is the scan in the model grid?")
+    medians = [float(np.median(c[voxels])) for c in image]
+    return np.stack([np.where(support, c - m, c) for c, m in zip(image, medians, strict=True)]
+                    ).astype(np.float32)
 
 
 def multiscale_intensities(image, support: np.ndarray, sigmas_vox) -> np.ndarray:
@@ -305,15 +355,20 @@ class SpatialFlow(nn.Module):
 
     # -- inputs ------------------------------------------------------------------------
     def intensity_channels(self, image, support: np.ndarray | None):
-        """The scan ``(C, X, Y, Z)`` as the flow models it: unchanged, or at each of the
-        config's ``intensity_scales_mm`` (``multiscale_intensities`` inside ``support``, the
-        brain mask, which they need)."""
+        """The scan ``(C, X, Y, Z)`` as the flow models it: unchanged, or referenced to the
+        subject's white matter (``intensity_reference``) and/or at each of the config's
+        ``intensity_scales_mm`` (``multiscale_intensities`` inside ``support``, the brain
+        mask, which both need)."""
         sigmas = self.config.intensity_sigmas_vox()
-        if not self.config.intensity_features or sigmas == [0.0]:
+        reference = intensity_reference_mask(self.config, tuple(image.shape[1:]))
+        if not self.config.intensity_features or (sigmas == [0.0] and reference is None):
             return image
         if support is None:
-            raise ValueError("multi-scale intensities need the brain mask (support)")
+            raise ValueError("multi-scale or referenced intensities need the brain mask "
+                             "(support)")
         image = image.cpu().numpy() if torch.is_tensor(image) else image
+        if reference is not None:
+            image = referenced_intensities(image, support, reference)
         return torch.from_numpy(multiscale_intensities(image, support, sigmas))
 
     def location_features(self, local: torch.Tensor, image: torch.Tensor,

@@ -28,6 +28,7 @@ from .spatial import (
     location_features,
     multiscale_intensities,
     normalised_positions,
+    referenced_intensities,
 )
 from .training_utils import restore_trainer_state, trainer_state, warmup_cosine, wrap_ddp
 
@@ -72,19 +73,24 @@ class LocationSet:
                     downsample: int, intensity_features: bool = False,
                     score_features: bool = True,
                     score_levels: list[int] | None = None,
-                    intensity_sigmas_vox: list[float] | None = None) -> LocationSet:
+                    intensity_sigmas_vox: list[float] | None = None,
+                    intensity_reference_mask: np.ndarray | None = None) -> LocationSet:
         """``local`` ``(L, X, Y, Z)`` score norms, ``image`` ``(C, X, Y, Z)`` model-space
         scan, ``region`` the locations kept; ``intensity_features`` / ``score_features`` /
         ``score_levels`` (indices, ``SpatialFlowConfig.level_indices``) choose what is kept
         per location, as the ``SpatialFlowConfig`` fields of the same names
         (``spatial.location_features``); ``intensity_sigmas_vox``
         (``SpatialFlowConfig.intensity_sigmas_vox``) gives multi-scale intensities, smoothed
-        inside ``region`` (pass the brain mask, as detection does)."""
+        inside ``region`` (pass the brain mask, as detection does);
+        ``intensity_reference_mask`` (``spatial.intensity_reference_mask``) first subtracts
+        each channel's median over ``region`` and that mask (``referenced_intensities``)."""
         index = np.argwhere(region)
         image = np.asarray(image, np.float32)
         modelled = image
+        if intensity_features and intensity_reference_mask is not None:
+            modelled = referenced_intensities(modelled, region, intensity_reference_mask)
         if intensity_features and intensity_sigmas_vox and list(intensity_sigmas_vox) != [0.0]:
-            modelled = multiscale_intensities(image, region, intensity_sigmas_vox)
+            modelled = multiscale_intensities(modelled, region, intensity_sigmas_vox)
         values = location_features(local[:, region], modelled[:, region],
                                    score_features=score_features,
                                    intensity_features=intensity_features,

@@ -13,11 +13,13 @@ from SpatialMSMALib.spatial import (
     SpatialFlow,
     SpatialFlowConfig,
     grid_context,
+    intensity_reference_mask,
     label_anomalies,
     multiscale_intensities,
     normalised_positions,
     parse_levels,
     positional_encoding,
+    referenced_intensities,
     smooth_in_region,
 )
 from SpatialMSMALib.spatial_training import LocationSet, SpatialTrainer
@@ -315,6 +317,63 @@ def test_multiscale_flow_sees_the_neighbourhood(rng):
     assert moved[5, 4, 3] > 1e-3 and moved[4, 6, 3] > 1e-3
     with pytest.raises(ValueError, match="brain mask"):
         flow.location_features(torch.from_numpy(local), image)
+
+
+def test_white_matter_reference_removes_a_channel_offset_in_training_and_detection(rng):
+    """``intensity_reference="template_wm"``: each channel minus its median in the template's
+    white matter, the same in training (LocationSet) and detection (SpatialFlow), so a
+    constant offset of a channel inside the brain leaves the features and the heat map
+    unchanged; without the reference it moves them."""
+    from SpatialMSMALib.template import template_on_grid
+
+    spacing, shape = 8.0, (24, 28, 24)  # a coarse model grid: the same template, fast
+    brain = template_on_grid(spacing, shape).brain_mask
+    region = brain.copy()
+    with pytest.raises(ValueError, match="none, template_wm"):
+        SpatialFlowConfig(intensity_features=True, intensity_reference="wm")
+    config = SpatialFlowConfig(num_features=4, flow_layers=1, hidden=8, position_frequencies=1,
+                               global_features=0, intensity_features=True,
+                               score_features=False, intensity_scales_mm="0,8",
+                               grid_spacing_mm=spacing, intensity_reference="template_wm")
+    reference = intensity_reference_mask(config, shape)
+    assert intensity_reference_mask(SpatialFlowConfig(intensity_features=True), shape) is None
+    assert reference.shape == shape and 100 < (reference & brain).sum() < 0.7 * brain.sum()
+    assert (reference & ~brain).sum() < 0.05 * reference.sum()  # white matter is brain
+    local = np.exp(rng.normal(size=(4, *shape))).astype(np.float32)
+    image = np.where(brain, rng.normal(size=(2, *shape)), -1.0).astype(np.float32)
+    shifted = np.where(brain, image + np.array([0.3, -0.2], np.float32)[:, None, None, None],
+                       image).astype(np.float32)
+    referenced = referenced_intensities(image, brain, reference)
+    inside = brain & reference
+    np.testing.assert_allclose([np.median(c[inside]) for c in referenced], 0.0, atol=1e-6)
+    np.testing.assert_array_equal(referenced[:, ~brain], image[:, ~brain])
+    np.testing.assert_allclose(referenced_intensities(shifted, brain, reference), referenced,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="only 0 brain voxels"):
+        referenced_intensities(image, np.zeros(shape, bool), reference)
+    sets = [LocationSet.from_arrays(local, im, brain, 4, intensity_features=True,
+                                    score_features=False,
+                                    intensity_sigmas_vox=config.intensity_sigmas_vox(),
+                                    intensity_reference_mask=reference)
+            for im in (image, shifted)]
+    expected = multiscale_intensities(referenced, brain, [0.0, 1.0])[:, brain].T
+    for s in sets:
+        torch.testing.assert_close(s.norms.float(), torch.from_numpy(expected), atol=5e-3,
+                                   rtol=1e-3)
+    flow = SpatialFlow(config).eval()
+    flow.set_feature_statistics(sets[0].norms.float())
+    assembled = flow.location_features(torch.from_numpy(local), image, brain)[:, brain].T
+    torch.testing.assert_close(assembled.float(), torch.from_numpy(expected), atol=1e-5,
+                               rtol=1e-5)
+    heat = flow.heat_map(local, image, region, brain_mask=brain)
+    np.testing.assert_allclose(flow.heat_map(local, shifted, region, brain_mask=brain)[region],
+                               heat[region], atol=1e-4)
+    plain = SpatialFlow(SpatialFlowConfig(**{**asdict(config), "intensity_reference": "none"}))
+    plain.load_state_dict(flow.state_dict())
+    plain.eval()
+    moved = plain.heat_map(local, shifted, region, brain_mask=brain)
+    assert np.abs(moved[region] - plain.heat_map(local, image, region, brain_mask=brain)[region]
+                  ).mean() > 1e-2
 
 
 def test_position_grid_context_reads_the_right_node_and_learns(rng, tmp_path):

@@ -40,10 +40,13 @@ from SpatialMSMALib.metrics import LARGE_LESION_MM3, evaluate_operating_point
 from SpatialMSMALib.preprocessing import SpaceMapping, normalised_template_t1
 from SpatialMSMALib.registration import invert_displacement, register_demons, warp
 from SpatialMSMALib.spatial import (
+    INTENSITY_REFERENCES,
     Calibration,
     SpatialFlowConfig,
+    intensity_reference_mask,
     label_anomalies,
     multiscale_intensities,
+    referenced_intensities,
     scored_region,
     smooth_in_region,
 )
@@ -102,10 +105,12 @@ class Deformable:
 
 
 def load_scan(cache: Path, scan_id: str, scales_mm: list[float],
-              deformable: Deformable | None = None):
+              deformable: Deformable | None = None, reference: str = "none"):
     """Cached model-space scan -> (intensities at each scale (C*S, X, Y, Z), brain mask,
     scored region, mapping, inverse displacement or None). With ``deformable`` the image,
-    mask and region are in template space (``inverse`` maps them back)."""
+    mask and region are in template space (``inverse`` maps them back); ``reference``
+    ("template_wm") first subtracts each channel's median in the template's white matter
+    (``SpatialFlowConfig.intensity_reference``)."""
     path = cache / f"{scan_id}_{SPACING_MM:g}mm.npz"
     if not path.exists():
         raise SystemExit(f"error: '{path}' is missing: preprocess the cohort into this cache "
@@ -118,6 +123,11 @@ def load_scan(cache: Path, scan_id: str, scales_mm: list[float],
         forward, inverse = deformable.field(cache, scan_id, image[0])
         image = warp(image, forward, order=1, fill=-1.0)
         brain = warp(brain.astype(np.float32), forward, order=1) > 0.5
+    mask = intensity_reference_mask(
+        SpatialFlowConfig(intensity_features=True, intensity_reference=reference,
+                          grid_spacing_mm=SPACING_MM), brain.shape)
+    if mask is not None:
+        image = referenced_intensities(image, brain, mask)
     image = multiscale_intensities(image, brain, [s / SPACING_MM for s in scales_mm])
     return image, brain, scored_region(brain, RIM_MM, SPACING_MM), mapping, inverse
 
@@ -202,6 +212,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="training seed (sampling, initialisation)")
+    p.add_argument("--intensity-reference", default="none", choices=INTENSITY_REFERENCES,
+                   help="template_wm: each channel minus its median in the template's white "
+                        "matter, before the scales (SpatialFlowConfig.intensity_reference)")
     p.add_argument("--work", type=Path, default=Path("runs/flow_inputs"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -218,7 +231,8 @@ def main() -> None:
                   if args.deformable else None)
 
     def location_set(train_cache, scan_id):  # no score norms: a flow of the intensities
-        image, _, region, _, _ = load_scan(train_cache, scan_id, scales, deformable)
+        image, _, region, _, _ = load_scan(train_cache, scan_id, scales, deformable,
+                                           args.intensity_reference)
         return LocationSet.from_arrays(np.zeros((0, *region.shape), np.float32), image,
                                        region, 4, intensity_features=True,
                                        score_features=False)
@@ -266,7 +280,8 @@ def main() -> None:
     print(f"{args.name}: trained in {train_seconds:.0f} s, best val NLL {trainer.best_val:.3f}")
 
     def heat_of(cache, scan_id):
-        image, brain, region, mapping, inverse = load_scan(cache, scan_id, scales, deformable)
+        image, brain, region, mapping, inverse = load_scan(cache, scan_id, scales, deformable,
+                                                          args.intensity_reference)
         raw = flow.heat_map(np.zeros((0, *region.shape), np.float32), image, region)
         if inverse is not None:  # template space -> the scan's affine model space
             raw = warp(np.where(region, raw, np.nanmedian(raw[region])).astype(np.float32),
@@ -277,6 +292,7 @@ def main() -> None:
     calibration = Calibration.from_healthy(
         [h[r] for h, r, _ in (heat_of(cache, scan_id) for cache, scan_id in pooled["val"])])
     result = {"name": args.name, "scales_mm": scales,
+              "intensity_reference": args.intensity_reference,
               "deformable": None if deformable is None else {
                   "method": "SimpleITK fast symmetric-forces demons, T1 to the template T1",
                   "iterations": deformable.iterations,

@@ -42,7 +42,12 @@ from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.inference import cached_features  # noqa: E402
 from SpatialMSMALib.model import AnomalyModel  # noqa: E402
 from SpatialMSMALib.preprocessing import DemonsConfig  # noqa: E402
-from SpatialMSMALib.spatial import Calibration, SpatialFlowConfig, parse_levels  # noqa: E402
+from SpatialMSMALib.spatial import (  # noqa: E402
+    Calibration,
+    SpatialFlowConfig,
+    intensity_reference_mask,
+    parse_levels,
+)
 from SpatialMSMALib.spatial_training import (  # noqa: E402
     LocationSet,
     SpatialTrainConfig,
@@ -306,7 +311,9 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
                         cached["local"], scan.image, scan.brain_mask, downsample,
                         intensity_features=config.flow["intensity_features"],
                         score_features=config.flow["score_features"], score_levels=levels,
-                        intensity_sigmas_vox=flow_config.intensity_sigmas_vox()))
+                        intensity_sigmas_vox=flow_config.intensity_sigmas_vox(),
+                        intensity_reference_mask=intensity_reference_mask(
+                            flow_config, scan.brain_mask.shape)))
             return out
 
         train_sets = locations(train_scans, train_paths)

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from SpatialMSMALib.cohort import load_manifest
 from SpatialMSMALib.dataset import manifest_scans, refusal_reason
 from SpatialMSMALib.io import load_volume
 from SpatialMSMALib.metrics import LARGE_LESION_MM3, evaluate_operating_point
@@ -61,6 +62,7 @@ from SpatialMSMALib.template import template_on_grid
 SPACING_MM = 2.0
 RIM_MM, SMOOTHING_MM, MIN_COMPONENT_ML = 4.0, 2.0, 0.3
 RATES = (0.01, 0.003, 0.001)
+FAINT_T1_ABOVE, FAINT_T2_BELOW = 0.85, 1.3  # is_faint
 
 
 def parse_scales(spec: str, option: str) -> list[float]:
@@ -138,6 +140,32 @@ def affine_region(cache: Path, scan_id: str) -> np.ndarray:
         return scored_region(z["brain_mask"] > 0, RIM_MM, SPACING_MM)
 
 
+def is_faint(lesion: dict) -> bool:
+    """A simulated lesion whose contrast is within about one SD of no change on both channels
+    (T1 factor above 0.85 and T2 factor below 1.3; the simulator's means are 0.79 and 1.37)."""
+    return lesion["t1_factor"] > FAINT_T1_ABOVE and lesion["t2_factor"] < FAINT_T2_BELOW
+
+
+def large_lesions_on_model_grid(subject: dict, native: np.ndarray, mapping: SpaceMapping):
+    """``[(faint, mask (X, Y, Z) bool on the model grid)]`` for each of the manifest's lesions
+    of at least 0.5 mL (``LARGE_LESION_MM3``) of one subject: the 26-connected component of
+    the native truth ``native`` holding the lesion's ``centroid_voxel`` (touching lesions share
+    it), resampled like the truth."""
+    from scipy import ndimage
+
+    components, _ = ndimage.label(native, np.ones((3, 3, 3), bool))
+    out = []
+    for lesion in subject.get("lesions", []):
+        if lesion["volume_mm3"] < LARGE_LESION_MM3:
+            continue
+        index = components[tuple(int(round(v)) for v in lesion["centroid_voxel"])]
+        if index == 0:  # an irregular lesion whose centroid lies outside it
+            continue
+        mask = mapping.to_model((components == index).astype(np.float32)) > 0.5
+        out.append((is_faint(lesion), mask))
+    return out
+
+
 def evaluate_splits(heat_of, calibration: Calibration, args) -> dict:
     """Figures of one heat-map function on the ``dev``, ``test`` and ``loao`` splits.
 
@@ -146,24 +174,30 @@ def evaluate_splits(heat_of, calibration: Calibration, args) -> dict:
     resampled to the model grid. ``args`` holds ``manifest``, ``cache``, ``dev_manifest`` and
     ``dev_cache``. Per split: mean voxel AUROC of the lesioned scans and, per rate of
     ``RATES`` (thresholds from ``calibration``), TPR for lesions >= 0.5 mL, pooled TPR and
-    PPV, mean Dice and the healthy scans' median flagged volume (mL)."""
+    PPV, mean Dice and the healthy scans' median flagged volume (mL); and the TPR of the
+    manifest's lesions >= 0.5 mL split into faint ones (``is_faint``) and the others."""
     out = {}
     for split, manifest, cache, prefix in [("dev", args.dev_manifest, args.dev_cache, "test"),
                                            ("test", args.manifest, args.cache, "test"),
                                            ("loao", args.manifest, args.cache, "loao")]:
         rows = manifest_scans(manifest, (prefix + "_healthy", prefix + "_lesioned"))
+        subjects = {s["id"]: s for s in load_manifest(manifest)["subjects"]}
         per_rate, aurocs = {rate: [] for rate in RATES}, []
+        by_contrast = {rate: [] for rate in RATES}  # (faint, detected) per lesion >= 0.5 mL
         for row in rows[prefix + "_healthy"] + rows[prefix + "_lesioned"]:
             heat, region, mapping = heat_of(cache, row.id)
             native = load_volume(row.lesion_mask, what="lesion mask", allow_empty=True)
             truth = mapping.to_model(native.data.astype(np.float32)) > 0.5
             if truth.any():
                 aurocs.append(roc_auc_score(truth[region], heat[region]))
+            lesions = large_lesions_on_model_grid(subjects[row.id], native.data > 0, mapping)
             for rate in RATES:
                 labels, _ = label_anomalies(heat, region, calibration.threshold_for_fpr(rate),
                                             (SPACING_MM,) * 3, MIN_COMPONENT_ML)
                 per_rate[rate].append(evaluate_operating_point(labels > 0, truth,
                                                                (SPACING_MM,) * 3))
+                by_contrast[rate] += [(faint, bool((labels[mask] > 0).any()))
+                                      for faint, mask in lesions]
         figures = {"auroc": float(np.mean(aurocs)), "n_lesioned": len(aurocs)}
         for rate, cases in per_rate.items():
             lesioned = [c for c in cases if not c["healthy"]]
@@ -178,6 +212,11 @@ def evaluate_splits(heat_of, calibration: Calibration, args) -> dict:
                 "dice": float(np.mean([c["dice"] for c in lesioned])),
                 "healthy_median_ml": float(np.median([c["flagged_ml"] for c in healthy])),
             }
+            pairs = np.array(by_contrast[rate], bool).reshape(-1, 2)
+            for name, chosen in (("faint", pairs[:, 0]), ("other", ~pairs[:, 0])):
+                figures[str(rate)][f"tpr_ge_0.5ml_{name}"] = (
+                    float(pairs[chosen, 1].mean()) if chosen.any() else float("nan"))
+                figures[str(rate)][f"n_ge_0.5ml_{name}"] = int(chosen.sum())
         out[split] = figures
     return out
 

@@ -210,6 +210,19 @@ def referenced_intensities(image, support: np.ndarray, reference: np.ndarray) ->
                     ).astype(np.float32)
 
 
+def modelled_intensities(image, support: np.ndarray, sigmas_vox,
+                         reference: np.ndarray | None = None) -> np.ndarray:
+    """The intensities as the flow models them, ``(C * S, X, Y, Z)`` float32: the scan
+    ``(C, X, Y, Z)`` referenced to ``reference`` (:func:`referenced_intensities`, skipped
+    when ``None``), then at each Gaussian scale ``sigmas_vox``
+    (:func:`multiscale_intensities`), both inside ``support`` (the brain mask). The one
+    sequence used by training (``LocationSet``), detection (``SpatialFlow``) and the
+    benchmarks."""
+    if reference is not None:
+        image = referenced_intensities(image, support, reference)
+    return multiscale_intensities(image, support, sigmas_vox)
+
+
 def multiscale_intensities(image, support: np.ndarray, sigmas_vox) -> np.ndarray:
     """The model-space scan ``(C, X, Y, Z)`` at each Gaussian scale -> ``(C * S, X, Y, Z)``
     float32, scale-major (all channels at ``sigmas_vox[0]``, then the next scale). Sigma 0
@@ -367,9 +380,7 @@ class SpatialFlow(nn.Module):
             raise ValueError("multi-scale or referenced intensities need the brain mask "
                              "(support)")
         image = image.cpu().numpy() if torch.is_tensor(image) else image
-        if reference is not None:
-            image = referenced_intensities(image, support, reference)
-        return torch.from_numpy(multiscale_intensities(image, support, sigmas))
+        return torch.from_numpy(modelled_intensities(image, support, sigmas, reference))
 
     def location_features(self, local: torch.Tensor, image: torch.Tensor,
                           support: np.ndarray | None = None) -> torch.Tensor:

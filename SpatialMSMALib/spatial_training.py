@@ -26,9 +26,8 @@ from .spatial import (
     SpatialFlowConfig,
     downsample_scan,
     location_features,
-    multiscale_intensities,
+    modelled_intensities,
     normalised_positions,
-    referenced_intensities,
 )
 from .training_utils import restore_trainer_state, trainer_state, warmup_cosine, wrap_ddp
 
@@ -87,10 +86,9 @@ class LocationSet:
         index = np.argwhere(region)
         image = np.asarray(image, np.float32)
         modelled = image
-        if intensity_features and intensity_reference_mask is not None:
-            modelled = referenced_intensities(modelled, region, intensity_reference_mask)
-        if intensity_features and intensity_sigmas_vox and list(intensity_sigmas_vox) != [0.0]:
-            modelled = multiscale_intensities(modelled, region, intensity_sigmas_vox)
+        sigmas = list(intensity_sigmas_vox or [0.0])
+        if intensity_features and (sigmas != [0.0] or intensity_reference_mask is not None):
+            modelled = modelled_intensities(image, region, sigmas, intensity_reference_mask)
         values = location_features(local[:, region], modelled[:, region],
                                    score_features=score_features,
                                    intensity_features=intensity_features,

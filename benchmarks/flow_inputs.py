@@ -46,8 +46,7 @@ from SpatialMSMALib.spatial import (
     SpatialFlowConfig,
     intensity_reference_mask,
     label_anomalies,
-    multiscale_intensities,
-    referenced_intensities,
+    modelled_intensities,
     scored_region,
     smooth_in_region,
 )
@@ -128,9 +127,7 @@ def load_scan(cache: Path, scan_id: str, scales_mm: list[float],
     mask = intensity_reference_mask(
         SpatialFlowConfig(intensity_features=True, intensity_reference=reference,
                           grid_spacing_mm=SPACING_MM), brain.shape)
-    if mask is not None:
-        image = referenced_intensities(image, brain, mask)
-    image = multiscale_intensities(image, brain, [s / SPACING_MM for s in scales_mm])
+    image = modelled_intensities(image, brain, [s / SPACING_MM for s in scales_mm], mask)
     return image, brain, scored_region(brain, RIM_MM, SPACING_MM), mapping, inverse
 
 

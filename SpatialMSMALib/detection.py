@@ -33,6 +33,7 @@ from .inference import (
 )
 from .io import Volume, save_volume
 from .model import AnomalyModel
+from .normative import fused_heat
 from .spatial import component_statistics, label_anomalies, scored_region, smooth_in_region
 
 
@@ -126,11 +127,12 @@ def resolve_threshold(model: AnomalyModel, fpr: float | None = None,
         raise InputError(str(e)) from None
 
 
-def model_heat_map(model: AnomalyModel, image: np.ndarray, brain_mask: np.ndarray,
-                   local: np.ndarray, device: str | torch.device = "cpu",
-                   progress=None) -> np.ndarray:
-    """Smoothed flow NLL ``(X, Y, Z)`` on the model grid; NaN outside the scored region
-    (``brain_mask`` without the calibration's ``rim_mm``).
+def component_heat_maps(model: AnomalyModel, image: np.ndarray, brain_mask: np.ndarray,
+                        local: np.ndarray, device: str | torch.device = "cpu",
+                        progress=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The smoothed flow NLL and, for a model with a normative contrast model, its smoothed
+    squared distance (else None), each ``(X, Y, Z)`` on the model grid, NaN outside the
+    scored region (``brain_mask`` without the calibration's ``rim_mm``).
 
     Args:
         image: ``(C, X, Y, Z)`` model-space scan; brain_mask: ``(X, Y, Z)`` bool;
@@ -143,7 +145,26 @@ def model_heat_map(model: AnomalyModel, image: np.ndarray, brain_mask: np.ndarra
     raw = model.spatial.heat_map(local, image, region, device=device, progress=progress,
                                  brain_mask=brain_mask)
     sigma_vox = model.calibration.smoothing_mm / model.spacing_mm
-    return smooth_in_region(raw, region, sigma_vox)
+    flow_heat = smooth_in_region(raw, region, sigma_vox)
+    if model.normative is None:
+        return flow_heat, None
+    distance = model.normative.squared_distance(image, np.asarray(brain_mask, bool))
+    return flow_heat, smooth_in_region(distance, region, sigma_vox)
+
+
+def model_heat_map(model: AnomalyModel, image: np.ndarray, brain_mask: np.ndarray,
+                   local: np.ndarray, device: str | torch.device = "cpu",
+                   progress=None) -> np.ndarray:
+    """The heat map ``(X, Y, Z)`` on the model grid, NaN outside the scored region: the
+    smoothed flow NLL (nats), or for a model with a normative contrast model the fused
+    evidence of both maps (``normative.fused_heat``, sum of ``-log10`` healthy voxel FPRs).
+    Arguments as for :func:`component_heat_maps`."""
+    flow_heat, normative_heat = component_heat_maps(model, image, brain_mask, local, device,
+                                                    progress)
+    if normative_heat is None:
+        return flow_heat
+    return fused_heat(flow_heat, normative_heat, model.component_calibrations["flow"],
+                      model.component_calibrations["normative"])
 
 
 def components_of(labels: np.ndarray, count: int, heat: np.ndarray, affine: np.ndarray,

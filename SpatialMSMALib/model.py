@@ -16,6 +16,7 @@ import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import InputError
+from .normative import NormativeContrast
 from .preprocessing import PREPROCESS_VERSION, DemonsConfig, PreprocessConfig
 from .score.network import ScoreUNet
 from .score.schedule import GeometricNoiseSchedule
@@ -52,6 +53,11 @@ class AnomalyModel:
         provenance: plain data on how it was made (checkpoint digests, cohort, steps).
         demons: the deformable preprocessing step its flow was trained with
             (``preprocessing.DemonsConfig``), or None (affine only).
+        normative: the normative blob-contrast model fused with the flow's heat map
+            (``normative.NormativeContrast``), or None (the flow's NLL alone).
+        component_calibrations: with ``normative``: ``{"flow": ..., "normative": ...}``,
+            each map's own healthy calibration, which turns it into evidence
+            (``normative.fused_heat``); ``calibration`` is then that of the fused map.
         preprocess_version: the ``preprocessing.PREPROCESS_VERSION`` of the scans its
             typicality model and flow were fitted on (files without it: 1); detection
             repeats that version (``preprocess_config``).
@@ -69,6 +75,8 @@ class AnomalyModel:
     provenance: dict = field(default_factory=dict)
     demons: DemonsConfig | None = None
     preprocess_version: int = PREPROCESS_VERSION
+    normative: NormativeContrast | None = None
+    component_calibrations: dict | None = None
 
     @property
     def sigmas(self) -> torch.Tensor:
@@ -167,6 +175,13 @@ class AnomalyModel:
             states["spatial"] = {k: v.detach().cpu() for k, v in self.spatial.state_dict().items()}
         if self.calibration is not None:
             config["calibration"] = self.calibration.to_dict()
+        if self.normative is not None:
+            if set(self.component_calibrations or {}) != {"flow", "normative"}:
+                raise ValueError("a model with a normative contrast model needs the flow's "
+                                 "and the normative map's own calibrations")
+            config["normative"], states["normative"] = self.normative.to_state()
+            config["component_calibrations"] = {
+                k: v.to_dict() for k, v in self.component_calibrations.items()}
         return save_checkpoint(path, MODEL_KIND, config, states, {"provenance": self.provenance},
                                overwrite=overwrite)
 
@@ -209,6 +224,16 @@ class AnomalyModel:
             except (TypeError, ValueError) as e:  # a newer library's fields, a bad value
                 raise InputError(f"{path}: unusable calibration in the model file ({e}); "
                                  "a newer SpatialMSMALib may have written it") from None
+        normative, component_calibrations = None, None
+        if config.get("normative") is not None:
+            try:
+                normative = NormativeContrast.from_state(config["normative"],
+                                                         checkpoint["states"]["normative"])
+                component_calibrations = {k: Calibration(**v) for k, v in
+                                          config["component_calibrations"].items()}
+            except (KeyError, TypeError, ValueError) as e:
+                raise InputError(f"{path}: unusable normative contrast model in the model "
+                                 f"file ({e})") from None
         s = config["schedule"]
         return cls(
             net.eval(),
@@ -223,6 +248,8 @@ class AnomalyModel:
             provenance=checkpoint["extra"].get("provenance", {}),
             demons=DemonsConfig(**config["demons"]) if config.get("demons") else None,
             preprocess_version=version,
+            normative=normative,
+            component_calibrations=component_calibrations,
         )
 
     def __post_init__(self):

@@ -94,4 +94,4 @@ def detection_setup(tmp_path_factory):
         paths[name] = save_volume(folder / f"les_{name}.nii.gz", data.astype(np.float32),
                                   subject.grid.affine)
     return {"model": model, "path": path, "paths": paths, "centre_ras": centre_ras,
-            "folder": folder}
+            "folder": folder, "base": base}

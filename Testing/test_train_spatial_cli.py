@@ -46,3 +46,22 @@ def test_an_invalid_demons_setting_is_refused_before_any_work(tmp_path):
                                     "--demons-iterations", "-3")
     _assert_refused_before_any_work(tmp_path, "smoothing_vox > 0",
                                     "--demons-iterations", "20", "--demons-smoothing-vox", "0")
+
+
+def test_add_normative_refuses_an_existing_output_and_a_score_norm_flow(detection_setup,
+                                                                        tmp_path):
+    script = ROOT / "training" / "add_normative.py"
+    taken = tmp_path / "taken.pt"
+    taken.write_bytes(b"keep me")
+    common = ["--model", str(detection_setup["path"]), "--data-dir", str(tmp_path),
+              "--work", str(tmp_path / "work")]
+    result = subprocess.run([sys.executable, str(script), *common, "--out", str(taken)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "taken.pt' exists" in result.stderr
+    assert taken.read_bytes() == b"keep me"
+    # the test model's flow reads score norms: it needs retraining, not this script
+    result = subprocess.run([sys.executable, str(script), *common,
+                             "--out", str(tmp_path / "new.pt")], capture_output=True, text=True)
+    assert result.returncode == 2 and "reads score norms" in result.stderr
+    assert "train_spatial.py --normative-contrast true" in result.stderr
+    assert not (tmp_path / "new.pt").exists() and not (tmp_path / "work").exists()

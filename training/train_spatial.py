@@ -17,9 +17,12 @@ Healthy scans only: the ``train`` / ``val`` splits of a benchmark manifest, or a
 4. the conditional flow on random brain locations of the training scans, validated by the
    NLL of the validation scans; checkpoints ``WORK/flow/{last,best}.pt``, ``--resume``
    continues a killed run;
-5. calibration on the validation scans: healthy heat-map quantiles (voxel false-positive
+5. with ``--normative-contrast true``: the normative blob-contrast model
+   (``SpatialMSMALib/normative.py``) on the training scans, and each map's own calibration on
+   the validation scans; the heat map is then the fused evidence of both maps;
+6. calibration on the validation scans: healthy heat-map quantiles (voxel false-positive
    rates), default 1% rate, smoothing and minimum component size;
-6. one model file (atomic, safe to load, config + version + checksum inside).
+7. one model file (atomic, safe to load, config + version + checksum inside).
 """
 
 from __future__ import annotations
@@ -37,10 +40,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from SpatialMSMALib.dataset import check_refused, model_space  # noqa: E402
-from SpatialMSMALib.detection import model_heat_map  # noqa: E402
+from SpatialMSMALib.detection import component_heat_maps, model_heat_map  # noqa: E402
 from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.inference import cached_features  # noqa: E402
 from SpatialMSMALib.model import AnomalyModel  # noqa: E402
+from SpatialMSMALib.normative import NormativeContrast, NormativeContrastConfig  # noqa: E402
 from SpatialMSMALib.preprocessing import DemonsConfig  # noqa: E402
 from SpatialMSMALib.spatial import (  # noqa: E402
     Calibration,
@@ -113,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "only. The bundled T1 + T2 model uses 50")
     parser.add_argument("--demons-smoothing-vox", type=float, default=2.0,
                         help="SD (model-grid voxels) of the demons field smoothing")
+    parser.add_argument("--normative-contrast", type=parse_boolean, default=False,
+                        metavar="true|false",
+                        help="also fit the normative blob-contrast model on the training "
+                             "scans and fuse its evidence with the flow's (the bundled T1 + T2 "
+                             "model's choice; see README)")
     parser.add_argument("--recalibrate", action="store_true",
                         help="skip flow training: recalibrate WORK/flow/best.pt with new "
                              "post-processing settings")
@@ -197,12 +206,14 @@ def peak_rate(text: str) -> float | None:
 AUTO_MIN_COMPONENT_ML = (0.05, 0.1, 0.15, 0.2, 0.3)  # below the 0.5 mL lesions of interest
 
 
-def calibrate(model, val_scans, val_paths, device, args) -> Calibration:
+def calibrate(model, val_scans, local_of, device, args) -> Calibration:
     """Healthy heat-map quantiles of the validation scans (inside the scored region), and
     the post-processing settings; with ``--min-component-ml auto`` the smallest size of
     ``AUTO_MIN_COMPONENT_ML`` whose median flagged volume on these healthy scans is within
     ``--healthy-budget-ml`` at the default rate, with the ``--max-peak-fpr`` rule applied
-    (healthy data only, no lesion labels)."""
+    (healthy data only, no lesion labels). ``local_of(i)`` gives the local score norms
+    ``(L, X, Y, Z)`` of ``val_scans[i]``. A model with a normative contrast model first gets
+    each map's own calibration (``component_calibrations``), then that of the fused map."""
     from SpatialMSMALib.spatial import label_anomalies, scored_region
 
     settings = {"smoothing_mm": args.smoothing_mm, "rim_mm": args.rim_mm}
@@ -211,17 +222,23 @@ def calibrate(model, val_scans, val_paths, device, args) -> Calibration:
         raise SystemExit(f"error: --max-peak-fpr {args.max_peak_fpr} must not exceed --fpr "
                          f"{args.fpr} (it is the stricter rate)")
     settings["max_peak_fpr"] = args.max_peak_fpr
-    heats, regions = [], []
-    for scan, path in zip(val_scans, val_paths, strict=True):
-        with np.load(path) as cached:
-            heats.append(model_heat_map(model, scan.image, scan.brain_mask,
-                                        cached["local"].astype(np.float32), device))
-        regions.append(scored_region(scan.brain_mask, args.rim_mm, model.spacing_mm))
+    regions = [scored_region(scan.brain_mask, args.rim_mm, model.spacing_mm)
+               for scan in val_scans]
+    notes = {"calibration_scans": [s.id for s in val_scans],
+             "grid": "model grid, smoothed heat map, brain voxels inside the scored region"}
+    if model.normative is not None:
+        maps = [component_heat_maps(model, scan.image, scan.brain_mask, local_of(i), device)
+                for i, scan in enumerate(val_scans)]
+        model.component_calibrations = {
+            name: Calibration.from_healthy([m[k][r] for m, r in zip(maps, regions, strict=True)],
+                                           notes=notes, **settings)
+            for k, name in enumerate(("flow", "normative"))}
+        del maps
+    heats = [model_heat_map(model, scan.image, scan.brain_mask, local_of(i), device)
+             for i, scan in enumerate(val_scans)]
     calibration = Calibration.from_healthy(
         [h[r] for h, r in zip(heats, regions, strict=True)], default_fpr=args.fpr,
-        notes={"calibration_scans": [s.id for s in val_scans],
-               "grid": "model grid, smoothed heat map, brain voxels inside the scored region"},
-        **settings)
+        notes=notes, **settings)
     spacing = (model.spacing_mm,) * 3
     threshold = calibration.default_threshold
     min_peak = calibration.peak_threshold(threshold)
@@ -335,7 +352,16 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
 
         model.spatial = load_best_flow(work / "flow" / "best.pt")
         t0 = time.perf_counter()
-        model.calibration = calibrate(model, val_scans, val_paths, device, args)
+        if args.normative_contrast:
+            model.normative = NormativeContrast.fit(
+                ((scan.image, scan.brain_mask) for scan in train_scans),
+                NormativeContrastConfig())
+
+        def local_of(i):
+            with np.load(val_paths[i]) as cached:
+                return cached["local"].astype(np.float32)
+
+        model.calibration = calibrate(model, val_scans, local_of, device, args)
         calibration_seconds = time.perf_counter() - t0
 
         whole = np.concatenate([train_whole, val_whole])

@@ -302,7 +302,9 @@ def _add_detect(sub) -> None:
     operating.add_argument("--fpr", type=float,
                            help="voxel false-positive rate on healthy brains (default: the "
                                 "model's, 0.01)")
-    operating.add_argument("--threshold", type=float, help="raw heat-map threshold (nats)")
+    operating.add_argument("--threshold", type=float,
+                           help="raw heat-map threshold, in the model's heat-map units (flow "
+                                "NLL nats, or -log10 FPR with the normative contrast map)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=_run_detect)
@@ -364,7 +366,7 @@ def _run_detect(args) -> int:
 def _print_detection(detection, paths) -> None:
     typ = detection.typicality
     print(f"{len(detection.components)} components at voxel FPR {detection.fpr:.3g} "
-          f"(threshold {detection.threshold:.3f} nats)"
+          f"(threshold {detection.threshold:.3f} {detection.heat_units})"
           + (f"; scan-level MSMA: {typ['verdict']}" if typ else ""))
     for c in detection.components[:10]:
         print(f"  #{c.label}: {c.volume_ml:.2f} mL at RAS {c.centroid_ras_mm} mm, peak "

@@ -52,8 +52,9 @@ class Detection:
     """Everything ``detect`` produces (arrays on the native T1 grid unless stated).
 
     Attributes:
-        heat: ``(I, J, K)`` float32 anomaly score (NLL, nats); outside the brain it holds
-            ``floor`` (the lowest healthy calibration value), so no threshold flags it.
+        heat: ``(I, J, K)`` float32 anomaly score (in ``heat_units``: flow NLL in nats, or
+            summed -log10 FPR evidence with the normative contrast map); outside the brain it
+            holds ``floor`` (the lowest healthy calibration value), so no threshold flags it.
         brain_mask: ``(I, J, K)`` bool, where the heat map is defined.
         labels: ``(I, J, K)`` int16, components 1..n ordered by peak score.
         affine: ``(4, 4)`` native voxel index -> RAS mm.
@@ -83,6 +84,7 @@ class Detection:
     timings: dict = field(default_factory=dict)
     registration_ncc: float = float("nan")
     mapping: object = None  # preprocessing.SpaceMapping (native <-> model grid)
+    heat_units: str = "nats"  # AnomalyModel.heat_units of the model that made it
 
     def report(self, model: AnomalyModel | None = None, inputs: dict | None = None) -> dict:
         spacing = np.linalg.norm(self.affine[:3, :3], axis=0)
@@ -90,6 +92,7 @@ class Detection:
         out = {
             "inputs": {k: str(v) for k, v in (inputs or {}).items() if v},
             "threshold": self.threshold,
+            "heat_units": self.heat_units,
             "voxel_false_positive_rate": self.fpr,
             "flagged_volume_ml": float((self.labels > 0).sum() * voxel_ml),
             "n_components": len(self.components),
@@ -235,7 +238,8 @@ def native_detection(model: AnomalyModel, heat_model: np.ndarray, mapping,
     detection = Detection(heat, np.asarray(native_brain_mask, bool), np.zeros(heat.shape, np.int16),
                           np.asarray(mapping.native_grid.affine, float), 0.0, 0.0, floor, [],
                           heat_model, image_model, brain_mask_model,
-                          registration_ncc=float(mapping.registration_ncc), mapping=mapping)
+                          registration_ncc=float(mapping.registration_ncc), mapping=mapping,
+                          heat_units=model.heat_units)
     return relabel(detection, model, fpr=fpr, threshold=threshold)
 
 
@@ -357,7 +361,8 @@ def save_figure(detection: Detection, path: str | Path, truth_model: np.ndarray 
         ax.set_title(f"{name} (model grid)")
         ax.axis("off")
     fig.suptitle(f"Spatial-MSMA: {len(detection.components)} components at voxel FPR "
-                 f"{detection.fpr:.2g} (threshold {detection.threshold:.2f} nats)")
+                 f"{detection.fpr:.2g} (threshold {detection.threshold:.2f} "
+                 f"{detection.heat_units})")
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name("." + path.name + ".partial.png")

@@ -79,6 +79,13 @@ class AnomalyModel:
     component_calibrations: dict | None = None
 
     @property
+    def heat_units(self) -> str:
+        """What a heat-map value is: the flow's NLL (``nats``), or for a model with the
+        normative contrast model the summed healthy evidence of both maps
+        (``-log10 FPR``, see ``normative.fused_heat``)."""
+        return "nats" if self.normative is None else "-log10 FPR"
+
+    @property
     def sigmas(self) -> torch.Tensor:
         return self.schedule.sigmas
 

@@ -265,7 +265,8 @@ class SpatialMSMALogic:
                               float(self.model.calibration.scores[-1]), [], None, None, None,
                               typicality=report.get("typicality"),
                               warnings=report.get("warnings", []),
-                              timings=report.get("timings_s", {}))
+                              timings=report.get("timings_s", {}),
+                              heat_units=self.model.heat_units)
         detection = relabel(detection, self.model, threshold=report["threshold"],
                             min_component_ml=min_component_ml)
         return self._show(detection, min_component_ml, reference=reference_node)
@@ -497,7 +498,8 @@ class SpatialMSMALogic:
         detection = Detection(heat_volume.data.astype(np.float32), brain_volume.data > 0,
                               np.zeros(heat_volume.shape, np.int16), heat_volume.affine,
                               float(p.GetParameter("threshold")), 0.0,
-                              float(self.model.calibration.scores[-1]), [], None, None, None)
+                              float(self.model.calibration.scores[-1]), [], None, None, None,
+                              heat_units=self.model.heat_units)
         self.detection = relabel(detection, self.model,
                                  threshold=float(p.GetParameter("threshold")),
                                  min_component_ml=float(p.GetParameter("min_component_ml")))

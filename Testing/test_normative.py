@@ -117,6 +117,7 @@ def test_a_model_with_the_normative_map_saves_loads_and_detects_the_lesion(
     from SpatialMSMALib.spatial import scored_region
 
     model = AnomalyModel.load(detection_setup["path"])
+    assert model.heat_units == "nats"  # the flow's NLL alone
     base = detection_setup["base"]
     brain = base.brain_mask
     rng = np.random.default_rng(5)
@@ -144,6 +145,7 @@ def test_a_model_with_the_normative_map_saves_loads_and_detects_the_lesion(
                                fused[1], rtol=1e-5, equal_nan=True)
     paths = detection_setup["paths"]
     detection = detect(loaded, load_volume(paths["t1"]), load_volume(paths["t2"]))
+    assert detection.report(loaded)["heat_units"] == "-log10 FPR"
     lesion = load_volume(paths["lesion"]).data > 0
     assert (detection.labels[lesion] > 0).mean() > 0.5
     from scipy.ndimage import distance_transform_edt

@@ -393,12 +393,12 @@ class AnomalyViewer(_trame()):
         state.fpr_log10 = self._published["fpr_log10"]
         state.min_size_ml = self._published["min_size_ml"]
         state.fpr_text = f"{100 * detection.fpr:.3g} % of healthy brain voxels"
-        state.threshold_text = f"{detection.threshold:.3f} nats"
+        state.threshold_text = f"{detection.threshold:.3f} {detection.heat_units}"
         state.status = (f"{len(detection.components)} components at voxel false-positive "
                         f"rate {100 * detection.fpr:.3g} %")
         state.components = [
             {"label": c.label, "title": f"Anomaly {c.label}: {c.volume_ml:.2f} mL",
-             "subtitle": f"peak {c.peak_score:.2f} nats, RAS "
+             "subtitle": f"peak {c.peak_score:.2f} {detection.heat_units}, RAS "
                          + ", ".join(f"{v:.0f}" for v in c.centroid_ras_mm)}
             for c in detection.components]
         state.result_version += 1

@@ -97,10 +97,20 @@ def flow_inputs(model: AnomalyModel) -> dict:
     context = "position in the model grid"
     if config.position_grid_features:
         context += " (sinusoidal + a learned grid)"
+    normative = None
+    if model.normative is not None:
+        c = model.normative.config
+        normative = {
+            "models": "per template voxel, a Gaussian of healthy blob contrasts (each channel's "
+                      "difference of Gaussians)",
+            "inner_sigmas_mm": [s * model.spacing_mm for s in c.sigmas_vox],
+            "surround_ratio": c.surround_ratio,
+            "fusion": "sum of both maps' -log10 healthy voxel false-positive rates"}
     return {"models": " and ".join(parts), "score_levels": levels,
             "intensity_features": config.intensity_features,
             "intensity_scales_mm": config.intensity_scales_mm,
-            "context": context + (" + global image features" if config.global_features else "")}
+            "context": context + (" + global image features" if config.global_features else ""),
+            "normative_contrast": normative, "heat_units": model.heat_units}
 
 
 def public_cohort(cohort: dict | None) -> dict | None:

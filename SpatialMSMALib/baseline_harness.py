@@ -196,7 +196,7 @@ def _probe(request: dict) -> dict:
     else:
         fitted = Fitted.load(request["fitted"])
         ae_net = load_ae(fitted, device) if name == "autoencoder" else None
-        holder = SimpleNamespace(calibration=model.calibration)
+        holder = SimpleNamespace(calibration=model.calibration, heat_units=model.heat_units)
         for scan, row in zip(scans, rows, strict=True):
             brain = load_volume(row.brain_mask, what="brain mask").data > 0
             stages = {}
@@ -315,7 +315,7 @@ def reference_scale_cost(model, scan, row, size: Size, device) -> dict:
     t0 = time.perf_counter()
     flow.eval().heat_map(fake_local, scan.image, region, device=device)
     per_location = (time.perf_counter() - t0) / int(region.sum())
-    holder = SimpleNamespace(calibration=model.calibration)
+    holder = SimpleNamespace(calibration=model.calibration, heat_units=model.heat_units)
     brain = load_volume(row.brain_mask, what="brain mask").data > 0
     t0 = time.perf_counter()
     native_detection(holder, np.zeros(every_voxel.shape, np.float32), scan.mapping, brain)

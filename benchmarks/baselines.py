@@ -203,7 +203,7 @@ def calibrate(fitted: Fitted, model, val, val_paths, work, device) -> Calibratio
 
 
 def evaluate(fitted, calibration, model, rows, scans, paths, work, device) -> list[dict]:
-    holder = SimpleNamespace(calibration=calibration)
+    holder = SimpleNamespace(calibration=calibration, heat_units=f"{fitted.name} score")
     cases = []
     maps = method_maps(fitted, model, scans, paths, work, device)
     for row, (scan, heat) in zip(rows, maps, strict=True):

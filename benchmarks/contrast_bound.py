@@ -51,14 +51,12 @@ RATES = (0.01, 0.001)
 
 
 def region_summary(image: np.ndarray, mask: np.ndarray, kind: str,
-                   shell: np.ndarray | None = None) -> np.ndarray:
+                   shell: np.ndarray) -> np.ndarray:
     """Summary of ``image`` ``(C, X, Y, Z)`` (NaN outside the brain) in ``mask``: the
     channel means (``mean``), means minus those of ``shell`` (``contrast``), or both."""
     inside = np.nanmean(image[:, mask], axis=1)
     if kind == "mean":
         return inside
-    if shell is None:
-        shell = ndimage.binary_dilation(mask, iterations=SHELL_VOX) & ~mask
     contrast = inside - np.nanmean(image[:, shell], axis=1)
     return contrast if kind == "contrast" else np.concatenate([inside, contrast])
 

@@ -143,11 +143,11 @@ def is_faint(lesion: dict) -> bool:
     return lesion["t1_factor"] > FAINT_T1_ABOVE and lesion["t2_factor"] < FAINT_T2_BELOW
 
 
-def large_lesions_on_model_grid(subject: dict, native: np.ndarray, mapping: SpaceMapping):
-    """``[(faint, mask (X, Y, Z) bool on the model grid)]`` for each of the manifest's lesions
-    of at least 0.5 mL (``LARGE_LESION_MM3``) of one subject: the 26-connected component of
-    the native truth ``native`` holding the lesion's ``centroid_voxel`` (touching lesions share
-    it), resampled like the truth."""
+def large_lesions_native(subject: dict, native: np.ndarray):
+    """``[(lesion, mask (I, J, K) bool)]`` for each of the manifest's lesions of at least
+    0.5 mL (``LARGE_LESION_MM3``) of one subject: the manifest entry and the 26-connected
+    component of the native truth ``native`` holding its ``centroid_voxel`` (touching lesions
+    share it; an irregular lesion whose centroid lies outside it is left out)."""
     from scipy import ndimage
 
     components, _ = ndimage.label(native, np.ones((3, 3, 3), bool))
@@ -156,11 +156,16 @@ def large_lesions_on_model_grid(subject: dict, native: np.ndarray, mapping: Spac
         if lesion["volume_mm3"] < LARGE_LESION_MM3:
             continue
         index = components[tuple(int(round(v)) for v in lesion["centroid_voxel"])]
-        if index == 0:  # an irregular lesion whose centroid lies outside it
-            continue
-        mask = mapping.to_model((components == index).astype(np.float32)) > 0.5
-        out.append((is_faint(lesion), mask))
+        if index:
+            out.append((lesion, components == index))
     return out
+
+
+def large_lesions_on_model_grid(subject: dict, native: np.ndarray, mapping: SpaceMapping):
+    """``[(faint, mask (X, Y, Z) bool on the model grid)]`` for each lesion of
+    :func:`large_lesions_native`, resampled like the truth."""
+    return [(is_faint(lesion), mapping.to_model(mask.astype(np.float32)) > 0.5)
+            for lesion, mask in large_lesions_native(subject, native)]
 
 
 def evaluate_splits(heat_of, calibration: Calibration, args) -> dict:

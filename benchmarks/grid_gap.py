@@ -22,11 +22,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flow_inputs import is_faint  # noqa: E402
+from flow_inputs import is_faint, large_lesions_native  # noqa: E402
 
 from SpatialMSMALib.cohort import load_manifest  # noqa: E402
 from SpatialMSMALib.dataset import manifest_scans, model_space  # noqa: E402
@@ -34,8 +33,6 @@ from SpatialMSMALib.detection import model_heat_map, native_detection  # noqa: E
 from SpatialMSMALib.io import load_volume  # noqa: E402
 from SpatialMSMALib.model import AnomalyModel  # noqa: E402
 from SpatialMSMALib.spatial import label_anomalies, scored_region  # noqa: E402
-
-LARGE_MM3 = 500.0
 
 
 def main() -> None:
@@ -76,14 +73,7 @@ def main() -> None:
                                        calibration.min_component_ml,
                                        calibration.peak_threshold(threshold))[0] > 0
         truth = load_volume(row.lesion_mask, what="lesion mask", allow_empty=True).data > 0
-        components, _ = ndimage.label(truth, np.ones((3, 3, 3), bool))
-        for lesion in subjects[row.id]["lesions"]:
-            if lesion["volume_mm3"] < LARGE_MM3:
-                continue
-            index = components[tuple(int(round(v)) for v in lesion["centroid_voxel"])]
-            if index == 0:
-                continue
-            on_native = components == index
+        for lesion, on_native in large_lesions_native(subjects[row.id], truth):
             on_model = scan.mapping.to_model(on_native.astype(np.float32)) > 0.5
             lesions.append({
                 "scan": row.id, "volume_mm3": lesion["volume_mm3"], "faint": is_faint(lesion),

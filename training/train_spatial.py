@@ -44,7 +44,11 @@ from SpatialMSMALib.detection import component_heat_maps, model_heat_map  # noqa
 from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.inference import cached_features  # noqa: E402
 from SpatialMSMALib.model import AnomalyModel  # noqa: E402
-from SpatialMSMALib.normative import NormativeContrast, NormativeContrastConfig  # noqa: E402
+from SpatialMSMALib.normative import (  # noqa: E402
+    NormativeContrast,
+    NormativeContrastConfig,
+    fused_heat,
+)
 from SpatialMSMALib.preprocessing import DemonsConfig  # noqa: E402
 from SpatialMSMALib.spatial import (  # noqa: E402
     Calibration,
@@ -226,16 +230,20 @@ def calibrate(model, val_scans, local_of, device, args) -> Calibration:
                for scan in val_scans]
     notes = {"calibration_scans": [s.id for s in val_scans],
              "grid": "model grid, smoothed heat map, brain voxels inside the scored region"}
-    if model.normative is not None:
+    if model.normative is None:
+        heats = [model_heat_map(model, scan.image, scan.brain_mask, local_of(i), device)
+                 for i, scan in enumerate(val_scans)]
+    else:  # each map's own calibration, then the fused maps (model_heat_map's sum)
         maps = [component_heat_maps(model, scan.image, scan.brain_mask, local_of(i), device)
                 for i, scan in enumerate(val_scans)]
         model.component_calibrations = {
             name: Calibration.from_healthy([m[k][r] for m, r in zip(maps, regions, strict=True)],
                                            notes=notes, **settings)
             for k, name in enumerate(("flow", "normative"))}
+        heats = [fused_heat(flow, normative, model.component_calibrations["flow"],
+                            model.component_calibrations["normative"])
+                 for flow, normative in maps]
         del maps
-    heats = [model_heat_map(model, scan.image, scan.brain_mask, local_of(i), device)
-             for i, scan in enumerate(val_scans)]
     calibration = Calibration.from_healthy(
         [h[r] for h, r in zip(heats, regions, strict=True)], default_fpr=args.fpr,
         notes=notes, **settings)

@@ -42,6 +42,7 @@ from flow_inputs import (  # noqa: E402
 
 from SpatialMSMALib.cohort import load_manifest  # noqa: E402
 from SpatialMSMALib.dataset import manifest_scans  # noqa: E402
+from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.io import load_volume  # noqa: E402
 from SpatialMSMALib.preprocessing import SpaceMapping  # noqa: E402
 from SpatialMSMALib.registration import warp  # noqa: E402
@@ -148,4 +149,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as e:  # a bad manifest, cache or model file: one line naming it
+        raise SystemExit(f"error: {e}") from None

@@ -30,6 +30,7 @@ from flow_inputs import is_faint, large_lesions_native  # noqa: E402
 from SpatialMSMALib.cohort import load_manifest  # noqa: E402
 from SpatialMSMALib.dataset import manifest_scans, model_space  # noqa: E402
 from SpatialMSMALib.detection import model_heat_map, native_detection  # noqa: E402
+from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.io import load_volume  # noqa: E402
 from SpatialMSMALib.model import AnomalyModel  # noqa: E402
 from SpatialMSMALib.spatial import label_anomalies, scored_region  # noqa: E402
@@ -100,4 +101,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as e:  # a bad manifest, cache or model file: one line naming it
+        raise SystemExit(f"error: {e}") from None

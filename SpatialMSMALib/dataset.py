@@ -9,6 +9,7 @@ native <-> model mapping (JSON text) for mapping results back to the scan.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,26 @@ def manifest_scans(manifest_path: str | Path, splits: tuple[str, ...]) -> dict[s
                 ScanFiles(s["id"], root / s["t1"], root / s["t2"], root / s["brain_mask"],
                           root / s["lesion_mask"] if s.get("lesion_mask") else None)
             )
+    return out
+
+
+def pooled_manifest_scans(manifest_paths, splits: tuple[str, ...]) -> dict[str, list]:
+    """``split -> [ScanFiles]`` of several cohorts pooled (one manifest: exactly
+    :func:`manifest_scans`). With more than one, each scan id gets its cohort's position in
+    ``manifest_paths`` as a prefix (``c0_train_000``, ``c1_train_000``): generated cohorts
+    reuse ids, and the preprocessing cache is keyed by id."""
+    paths = [Path(p) for p in ([manifest_paths] if isinstance(manifest_paths, (str, Path))
+                               else manifest_paths)]
+    if len(paths) == 1:
+        return manifest_scans(paths[0], splits)
+    resolved = [p.resolve() for p in paths]
+    for i, p in enumerate(resolved):
+        if p in resolved[:i]:
+            raise InputError(f"manifest '{paths[i]}' is given twice")
+    out = {split: [] for split in splits}
+    for k, path in enumerate(paths):
+        for split, rows in manifest_scans(path, splits).items():
+            out[split] += [dataclasses.replace(r, id=f"c{k}_{r.id}") for r in rows]
     return out
 
 

@@ -54,10 +54,15 @@ def test_registry_names_the_training_cohort_without_the_trainers_folders():
     assert public_cohort({"manifest": "/tmp/someone/aug", "splits": ["train", "val"]}) == {
         "manifest": "aug", "splits": ["train", "val"]}
     assert public_cohort({"data_dir": "/home/x/healthy_scans"}) == {"data_dir": "healthy_scans"}
+    assert public_cohort({"manifest": ["/tmp/a/aug2x/manifest.json", "/tmp/b/benchmark"]}) == {
+        "manifest": ["aug2x", "benchmark"]}
     assert public_cohort(None) is None
     for entry in bundled_models():
         for value in (entry["training_data"]["cohort"] or {}).values():
             assert "/" not in str(value), f"{entry['file']}: a local path in the registry"
+        normative = entry["flow_inputs"].get("normative_contrast") or {}
+        for name in (normative.get("fitted_on") or {}).get("cohorts", []):
+            assert "/" not in name, f"{entry['file']}: a local path in the registry"
 
 
 def test_bundling_checks_every_input_before_writing_anything(tmp_path, capsys):

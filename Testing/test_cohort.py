@@ -190,3 +190,41 @@ def test_default_size_cohort_follows_the_protocol(tmp_path):
     assert stats["lesion_volume_mm3"]["max"] <= 15000
     assert stats["load_ml"]["max"] <= 20.0
     assert all(n > 0 for n in stats["size_bins_mm3"].values())
+
+
+def test_pooled_cohorts_keep_their_scans_apart_and_one_cohort_is_unchanged(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from SpatialMSMALib.dataset import manifest_scans, model_space, pooled_manifest_scans
+    from SpatialMSMALib.synthesis import SubjectConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    from add_normative import build_parser
+    from train_score import scan_lists
+
+    sizes = CohortSizes(n_train=1, n_val=1, n_test_healthy=0, n_test_lesioned=0,
+                        n_loao_healthy=0, n_loao_lesioned=0)
+    small = SubjectConfig(spacing_mm=4.0)
+    a, b = (make_benchmark(tmp_path / name, sizes=sizes, seed=seed, progress=False,
+                           subject_config=small) for name, seed in (("a", 3), ("b", 4)))
+    splits = ("train", "val")
+    single = pooled_manifest_scans(a, splits)
+    assert single == manifest_scans(a, splits)
+    assert [r.id for r in single["train"]] == ["train_000"]
+
+    args = build_parser().parse_args(["--model", "m.pt", "--manifest", str(a), str(b),
+                                      "--work", "w", "--out", "o.pt"])
+    pooled = scan_lists(args)
+    assert [r.id for r in pooled["train"]] == ["c0_train_000", "c1_train_000"]
+    assert [r.id for r in pooled["val"]] == ["c0_val_000", "c1_val_000"]
+    assert pooled["train"][0].t1 == single["train"][0].t1
+    assert pooled["train"][1].t1.parent == (tmp_path / "b")
+    # one cache, two cohorts with the same ids: each keeps its own scan
+    cache = tmp_path / "cache"
+    first, second = model_space(pooled["train"], cache, 4.0, progress=False)
+    again = model_space(pooled["train"][1:], cache, 4.0, progress=False)[0]
+    assert np.abs(first.image - second.image).max() > 0.1
+    assert np.array_equal(again.image, second.image)
+    with pytest.raises(InputError, match="given twice"):
+        pooled_manifest_scans([a, tmp_path / "a" / "manifest.json"], splits)

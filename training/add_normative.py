@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="model file with a flow")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--manifest", type=Path, help="benchmark manifest (file or folder)")
+    source.add_argument("--manifest", type=Path, nargs="+",
+                        help="benchmark manifest(s) (file or folder); several are pooled")
     source.add_argument("--data-dir", type=Path, help="folder of healthy *_t1/_t2 NIfTI")
     parser.add_argument("--work", type=Path, required=True, help="preprocessing cache folder")
     parser.add_argument("--out", type=Path, required=True, help="model file to write")
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         model.calibration = calibrate(model, scans["val"], lambda i: no_norms, device, settings)
         model.provenance["normative_contrast"] = {
             "added_to": {"name": args.model.name},
-            "cohort": str(args.manifest or args.data_dir),
+            "cohort": ([str(m) for m in args.manifest] if args.manifest
+                       else str(args.data_dir)),
             "n_train": len(scans["train"]), "n_val": len(scans["val"]),
             "train_ids": [s.id for s in scans["train"]],
             "seconds": {"preprocessing": round(preprocess_seconds, 1),

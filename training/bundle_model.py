@@ -106,6 +106,13 @@ def flow_inputs(model: AnomalyModel) -> dict:
             "inner_sigmas_mm": [s * model.spacing_mm for s in c.sigmas_vox],
             "surround_ratio": c.surround_ratio,
             "fusion": "sum of both maps' -log10 healthy voxel false-positive rates"}
+        fitted = model.provenance.get("normative_contrast") or {}
+        if fitted.get("n_train"):
+            cohorts = fitted.get("cohort")
+            normative["fitted_on"] = {
+                "n_healthy_scans": fitted["n_train"],
+                "cohorts": [cohort_name(c) for c in (cohorts if isinstance(cohorts, list)
+                                                     else [cohorts])]}
     return {"models": " and ".join(parts), "score_levels": levels,
             "intensity_features": config.intensity_features,
             "intensity_scales_mm": config.intensity_scales_mm,
@@ -113,11 +120,22 @@ def flow_inputs(model: AnomalyModel) -> dict:
             "normative_contrast": normative, "heat_units": model.heat_units}
 
 
+def cohort_name(path: str) -> str:
+    """A cohort's folder name, without the trainer's local folders (a manifest file is named
+    by its folder)."""
+    path = Path(path)
+    return path.parent.name if path.suffix == ".json" else path.name
+
+
 def public_cohort(cohort: dict | None) -> dict | None:
     """The provenance's cohort without the trainer's local folders (only their names)."""
     if not cohort:
         return cohort
-    return {key: Path(value).name if key in ("manifest", "data_dir") and value else value
+    def name(value):
+        return ([cohort_name(v) for v in value] if isinstance(value, list)
+                else cohort_name(value))
+
+    return {key: name(value) if key in ("manifest", "data_dir") and value else value
             for key, value in cohort.items()}
 
 

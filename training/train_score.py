@@ -24,8 +24,8 @@ from SpatialMSMALib.dataset import (
     ScanFiles,
     check_refused,
     folder_scans,
-    manifest_scans,
     model_space,
+    pooled_manifest_scans,
 )
 from SpatialMSMALib.errors import InputError
 from SpatialMSMALib.score.training import ScoreTrainConfig, ScoreTrainer
@@ -45,9 +45,10 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def scan_lists(args) -> dict[str, list[ScanFiles]]:
-    """``train`` / ``val`` scans from a manifest, or from a folder (first 10% -> val)."""
+    """``train`` / ``val`` scans from one or more manifests (pooled, see
+    ``dataset.pooled_manifest_scans``), or from a folder (first 10% -> val)."""
     if args.manifest:
-        return manifest_scans(args.manifest, ("train", "val"))
+        return pooled_manifest_scans(args.manifest, ("train", "val"))
     rows = folder_scans(args.data_dir)
     n_val = max(1, len(rows) // 10) if len(rows) > 1 else 0
     return {"train": rows[n_val:] or rows, "val": rows[:n_val] or rows}
@@ -66,7 +67,8 @@ def load_model_space(rows, cache_dir: Path, spacing: float, progress: bool,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--manifest", type=Path, help="benchmark manifest (file or folder)")
+    source.add_argument("--manifest", type=Path, nargs="+",
+                        help="benchmark manifest(s) (file or folder); several are pooled")
     source.add_argument("--data-dir", type=Path, help="folder of *_t1/_t2/_brainmask NIfTI")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--spacing", type=float, default=2.0, help="model grid spacing (mm)")

@@ -81,7 +81,8 @@ def _add_fields(parser, fields, prefix: str = "") -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--manifest", type=Path, help="benchmark manifest (file or folder)")
+    source.add_argument("--manifest", type=Path, nargs="+",
+                        help="benchmark manifest(s) (file or folder); several are pooled")
     source.add_argument("--data-dir", type=Path, help="folder of healthy *_t1/_t2 NIfTI")
     parser.add_argument("--out", type=Path, required=True, help="model file to write")
     parser.add_argument("--work", type=Path, help="caches and checkpoints (default OUT.work/)")
@@ -176,7 +177,7 @@ def demons_config(args) -> DemonsConfig | None:
 def train_score_first(args, out: Path) -> Path:
     import train_score
 
-    source = (["--manifest", str(args.manifest)] if args.manifest
+    source = (["--manifest", *map(str, args.manifest)] if args.manifest
               else ["--data-dir", str(args.data_dir)])
     code = train_score.main(source + ["--out", str(out), "--steps", str(args.score_steps),
                                       "--device", args.device, "--resume"]
@@ -376,7 +377,7 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
         model.typicality = TypicalityModel.fit(whole, models=tuple(args.aux_models))
         ids = [s.id for s in train_scans + val_scans]
         model.provenance.update({
-            "cohort": ({"manifest": str(args.manifest), "splits": ["train", "val"]}
+            "cohort": ({"manifest": [str(m) for m in args.manifest], "splits": ["train", "val"]}
                        if args.manifest else {"data_dir": str(args.data_dir)}),
             "n_healthy": len(ids), "n_flow_train": len(train_scans),
             "refused_scans": [{"id": i, "reason": r} for i, r in refused],

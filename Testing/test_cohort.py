@@ -201,7 +201,8 @@ def test_pooled_cohorts_keep_their_scans_apart_and_one_cohort_is_unchanged(tmp_p
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
     from add_normative import build_parser
-    from train_score import scan_lists
+    from bundle_model import describe_cohort
+    from train_score import cohort_record, scan_lists
 
     sizes = CohortSizes(n_train=1, n_val=1, n_test_healthy=0, n_test_lesioned=0,
                         n_loao_healthy=0, n_loao_lesioned=0)
@@ -228,3 +229,7 @@ def test_pooled_cohorts_keep_their_scans_apart_and_one_cohort_is_unchanged(tmp_p
     assert np.array_equal(again.image, second.image)
     with pytest.raises(InputError, match="given twice"):
         pooled_manifest_scans([a, tmp_path / "a" / "manifest.json"], splits)
+    # provenance and registry: one cohort stays a path, several are listed and described
+    assert cohort_record([a]) == str(a) and cohort_record([a, b]) == [str(a), str(b)]
+    assert [describe_cohort(m)["cohort_seed"] for m in (a, b)] == [3, 4]
+    assert "seed 4" in describe_cohort(b)["description"]

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_score import scan_lists  # noqa: E402
+from train_score import cohort_record, scan_lists  # noqa: E402
 from train_spatial import calibrate  # noqa: E402
 
 from SpatialMSMALib.dataset import check_refused, model_space  # noqa: E402
@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         model.calibration = calibrate(model, scans["val"], lambda i: no_norms, device, settings)
         model.provenance["normative_contrast"] = {
             "added_to": {"name": args.model.name},
-            "cohort": ([str(m) for m in args.manifest] if args.manifest
-                       else str(args.data_dir)),
+            "cohort": cohort_record(args.manifest) if args.manifest else str(args.data_dir),
             "n_train": len(scans["train"]), "n_val": len(scans["val"]),
             "train_ids": [s.id for s in scans["train"]],
             "seconds": {"preprocessing": round(preprocess_seconds, 1),

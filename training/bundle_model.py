@@ -139,6 +139,25 @@ def public_cohort(cohort: dict | None) -> dict | None:
             for key, value in cohort.items()}
 
 
+def describe_cohort(manifest_path) -> dict:
+    """What a training cohort is (anatomies, held-out anatomy, seed, subject variability),
+    from its manifest, for the registry."""
+    from SpatialMSMALib.cohort import load_manifest
+
+    m = load_manifest(manifest_path)
+    variability = m.get("subject_config", {})
+    return {
+        "anatomies": [a for a in m["anatomies"] if a != m.get("holdout_anatomy")],
+        "held_out_anatomy": m.get("holdout_anatomy"),
+        "cohort_seed": m.get("seed"),
+        "subject_variability": variability,
+        "description": (
+            "synthetic healthy subjects made by spatial-msma make-benchmark (seed "
+            f"{m.get('seed')}, deformation {variability.get('deformation_mm')} mm at "
+            f"{variability.get('control_spacing_mm')} mm control spacing); see "
+            "training/README.md")}
+
+
 def entry_for(model: AnomalyModel, file: Path, benchmark: dict | None,
               cost: dict | None) -> dict:
     p = model.provenance
@@ -173,21 +192,15 @@ def entry_for(model: AnomalyModel, file: Path, benchmark: dict | None,
         "intended_use": INTENDED_USE,
     }
     manifest = (p.get("cohort") or {}).get("manifest")
-    if manifest and Path(manifest).exists():
-        from SpatialMSMALib.cohort import load_manifest
-
-        m = load_manifest(manifest)
-        entry["training_data"]["anatomies"] = [a for a in m["anatomies"]
-                                               if a != m.get("holdout_anatomy")]
-        entry["training_data"]["held_out_anatomy"] = m.get("holdout_anatomy")
-        entry["training_data"]["cohort_seed"] = m.get("seed")
-        variability = m.get("subject_config", {})
-        entry["training_data"]["subject_variability"] = variability
-        entry["training_data"]["description"] = (
-            "synthetic healthy subjects made by spatial-msma make-benchmark (seed "
-            f"{m.get('seed')}, deformation {variability.get('deformation_mm')} mm at "
-            f"{variability.get('control_spacing_mm')} mm control spacing); see "
-            "training/README.md")
+    manifests = manifest if isinstance(manifest, list) else [manifest] if manifest else []
+    if manifests and all(Path(m).exists() for m in manifests):
+        described = [describe_cohort(m) for m in manifests]
+        if len(described) == 1:
+            entry["training_data"].update(described[0])
+        else:
+            entry["training_data"]["cohorts"] = described
+            entry["training_data"]["description"] = " + ".join(
+                d["description"] for d in described)
     if cost:
         entry["expected_time"] = cost
     if benchmark:

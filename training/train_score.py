@@ -44,6 +44,11 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(name, type=type(default), default=default)
 
 
+def cohort_record(manifests) -> str | list[str]:
+    """The ``--manifest`` value(s) for a model's provenance: one path, or the list."""
+    return str(manifests[0]) if len(manifests) == 1 else [str(m) for m in manifests]
+
+
 def scan_lists(args) -> dict[str, list[ScanFiles]]:
     """``train`` / ``val`` scans from one or more manifests (pooled, see
     ``dataset.pooled_manifest_scans``), or from a folder (first 10% -> val)."""

@@ -274,7 +274,7 @@ def calibrate(model, val_scans, local_of, device, args) -> Calibration:
 def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
         world_size: int) -> int:
     import torch.distributed as dist
-    from train_score import scan_lists
+    from train_score import cohort_record, scan_lists
 
     distributed = world_size > 1
     if distributed and not dist.is_initialized():
@@ -377,7 +377,7 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
         model.typicality = TypicalityModel.fit(whole, models=tuple(args.aux_models))
         ids = [s.id for s in train_scans + val_scans]
         model.provenance.update({
-            "cohort": ({"manifest": [str(m) for m in args.manifest], "splits": ["train", "val"]}
+            "cohort": ({"manifest": cohort_record(args.manifest), "splits": ["train", "val"]}
                        if args.manifest else {"data_dir": str(args.data_dir)}),
             "n_healthy": len(ids), "n_flow_train": len(train_scans),
             "refused_scans": [{"id": i, "reason": r} for i, r in refused],

@@ -53,7 +53,10 @@ def pooled_manifest_scans(manifest_paths, splits: tuple[str, ...]) -> dict[str, 
                                else manifest_paths)]
     if len(paths) == 1:
         return manifest_scans(paths[0], splits)
-    resolved = [p.resolve() for p in paths]
+    from .cohort import MANIFEST_NAME
+
+    # a cohort's folder and its manifest file name the same cohort
+    resolved = [(p / MANIFEST_NAME if p.is_dir() else p).resolve() for p in paths]
     for i, p in enumerate(resolved):
         if p in resolved[:i]:
             raise InputError(f"manifest '{paths[i]}' is given twice")

@@ -227,8 +227,9 @@ def test_pooled_cohorts_keep_their_scans_apart_and_one_cohort_is_unchanged(tmp_p
     again = model_space(pooled["train"][1:], cache, 4.0, progress=False)[0]
     assert np.abs(first.image - second.image).max() > 0.1
     assert np.array_equal(again.image, second.image)
-    with pytest.raises(InputError, match="given twice"):
-        pooled_manifest_scans([a, tmp_path / "a" / "manifest.json"], splits)
+    for twice in ([a, a], [tmp_path / "a", a], [b, tmp_path / "b"]):
+        with pytest.raises(InputError, match="given twice"):
+            pooled_manifest_scans(twice, splits)
     # provenance and registry: one cohort stays a path, several are listed and described
     assert cohort_record([a]) == str(a) and cohort_record([a, b]) == [str(a), str(b)]
     assert [describe_cohort(m)["cohort_seed"] for m in (a, b)] == [3, 4]

@@ -20,7 +20,13 @@ from .normative import NormativeContrast
 from .preprocessing import PREPROCESS_VERSION, DemonsConfig, PreprocessConfig
 from .score.network import ScoreUNet
 from .score.schedule import GeometricNoiseSchedule
-from .spatial import Calibration, SpatialFlow, SpatialFlowConfig
+from .spatial import (
+    Calibration,
+    FlowEnsemble,
+    SpatialFlow,
+    SpatialFlowConfig,
+    flow_from_state,
+)
 from .typicality import TypicalityModel
 
 MODEL_KIND = "spatial-msma-model"
@@ -48,7 +54,8 @@ class AnomalyModel:
         channel_names: e.g. ``["T1", "T2"]``; the input channels the network expects.
         features: score-norm feature settings.
         typicality: MSMA auxiliary models, or None.
-        spatial: the Spatial-MSMA conditional flow, or None (MSMA-only model).
+        spatial: the Spatial-MSMA conditional flow (``SpatialFlow``, or a ``FlowEnsemble``
+            of several, whose heat map is their mean NLL), or None (MSMA-only model).
         calibration: healthy heat-map quantiles and post-processing settings (with spatial).
         provenance: plain data on how it was made (checkpoint digests, cohort, steps).
         demons: the deformable preprocessing step its flow was trained with
@@ -179,6 +186,8 @@ class AnomalyModel:
             config["typicality"], states["typicality"] = self.typicality.to_state()
         if self.spatial is not None:
             config["spatial"] = asdict(self.spatial.config)
+            if isinstance(self.spatial, FlowEnsemble):
+                config["spatial_members"] = len(self.spatial)
             states["spatial"] = {k: v.detach().cpu() for k, v in self.spatial.state_dict().items()}
         if self.calibration is not None:
             config["calibration"] = self.calibration.to_dict()
@@ -221,9 +230,17 @@ class AnomalyModel:
                                                     checkpoint["states"]["typicality"])
         spatial = None
         if config.get("spatial") is not None:
-            spatial = SpatialFlow(SpatialFlowConfig(**config["spatial"]))
-            spatial.load_state_dict(checkpoint["states"]["spatial"])
-            spatial.eval()
+            members = config.get("spatial_members", 1)
+            if not isinstance(members, int) or members < 1:
+                raise InputError(f"{path}: invalid number of flows {members!r} in the model "
+                                 "file (expected an integer >= 1)")
+            try:
+                spatial = flow_from_state(SpatialFlowConfig(**config["spatial"]),
+                                          checkpoint["states"]["spatial"], members)
+            except (RuntimeError, TypeError, ValueError) as e:  # weights unlike the config
+                first_line = str(e).strip().splitlines()[0]
+                raise InputError(f"{path}: the flow's weights do not match its configuration "
+                                 f"({members} flow(s)): {first_line}") from None
         calibration = None
         if config.get("calibration") is not None:
             try:

@@ -484,6 +484,55 @@ class SpatialFlow(nn.Module):
         return out
 
 
+class FlowEnsemble(nn.Module):
+    """Several ``SpatialFlow``s of one configuration, trained on the same healthy locations
+    from different seeds; the heat map is their mean NLL (nats), the NLL of the members'
+    geometric-mean density. Averaging removes the seed-to-seed variation of a single flow's
+    heat map (how well one flow separates lesions varies with its seed).
+
+    Quacks like a ``SpatialFlow`` where inference uses one: ``config``, ``heat_map``, ``to``.
+    """
+
+    def __init__(self, members: list[SpatialFlow]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError("an ensemble needs at least two flows")
+        if any(asdict(m.config) != asdict(members[0].config) for m in members[1:]):
+            raise ValueError("the flows of an ensemble must share one configuration")
+        self.members = nn.ModuleList(members)
+        self.config = members[0].config
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    @torch.no_grad()
+    def heat_map(self, local, image, region: np.ndarray, chunk: int = 65536,
+                 device: str | torch.device = "cpu", progress=None,
+                 brain_mask: np.ndarray | None = None) -> np.ndarray:
+        """Mean of the members' ``SpatialFlow.heat_map`` ``(X, Y, Z)`` float32 (nats), NaN
+        outside ``region``; arguments as for ``SpatialFlow.heat_map``."""
+        n = len(self.members)
+        total = None
+        for k, flow in enumerate(self.members):
+            member_progress = None
+            if progress:
+                def member_progress(fraction, k=k):
+                    progress((k + fraction) / n)
+            heat = flow.heat_map(local, image, region, chunk=chunk, device=device,
+                                 progress=member_progress, brain_mask=brain_mask)
+            total = heat if total is None else total + heat
+        return (total / n).astype(np.float32)
+
+
+def flow_from_state(config: SpatialFlowConfig, state: dict, members: int = 1):
+    """A ``SpatialFlow`` (``members`` 1) or ``FlowEnsemble`` of ``members`` flows with
+    ``config``, loaded from ``state`` (a ``state_dict``), in eval mode."""
+    flow = (SpatialFlow(config) if members == 1
+            else FlowEnsemble([SpatialFlow(config) for _ in range(members)]))
+    flow.load_state_dict(state)
+    return flow.eval()
+
+
 def build_spatial_flow(config: SpatialFlowConfig | dict) -> SpatialFlow:
     if isinstance(config, dict):
         config = SpatialFlowConfig(**config)

@@ -446,6 +446,54 @@ def test_model_file_round_trip_with_flow_and_calibration(detection_setup):
     assert loaded.calibration.min_component_ml == 0.2
 
 
+def test_flow_ensemble_is_the_mean_of_its_members_and_survives_the_model_file(
+        detection_setup, tmp_path):
+    import copy
+
+    from SpatialMSMALib.errors import InputError
+    from SpatialMSMALib.model import AnomalyModel
+    from SpatialMSMALib.spatial import FlowEnsemble
+
+    model = copy.copy(detection_setup["model"])
+    first = detection_setup["model"].spatial
+    torch.manual_seed(5)
+    second = SpatialFlow(first.config).eval()  # untrained: a heat map unlike the first's
+    model.spatial = FlowEnsemble([first, second])
+    rng = np.random.default_rng(4)
+    local = np.exp(rng.normal(size=(4, 8, 9, 10))).astype(np.float32)
+    image = rng.normal(size=(2, 8, 9, 10)).astype(np.float32)
+    region = rng.random((8, 9, 10)) > 0.3
+    a, b = (f.heat_map(local, image, region) for f in (first, second))
+    assert np.abs(a - b)[region].min() > 1e-3  # the members really differ
+    fractions = []
+    mean = model.spatial.heat_map(local, image, region, progress=fractions.append)
+    np.testing.assert_allclose(mean[region], ((a + b) / 2)[region], rtol=1e-5)
+    assert np.isnan(mean[~region]).all()
+    assert fractions[-1] == 1.0 and fractions == sorted(fractions) and min(fractions) <= 0.5
+    loaded = AnomalyModel.load(model.save(tmp_path / "ensemble.pt"))
+    assert isinstance(loaded.spatial, FlowEnsemble) and len(loaded.spatial) == 2
+    np.testing.assert_allclose(loaded.spatial.heat_map(local, image, region)[region],
+                               mean[region], rtol=1e-5)
+    # a single flow keeps the old file layout (no member count)
+    from SpatialMSMALib.checkpoint import load_checkpoint
+
+    assert "spatial_members" not in load_checkpoint(detection_setup["path"])["config"]
+    assert load_checkpoint(tmp_path / "ensemble.pt")["config"]["spatial_members"] == 2
+    with pytest.raises(ValueError, match="one configuration"):
+        FlowEnsemble([first, SpatialFlow(SpatialFlowConfig(num_features=4, hidden=8))])
+    with pytest.raises(ValueError, match="at least two"):
+        FlowEnsemble([first])
+    # a file whose member count does not match its weights is refused, naming the file
+    from SpatialMSMALib.checkpoint import save_checkpoint
+
+    checkpoint = load_checkpoint(tmp_path / "ensemble.pt")
+    checkpoint["config"]["spatial_members"] = 3
+    save_checkpoint(tmp_path / "bad.pt", checkpoint["kind"], checkpoint["config"],
+                    checkpoint["states"], checkpoint["extra"])
+    with pytest.raises(InputError, match="bad.pt"):
+        AnomalyModel.load(tmp_path / "bad.pt")
+
+
 def test_detect_cli_finds_the_lesion_and_writes_every_output(detection_setup, capsys):
     from SpatialMSMALib.cli import main
     from SpatialMSMALib.io import load_volume

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "train_spatial.py"
 
@@ -65,3 +67,68 @@ def test_add_normative_refuses_an_existing_output_and_a_score_norm_flow(detectio
     assert result.returncode == 2 and "reads score norms" in result.stderr
     assert "train_spatial.py --normative-contrast true" in result.stderr
     assert not (tmp_path / "new.pt").exists() and not (tmp_path / "work").exists()
+
+
+def test_flow_members_must_be_at_least_one(tmp_path):
+    _assert_refused_before_any_work(tmp_path, "--flow-members 0", "--flow-members", "0")
+
+
+def test_train_spatial_end_to_end_with_two_flows_and_the_normative_model(tmp_path):
+    """The whole script on a tiny 4 mm cohort (3 train, 2 val scans; a tiny score network):
+    two flows from seeds 0 and 1 in their own folders, their ensemble in the model file, the
+    normative contrast model fused with it, and ``--recalibrate`` reproducing the calibration
+    from the trained flows without training again."""
+    sys.path.insert(0, str(ROOT / "training"))
+    import torch
+    import train_spatial
+
+    from SpatialMSMALib.checkpoint import load_checkpoint
+    from SpatialMSMALib.cohort import CohortSizes, make_benchmark
+    from SpatialMSMALib.model import AnomalyModel
+    from SpatialMSMALib.score import GeometricNoiseSchedule, ScoreUNet
+    from SpatialMSMALib.spatial import FlowEnsemble
+    from SpatialMSMALib.synthesis import SubjectConfig
+
+    sizes = CohortSizes(n_train=3, n_val=2, n_test_healthy=0, n_test_lesioned=0,
+                        n_loao_healthy=0, n_loao_lesioned=0)
+    manifest = make_benchmark(tmp_path / "cohort", sizes=sizes, seed=5, progress=False,
+                              subject_config=SubjectConfig(spacing_mm=4.0))
+    torch.manual_seed(0)
+    source = AnomalyModel(ScoreUNet(3, 2, (4, 8), 8).eval(),
+                          GeometricNoiseSchedule(0.05, 1.0, 4), spacing_mm=4.0,
+                          shape=(48, 56, 48)).save(tmp_path / "score_source.pt")
+    work, out = tmp_path / "work", tmp_path / "model.pt"
+    options = ["--manifest", str(manifest), "--score-checkpoint", str(source),
+               "--work", str(work), "--out", str(out), "--flow-members", "2",
+               "--normative-contrast", "true", "--aux-models", "knn",
+               "--steps", "30", "--warmup-steps", "5", "--validate-every", "10",
+               "--checkpoint-every", "10", "--scans-per-batch", "2",
+               "--locations-per-scan", "64", "--val-locations-per-scan", "256",
+               "--flow-flow-layers", "1", "--flow-hidden", "8", "--flow-global-features", "2",
+               "--flow-position-frequencies", "2"]
+    assert train_spatial.main(options) == 0
+    model = AnomalyModel.load(out)
+    assert isinstance(model.spatial, FlowEnsemble) and len(model.spatial) == 2
+    seeds = [load_checkpoint(work / folder / "best.pt")["config"]["seed"]
+             for folder in ("flow", "flow_1")]
+    assert seeds == [0, 1]
+    first, second = (m.state_dict() for m in model.spatial.members)
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # two different flows
+    provenance = model.provenance
+    assert provenance["flow_members"] == 2 and len(provenance["flow_members_best_val_nll"]) == 2
+    assert provenance["flow_best_val_nll"] == pytest.approx(
+        sum(provenance["flow_members_best_val_nll"]) / 2)
+    assert provenance["n_flow_train"] == 3 and provenance["n_flow_val"] == 2
+    assert model.normative is not None and model.heat_units == "-log10 FPR"
+    assert set(model.component_calibrations) == {"flow", "normative"}
+    # --recalibrate: the same flows (not retrained), the same calibration
+    stamps = {p: p.stat().st_mtime_ns for p in work.glob("flow*/best.pt")}
+    assert len(stamps) == 2
+    again = tmp_path / "again.pt"
+    options[options.index(str(out))] = str(again)
+    assert train_spatial.main(options + ["--recalibrate"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in work.glob("flow*/best.pt")} == stamps
+    recalibrated = AnomalyModel.load(again)
+    assert recalibrated.calibration.scores == pytest.approx(model.calibration.scores)
+    assert (recalibrated.component_calibrations["flow"].scores
+            == pytest.approx(model.component_calibrations["flow"].scores))

@@ -52,6 +52,7 @@ from SpatialMSMALib.normative import (  # noqa: E402
 from SpatialMSMALib.preprocessing import DemonsConfig  # noqa: E402
 from SpatialMSMALib.spatial import (  # noqa: E402
     Calibration,
+    FlowEnsemble,
     SpatialFlowConfig,
     intensity_reference_mask,
     parse_levels,
@@ -95,7 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--t1-only", action="store_true",
                         help="when training the score model first: T1 channel only")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--resume", action="store_true", help="continue WORK/flow/last.pt")
+    parser.add_argument("--flow-members", type=int, default=1,
+                        help="train this many flows (seeds SEED, SEED+1, ...; WORK/flow, "
+                             "WORK/flow_1, ...); the heat map is their mean NLL")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue WORK/flow/last.pt (and each member's)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--aux-models", nargs="+", default=list(MODEL_NAMES),
                         choices=MODEL_NAMES, help="MSMA auxiliary models")
@@ -142,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     device = training_device(args.device)
     work = args.work or args.out.with_name(args.out.name + ".work")
     try:
+        if args.flow_members < 1:
+            raise InputError(f"--flow-members {args.flow_members}: needs at least one flow")
         if not (args.flow_score_features or args.flow_intensity_features):
             raise InputError("--flow-score-features false needs --flow-intensity-features "
                              "true: the flow must model something")
@@ -161,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def flow_dir(work: Path, member: int) -> Path:
+    """Checkpoint folder of flow ``member`` (0: ``WORK/flow``, as for a single flow)."""
+    return work / ("flow" if member == 0 else f"flow_{member}")
 
 
 def demons_config(args) -> DemonsConfig | None:
@@ -344,22 +356,31 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
 
         train_sets = locations(train_scans, train_paths)
         val_sets = locations(val_scans, val_paths)
-        trainer = SpatialTrainer(config, train_sets, val_sets, work / "flow", device=device,
-                                 rank=rank, distributed=distributed)
-        if args.resume and (work / "flow" / "last.pt").exists():
-            trainer.resume(work / "flow" / "last.pt")
-        t0 = time.perf_counter()
-        if not args.recalibrate:
-            trainer.run(progress=rank == 0)
-        elif not (work / "flow" / "best.pt").exists():
-            raise InputError(f"--recalibrate needs a trained flow in '{work / 'flow'}'")
-        else:
-            trainer.resume(work / "flow" / "last.pt")  # for its best validation NLL
+        best_vals, t0 = [], time.perf_counter()
+        for member in range(args.flow_members):  # member k: seed + k, its own folder
+            member_dir = flow_dir(work, member)
+            member_config = dataclasses.replace(config, seed=config.seed + member)
+            trainer = SpatialTrainer(member_config, train_sets, val_sets, member_dir,
+                                     device=device, rank=rank, distributed=distributed)
+            if args.resume and (member_dir / "last.pt").exists():
+                trainer.resume(member_dir / "last.pt")
+            if not args.recalibrate:
+                if rank == 0 and args.flow_members > 1:
+                    print(f"flow {member + 1} of {args.flow_members} (seed "
+                          f"{member_config.seed})")
+                trainer.run(progress=rank == 0)
+            elif not (member_dir / "best.pt").exists():
+                raise InputError(f"--recalibrate needs a trained flow in '{member_dir}'")
+            else:
+                trainer.resume(member_dir / "last.pt")  # for its best validation NLL
+            best_vals.append(trainer.best_val)
         flow_seconds = time.perf_counter() - t0
         if rank != 0:
             return 0
 
-        model.spatial = load_best_flow(work / "flow" / "best.pt")
+        flows = [load_best_flow(flow_dir(work, k) / "best.pt")
+                 for k in range(args.flow_members)]
+        model.spatial = flows[0] if len(flows) == 1 else FlowEnsemble(flows)
         t0 = time.perf_counter()
         if args.normative_contrast:
             model.normative = NormativeContrast.fit(
@@ -384,12 +405,16 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
             "n_flow_val": len(val_scans),
             "healthy_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
             "flow_train_config": dataclasses.asdict(config),
-            "flow_best_val_nll": trainer.best_val,
+            "flow_best_val_nll": float(np.mean(best_vals)),
+            "flow_members": args.flow_members,
+            "flow_members_best_val_nll": best_vals,
             "seconds": {"features": round(feature_seconds, 1), "flow": round(flow_seconds, 1),
                         "calibration": round(calibration_seconds, 1)},
         })
         model.save(args.out, overwrite=args.overwrite)
-        print(f"flow: best validation NLL {trainer.best_val:.3f} nats; default threshold "
+        print(f"flow: best validation NLL {np.mean(best_vals):.3f} nats"
+              + (f" (mean of {len(best_vals)} flows)" if len(best_vals) > 1 else "")
+              + "; default threshold "
               f"{model.calibration.default_threshold:.3f} (voxel FPR {args.fpr:g}); "
               f"wrote {args.out}")
         return 0

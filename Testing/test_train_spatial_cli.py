@@ -73,6 +73,12 @@ def test_flow_members_must_be_at_least_one(tmp_path):
     _assert_refused_before_any_work(tmp_path, "--flow-members 0", "--flow-members", "0")
 
 
+def test_bad_normative_blob_sizes_are_refused_before_any_work(tmp_path):
+    for sizes in ("2,-4", "2,x", ""):
+        _assert_refused_before_any_work(tmp_path, f"--normative-blob-mm '{sizes}'",
+                                        "--normative-blob-mm", sizes)
+
+
 def test_train_spatial_end_to_end_with_two_flows_and_the_normative_model(tmp_path):
     """The whole script on a tiny 4 mm cohort (3 train, 2 val scans; a tiny score network):
     two flows from seeds 0 and 1 in their own folders, their ensemble in the model file, the
@@ -100,7 +106,8 @@ def test_train_spatial_end_to_end_with_two_flows_and_the_normative_model(tmp_pat
     work, out = tmp_path / "work", tmp_path / "model.pt"
     options = ["--manifest", str(manifest), "--score-checkpoint", str(source),
                "--work", str(work), "--out", str(out), "--flow-members", "2",
-               "--normative-contrast", "true", "--aux-models", "knn",
+               "--normative-contrast", "true", "--normative-blob-mm", "4,8,16",
+               "--aux-models", "knn",
                "--steps", "30", "--warmup-steps", "5", "--validate-every", "10",
                "--checkpoint-every", "10", "--scans-per-batch", "2",
                "--locations-per-scan", "64", "--val-locations-per-scan", "256",
@@ -120,6 +127,7 @@ def test_train_spatial_end_to_end_with_two_flows_and_the_normative_model(tmp_pat
         sum(provenance["flow_members_best_val_nll"]) / 2)
     assert provenance["n_flow_train"] == 3 and provenance["n_flow_val"] == 2
     assert model.normative is not None and model.heat_units == "-log10 FPR"
+    assert model.normative.config.sigmas_vox == (1.0, 2.0, 4.0)  # mm on the 4 mm grid
     assert set(model.component_calibrations) == {"flow", "normative"}
     # --recalibrate: the same flows (not retrained), the same calibration
     stamps = {p: p.stat().st_mtime_ns for p in work.glob("flow*/best.pt")}

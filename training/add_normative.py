@@ -27,12 +27,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_score import cohort_record, scan_lists  # noqa: E402
-from train_spatial import calibrate  # noqa: E402
+from train_spatial import add_normative_options, calibrate, normative_config  # noqa: E402
 
 from SpatialMSMALib.dataset import check_refused, model_space  # noqa: E402
 from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.model import AnomalyModel  # noqa: E402
-from SpatialMSMALib.normative import NormativeContrast, NormativeContrastConfig  # noqa: E402
+from SpatialMSMALib.normative import NormativeContrast  # noqa: E402
 from SpatialMSMALib.training_utils import training_device  # noqa: E402
 
 
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="minimum component size (mL), or 'auto' (train_spatial.py's rule)")
     parser.add_argument("--healthy-budget-ml", type=float, default=1.0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_normative_options(parser)
     return parser
 
 
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.out.exists() and not args.overwrite:
             raise InputError(f"'{args.out}' exists; pass --overwrite to replace it")
+        normative_config(args)  # a bad setting fails before any work
         model = AnomalyModel.load(args.model)
         if model.spatial is None or model.calibration is None:
             raise InputError(f"{args.model}: has no Spatial-MSMA flow to add to")
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         preprocess_seconds = time.perf_counter() - start
         t0 = time.perf_counter()
         model.normative = NormativeContrast.fit(
-            ((s.image, s.brain_mask) for s in scans["train"]), NormativeContrastConfig())
+            ((s.image, s.brain_mask) for s in scans["train"]),
+            normative_config(args, model.spacing_mm))
         old = model.calibration
         settings = argparse.Namespace(
             fpr=old.default_fpr, smoothing_mm=old.smoothing_mm, rim_mm=old.rim_mm,

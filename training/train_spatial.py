@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also fit the normative blob-contrast model on the training "
                              "scans and fuse its evidence with the flow's (the bundled T1 + T2 "
                              "model's choice; see README)")
+    add_normative_options(parser)
     parser.add_argument("--recalibrate", action="store_true",
                         help="skip flow training: recalibrate WORK/flow/best.pt with new "
                              "post-processing settings")
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.exists() and not args.overwrite:
             raise InputError(f"'{args.out}' exists; pass --overwrite to replace it")
         demons_config(args)  # a bad setting fails before any work
+        normative_config(args)
         score_checkpoint = args.score_checkpoint
         if score_checkpoint is None:
             score_checkpoint = train_score_first(args, work / "score")
@@ -168,6 +170,32 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+#: ``--normative-blob-mm`` default: the normative contrast model's blob sizes (inner Gaussian
+#: SDs, mm), ``NormativeContrastConfig.sigmas_vox`` at the 2 mm model grid
+DEFAULT_NORMATIVE_BLOB_MM = "2,4"
+
+
+def add_normative_options(parser) -> None:
+    """The normative contrast model's options (train_spatial.py and add_normative.py)."""
+    parser.add_argument("--normative-blob-mm", default=DEFAULT_NORMATIVE_BLOB_MM,
+                        help="blob sizes of the normative contrast model: inner Gaussian SDs "
+                             "in mm, comma-separated (default %(default)s)")
+
+
+def normative_config(args, spacing_mm: float | None = None) -> NormativeContrastConfig:
+    """``NormativeContrastConfig`` of ``--normative-blob-mm`` on a ``spacing_mm`` model grid
+    (None: only check the option); InputError naming the option when it is invalid."""
+    try:
+        sizes_mm = [float(part) for part in str(args.normative_blob_mm).split(",")]
+        if not all(np.isfinite(sizes_mm)) or min(sizes_mm) <= 0:
+            raise ValueError("sizes must be positive")
+        return NormativeContrastConfig(
+            sigmas_vox=tuple(mm / (spacing_mm or 1.0) for mm in sizes_mm))
+    except ValueError as e:
+        raise InputError(f"--normative-blob-mm '{args.normative_blob_mm}': expected "
+                         f"positive sizes in mm such as 2,4 ({e})") from None
 
 
 def flow_dir(work: Path, member: int) -> Path:
@@ -385,7 +413,7 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
         if args.normative_contrast:
             model.normative = NormativeContrast.fit(
                 ((scan.image, scan.brain_mask) for scan in train_scans),
-                NormativeContrastConfig())
+                normative_config(args, model.spacing_mm))
 
         def local_of(i):
             with np.load(val_paths[i]) as cached:

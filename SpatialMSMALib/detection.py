@@ -110,7 +110,11 @@ class Detection:
                                 "smoothing_mm": model.calibration.smoothing_mm,
                                 "rim_mm": model.calibration.rim_mm,
                                 "min_component_ml": model.calibration.min_component_ml,
-                                "max_peak_fpr": model.calibration.max_peak_fpr}}
+                                "max_peak_fpr": model.calibration.max_peak_fpr,
+                                "grow_rate_factor": model.calibration.grow_rate_factor,
+                                # where the reported components' extent ends (with growth)
+                                "extent_threshold": model.calibration.labelling_thresholds(
+                                    self.threshold)[0]}}
         return out
 
 
@@ -194,8 +198,9 @@ def relabel(detection: Detection, model: AnomalyModel, *, fpr: float | None = No
     threshold, fpr = resolve_threshold(model, fpr, threshold)
     min_ml = model.calibration.min_component_ml if min_component_ml is None else min_component_ml
     spacing = np.linalg.norm(detection.affine[:3, :3], axis=0)
-    labels, count = label_anomalies(detection.heat, detection.brain_mask, threshold, spacing,
-                                    min_ml, model.calibration.peak_threshold(threshold))
+    extent, peak = model.calibration.labelling_thresholds(threshold)
+    labels, count = label_anomalies(detection.heat, detection.brain_mask, extent, spacing,
+                                    min_ml, peak)
     components = components_of(labels, count, detection.heat, detection.affine,
                                model.calibration)
     from dataclasses import replace

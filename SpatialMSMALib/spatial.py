@@ -560,6 +560,11 @@ class Calibration:
             threshold of this (stricter) voxel false-positive rate: hysteresis thresholding,
             where the operating threshold sets a component's extent and this rate decides
             whether it is reported at all (see :meth:`peak_threshold`).
+        grow_rate_factor: ``None``, or each component is grown into the neighbouring voxels
+            above the threshold of this multiple of the operating rate (hysteresis the other
+            way: the operating threshold decides whether a component is reported, the laxer
+            one its extent, and so the size the ``min_component_ml`` rule sees; see
+            :meth:`labelling_thresholds`).
         n_scans / n_voxels: how much healthy data the quantiles come from.
     """
 
@@ -570,6 +575,7 @@ class Calibration:
     min_component_ml: float = 0.1
     rim_mm: float = 0.0
     max_peak_fpr: float | None = None
+    grow_rate_factor: float | None = None
     n_scans: int = 0
     n_voxels: int = 0
     notes: dict = field(default_factory=dict)
@@ -582,6 +588,8 @@ class Calibration:
                 self.fprs[0] <= float(self.max_peak_fpr) <= self.default_fpr):
             raise ValueError(f"peak false-positive rate {self.max_peak_fpr} must lie in "
                              f"[{self.fprs[0]:.0e}, the default rate {self.default_fpr}]")
+        if self.grow_rate_factor is not None and not float(self.grow_rate_factor) > 1:
+            raise ValueError(f"grow rate factor {self.grow_rate_factor} must exceed 1")
 
     @classmethod
     def from_healthy(cls, brain_values: list[np.ndarray], **settings) -> Calibration:
@@ -619,6 +627,19 @@ class Calibration:
         if self.max_peak_fpr is None:
             return None
         return max(float(threshold), self.threshold_for_fpr(self.max_peak_fpr))
+
+    def labelling_thresholds(self, threshold: float) -> tuple[float, float | None]:
+        """``(extent threshold, peak threshold)`` for ``label_anomalies`` at operating
+        ``threshold``: without ``grow_rate_factor``, ``threshold`` and
+        :meth:`peak_threshold`; with it, the threshold of ``grow_rate_factor`` times the
+        operating rate (capped at a rate of 1) sets the extent, and a component's peak must
+        still reach ``threshold`` (or the stricter :meth:`peak_threshold`)."""
+        peak = self.peak_threshold(threshold)
+        if self.grow_rate_factor is None:
+            return float(threshold), peak
+        rate = min(1.0, float(self.fpr_of_score(threshold)) * float(self.grow_rate_factor))
+        extent = min(float(threshold), self.threshold_for_fpr(max(rate, self.fprs[0])))
+        return extent, float(threshold) if peak is None else peak
 
     def to_dict(self) -> dict:
         return asdict(self)

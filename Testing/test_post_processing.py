@@ -50,6 +50,54 @@ def test_relabel_reports_only_components_with_a_strong_peak(detection_setup):
     assert kept.report(ruled)["model"]["post_processing"]["max_peak_fpr"] == 1e-3
 
 
+def test_growth_sets_a_reported_component_s_extent_from_the_laxer_rate(detection_setup):
+    from set_post_processing import with_post_processing
+
+    from SpatialMSMALib.detection import relabel
+
+    model = detection_setup["model"]
+    cal = model.calibration
+    heat = np.full((30, 30, 30), cal.scores[-1], np.float32)
+    # a lesion-like blob: a 3x3x3 core at the 0.5% threshold (27 * 8 uL = 0.216 mL, under
+    # the 0.5 mL rule set below) in a 7x7x7 shoulder at the 2% threshold (2.744 mL); and a
+    # shoulder alone, with no voxel reaching the 1% operating threshold
+    heat[3:10, 3:10, 3:10] = cal.threshold_for_fpr(0.02)
+    heat[5:8, 5:8, 5:8] = cal.threshold_for_fpr(0.005)
+    heat[18:25, 18:25, 18:25] = cal.threshold_for_fpr(0.02)
+    from SpatialMSMALib.detection import Detection
+
+    detection = Detection(heat, np.ones(heat.shape, bool), np.zeros(heat.shape, np.int16),
+                          np.diag([2.0, 2.0, 2.0, 1.0]), 0.0, 0.0, float(cal.scores[-1]), [],
+                          None, None, None)
+    sized = with_post_processing(model, min_component_ml=0.5)
+    assert relabel(detection, sized, fpr=0.01).components == []  # the core alone is too small
+    grown = with_post_processing(sized, grow_rate_factor=3.0)  # extent at the 3% threshold
+    result = relabel(detection, grown, fpr=0.01)
+    assert len(result.components) == 1
+    assert result.components[0].volume_ml == pytest.approx(343 * 8 / 1000)  # the shoulder
+    assert result.labels[4, 4, 4] == 1 and result.labels[20, 20, 20] == 0
+    rules = result.report(grown)["model"]["post_processing"]
+    assert rules["grow_rate_factor"] == 3.0
+    assert rules["extent_threshold"] == pytest.approx(model.calibration.threshold_for_fpr(0.03))
+    # a factor too small to reach the shoulder (1.5% < 2%) changes nothing
+    assert relabel(detection, with_post_processing(sized, grow_rate_factor=1.5),
+                   fpr=0.01).components == []
+    # the thresholds themselves: extent at 3x the rate, peak at the operating threshold
+    threshold = cal.threshold_for_fpr(0.01)
+    extent, peak = grown.calibration.labelling_thresholds(threshold)
+    assert extent == pytest.approx(cal.threshold_for_fpr(0.03)) and peak == threshold
+    assert sized.calibration.labelling_thresholds(threshold) == (threshold, None)
+    assert grown.calibration.labelling_thresholds(cal.threshold_for_fpr(0.5))[0] == (
+        pytest.approx(cal.threshold_for_fpr(1.0)))  # capped at a rate of 1
+    ruled = with_post_processing(grown, max_peak_fpr=1e-3)  # the stricter peak rule wins
+    assert ruled.calibration.labelling_thresholds(threshold)[1] == pytest.approx(
+        cal.threshold_for_fpr(1e-3))
+    from SpatialMSMALib.errors import InputError
+
+    with pytest.raises(InputError, match="must exceed 1"):
+        with_post_processing(model, grow_rate_factor=0.5)
+
+
 def test_set_post_processing_writes_a_new_file_and_keeps_the_input(detection_setup, tmp_path,
                                                                     capsys):
     from set_post_processing import main

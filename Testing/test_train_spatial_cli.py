@@ -73,6 +73,12 @@ def test_flow_members_must_be_at_least_one(tmp_path):
     _assert_refused_before_any_work(tmp_path, "--flow-members 0", "--flow-members", "0")
 
 
+def test_a_grow_factor_of_at_most_one_is_refused(tmp_path):
+    result = _run("--data-dir", tmp_path, "--out", tmp_path / "m.pt", "--grow-rate-factor", "1")
+    assert result.returncode == 2 and "--grow-rate-factor" in result.stderr
+    assert "must exceed 1" in result.stderr and not (tmp_path / "m.pt").exists()
+
+
 def test_bad_normative_blob_sizes_are_refused_before_any_work(tmp_path):
     for sizes in ("2,-4", "2,x", ""):
         _assert_refused_before_any_work(tmp_path, f"--normative-blob-mm '{sizes}'",
@@ -107,7 +113,7 @@ def test_train_spatial_end_to_end_with_two_flows_and_the_normative_model(tmp_pat
     options = ["--manifest", str(manifest), "--score-checkpoint", str(source),
                "--work", str(work), "--out", str(out), "--flow-members", "2",
                "--normative-contrast", "true", "--normative-blob-mm", "4,8,16",
-               "--aux-models", "knn",
+               "--aux-models", "knn", "--grow-rate-factor", "3",
                "--steps", "30", "--warmup-steps", "5", "--validate-every", "10",
                "--checkpoint-every", "10", "--scans-per-batch", "2",
                "--locations-per-scan", "64", "--val-locations-per-scan", "256",
@@ -128,6 +134,7 @@ def test_train_spatial_end_to_end_with_two_flows_and_the_normative_model(tmp_pat
     assert provenance["n_flow_train"] == 3 and provenance["n_flow_val"] == 2
     assert model.normative is not None and model.heat_units == "-log10 FPR"
     assert model.normative.config.sigmas_vox == (1.0, 2.0, 4.0)  # mm on the 4 mm grid
+    assert model.calibration.grow_rate_factor == 3.0
     assert set(model.component_calibrations) == {"flow", "normative"}
     # --recalibrate: the same flows (not retrained), the same calibration
     stamps = {p: p.stat().st_mtime_ns for p in work.glob("flow*/best.pt")}

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         old = model.calibration
         settings = argparse.Namespace(
             fpr=old.default_fpr, smoothing_mm=old.smoothing_mm, rim_mm=old.rim_mm,
-            max_peak_fpr=old.max_peak_fpr, min_component_ml=args.min_component_ml,
+            max_peak_fpr=old.max_peak_fpr, grow_rate_factor=old.grow_rate_factor,
+            min_component_ml=args.min_component_ml,
             healthy_budget_ml=args.healthy_budget_ml)
         no_norms = np.zeros((0, *model.shape), np.float32)  # the flow reads intensities only
         model.calibration = calibrate(model, scans["val"], lambda i: no_norms, device, settings)

@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="report a component only if its peak reaches the threshold of "
                              "this stricter voxel FPR, e.g. 0.001 (hysteresis; default and "
                              "'none': off)")
+    parser.add_argument("--grow-rate-factor", type=grow_factor, default=DEFAULT_GROW_RATE_FACTOR,
+                        help="grow each reported component into the voxels above the "
+                             "threshold of this multiple of the operating rate (hysteresis; "
+                             "'none': off)")
     parser.add_argument("--healthy-budget-ml", type=float, default=1.0,
                         help="'auto' picks the smallest minimum size whose median flagged "
                              "volume on the healthy validation scans is within this")
@@ -247,6 +251,23 @@ def peak_rate(text: str) -> float | None:
     return value
 
 
+#: ``--grow-rate-factor`` default
+DEFAULT_GROW_RATE_FACTOR = None
+
+
+def grow_factor(text: str) -> float | None:
+    """``--grow-rate-factor`` value: a multiple > 1 of the operating rate, or 'none'."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number or 'none'") from None
+    if not value > 1:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"{value} must exceed 1")
+    return value
+
+
 #: minimum component sizes tried by ``--min-component-ml auto`` (mL)
 AUTO_MIN_COMPONENT_ML = (0.05, 0.1, 0.15, 0.2, 0.3)  # below the 0.5 mL lesions of interest
 
@@ -267,6 +288,7 @@ def calibrate(model, val_scans, local_of, device, args) -> Calibration:
         raise SystemExit(f"error: --max-peak-fpr {args.max_peak_fpr} must not exceed --fpr "
                          f"{args.fpr} (it is the stricter rate)")
     settings["max_peak_fpr"] = args.max_peak_fpr
+    settings["grow_rate_factor"] = getattr(args, "grow_rate_factor", None)
     regions = [scored_region(scan.brain_mask, args.rim_mm, model.spacing_mm)
                for scan in val_scans]
     notes = {"calibration_scans": [s.id for s in val_scans],
@@ -290,10 +312,10 @@ def calibrate(model, val_scans, local_of, device, args) -> Calibration:
         notes=notes, **settings)
     spacing = (model.spacing_mm,) * 3
     threshold = calibration.default_threshold
-    min_peak = calibration.peak_threshold(threshold)
+    extent, min_peak = calibration.labelling_thresholds(threshold)
     flagged = {}
     for size in AUTO_MIN_COMPONENT_ML:
-        volumes = [float((label_anomalies(h, r, threshold, spacing, size, min_peak)[0] > 0).sum())
+        volumes = [float((label_anomalies(h, r, extent, spacing, size, min_peak)[0] > 0).sum())
                    * model.spacing_mm**3 / 1000 for h, r in zip(heats, regions, strict=True)]
         flagged[size] = float(np.median(volumes))
     calibration.notes["healthy_median_flagged_ml_by_min_component_ml"] = flagged

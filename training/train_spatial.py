@@ -238,17 +238,23 @@ def train_score_first(args, out: Path) -> Path:
 DEFAULT_MAX_PEAK_FPR = None
 
 
-def peak_rate(text: str) -> float | None:
-    """``--max-peak-fpr`` value: a rate in (0, 1), or 'none'."""
+def optional_number(text: str, valid, requirement: str) -> float | None:
+    """An option's number, or None for 'none'; ``argparse.ArgumentTypeError`` saying
+    ``requirement`` when ``valid(value)`` is false (NaN never is)."""
     if text.strip().lower() == "none":
         return None
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a rate or 'none'") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a rate in (0, 1)")
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number or 'none'") from None
+    if not valid(value):
+        raise argparse.ArgumentTypeError(f"{value} {requirement}")
     return value
+
+
+def peak_rate(text: str) -> float | None:
+    """``--max-peak-fpr`` value: a rate in (0, 1), or 'none'."""
+    return optional_number(text, lambda v: 0 < v < 1, "is not a rate in (0, 1)")
 
 
 #: ``--grow-rate-factor`` default
@@ -257,15 +263,7 @@ DEFAULT_GROW_RATE_FACTOR = None
 
 def grow_factor(text: str) -> float | None:
     """``--grow-rate-factor`` value: a multiple > 1 of the operating rate, or 'none'."""
-    if text.strip().lower() == "none":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number or 'none'") from None
-    if not value > 1:  # also refuses NaN
-        raise argparse.ArgumentTypeError(f"{value} must exceed 1")
-    return value
+    return optional_number(text, lambda v: v > 1, "must exceed 1")
 
 
 #: minimum component sizes tried by ``--min-component-ml auto`` (mL)

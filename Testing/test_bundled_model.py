@@ -20,6 +20,7 @@ def test_registry_describes_the_installed_files():
         assert model.spatial is not None and model.typicality is not None
         assert model.calibration.default_threshold == pytest.approx(
             entry["calibration"]["default_threshold"])
+        assert entry["calibration"].get("grow_rate_factor") == model.calibration.grow_rate_factor
         assert "NOT for clinical use" in entry["intended_use"]
         # the registry states the preprocessing version detection will repeat (entries
         # bundled before versions existed are version 1)

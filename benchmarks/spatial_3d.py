@@ -177,7 +177,9 @@ def main() -> None:
                "calibration": {"default_fpr": model.calibration.default_fpr,
                                "threshold": model.calibration.default_threshold,
                                "smoothing_mm": model.calibration.smoothing_mm,
-                               "min_component_ml": model.calibration.min_component_ml},
+                               "min_component_ml": model.calibration.min_component_ml,
+                               "max_peak_fpr": model.calibration.max_peak_fpr,
+                               "grow_rate_factor": model.calibration.grow_rate_factor},
                "machine": {"cpu_threads": torch.get_num_threads(), "device": str(device),
                            "platform": platform.platform()},
                "splits": {}}

@@ -487,8 +487,9 @@ class SpatialFlow(nn.Module):
 class FlowEnsemble(nn.Module):
     """Several ``SpatialFlow``s of one configuration, trained on the same healthy locations
     from different seeds; the heat map is their mean NLL (nats), the NLL of the members'
-    geometric-mean density. Averaging removes the seed-to-seed variation of a single flow's
-    heat map (how well one flow separates lesions varies with its seed).
+    geometric-mean density. Averaging reduces the seed-to-seed variation of a single flow's
+    heat map (validation NLL varies with the seed); on the dev cohort three seeds did not
+    change sensitivity (README), so the bundled model has one flow.
 
     Quacks like a ``SpatialFlow`` where inference uses one: ``config``, ``heat_map``, ``to``.
     """

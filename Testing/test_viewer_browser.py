@@ -128,14 +128,16 @@ def test_demo_detect_slider_centre_export(browser, viewer):
     np.testing.assert_array_equal(np.asarray(exported.dataobj), np.asarray(cli_labels.dataobj))
     np.testing.assert_allclose(exported.affine, cli_labels.affine, atol=1e-5)
 
-    # move the threshold slider: voxel FPR 1 % -> ~3.2 % (lower threshold, more overlay)
+    # move the threshold slider ten 0.05 steps: voxel FPR x 10^0.5 (the bundled model's
+    # 0.5 % -> ~1.6 %; lower threshold, more overlay)
     version = vp.state("result_version")
+    start_log10 = vp.state("fpr_log10")
     thumb = page.locator(".v-slider:has(#fpr-slider) .v-slider-thumb")
     thumb.focus()
     for _ in range(10):
         page.keyboard.press("ArrowRight")
     vp.wait_state(f"s.get('result_version') > {version} && "
-                      "Math.abs(s.get('fpr_log10') + 1.5) < 1e-6", timeout_s=30)
+                  f"Math.abs(s.get('fpr_log10') - ({start_log10} + 0.5)) < 1e-6", timeout_s=30)
     moved = _settled(vp, "04_threshold_moved", previous=first)
     assert launch.views_differ(moved, first)
     assert launch.overlay_pixels(moved) > red_first, (launch.overlay_pixels(moved), red_first)
@@ -150,7 +152,17 @@ def test_demo_detect_slider_centre_export(browser, viewer):
     threshold = float(page.inner_text("#threshold-text").split("(")[1].split()[0])
     assert (labels_moved > 0).sum() > (labels_default > 0).sum()
     assert np.all(labels_moved[labels_default > 0] > 0), "a lower threshold lost voxels"
-    assert heat[labels_moved > 0].min() >= threshold - 1e-3
+    # labelled voxels reach down to the extent threshold (the operating one, or with the
+    # model's growth rule the laxer one), never below it; components peak at the threshold
+    from SpatialMSMALib.model import AnomalyModel
+
+    calibration = AnomalyModel.load().calibration  # the bundled model the viewer runs
+    rate = 10.0 ** (start_log10 + 0.5)
+    assert calibration.threshold_for_fpr(rate) == pytest.approx(threshold, abs=1e-3)
+    extent, _ = calibration.labelling_thresholds(calibration.threshold_for_fpr(rate))
+    assert heat[labels_moved > 0].min() >= extent - 1e-3
+    assert all(heat[labels_moved == k].max() >= threshold - 1e-3
+               for k in np.unique(labels_moved[labels_moved > 0]))
 
     # segmentation export: one segment per listed component
     import nrrd

@@ -27,13 +27,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spatial_3d import SPLITS, operating_point_row  # noqa: E402
+from spatial_3d import SPLITS, case_detection, operating_point_row  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+from train_spatial import grow_factor  # noqa: E402  (the same parsing as training)
 
 from SpatialMSMALib.dataset import manifest_scans, model_space  # noqa: E402
-from SpatialMSMALib.detection import model_heat_map, native_detection, relabel  # noqa: E402
+from SpatialMSMALib.detection import relabel  # noqa: E402
 from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.inference import cached_features  # noqa: E402
-from SpatialMSMALib.io import load_volume  # noqa: E402
 from SpatialMSMALib.metrics import evaluate_operating_point  # noqa: E402
 from SpatialMSMALib.model import AnomalyModel  # noqa: E402
 
@@ -59,10 +61,7 @@ def sweep_split(model: AnomalyModel, rows, cache: Path, rates, factors) -> dict:
         else:
             with np.load(path) as cached:
                 local = cached["local"].astype(np.float32)
-        heat = model_heat_map(model, scan.image, scan.brain_mask, local)
-        brain = load_volume(row.brain_mask, what="brain mask").data > 0
-        detection = native_detection(model, heat, scan.mapping, brain)
-        truth = load_volume(row.lesion_mask, what="lesion mask", allow_empty=True)
+        detection, _, truth, _ = case_detection(model, row, scan, local)
         for rate, factor in itertools.product(rates, factors):
             moved = relabel(detection, variants[factor], fpr=rate)
             cases.setdefault(f"{rate}|{factor}", []).append(evaluate_operating_point(
@@ -72,15 +71,6 @@ def sweep_split(model: AnomalyModel, rows, cache: Path, rates, factors) -> dict:
             for key, rows_ in cases.items()}
 
 
-def factor_value(text: str) -> float | None:
-    if text.lower() == "none":
-        return None
-    value = float(text)
-    if not value > 1:
-        raise argparse.ArgumentTypeError(f"grow factor {value} must exceed 1")
-    return value
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
@@ -88,8 +78,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--splits", nargs="+", default=["test"], choices=list(SPLITS))
     parser.add_argument("--rates", type=float, nargs="+", default=list(RATES))
-    parser.add_argument("--factors", type=factor_value, nargs="+",
-                        default=[factor_value(f) for f in FACTORS])
+    parser.add_argument("--factors", type=grow_factor, nargs="+",
+                        default=[grow_factor(f) for f in FACTORS])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if not all(0 < r < 1 for r in args.rates):

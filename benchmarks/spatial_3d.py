@@ -59,14 +59,9 @@ def evaluate_split(model, rows, cache: Path, device, fpr=None, sweep_fprs=()) ->
     for row, scan, path in zip(rows, scans, paths, strict=True):
         with np.load(path) as cached:
             local = cached["local"].astype(np.float32)
-        t0 = time.perf_counter()
-        heat_model = model_heat_map(model, scan.image, scan.brain_mask, local, device)
-        seconds["flow"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        brain = load_volume(row.brain_mask, what="brain mask").data > 0
-        detection = native_detection(model, heat_model, scan.mapping, brain, fpr=fpr)
-        seconds["post_process"].append(time.perf_counter() - t0)
-        truth = load_volume(row.lesion_mask, what="lesion mask", allow_empty=True)
+        detection, brain, truth, timing = case_detection(model, row, scan, local, device, fpr)
+        for stage, value in timing.items():
+            seconds[stage].append(value)
         case = evaluate_case(detection.labels > 0, truth.data > 0, truth.spacing,
                              detection.heat, brain)
         case["id"] = row.id
@@ -84,6 +79,22 @@ def evaluate_split(model, rows, cache: Path, device, fpr=None, sweep_fprs=()) ->
     return {"cases": cases, "seconds": {k: float(np.median(v)) for k, v in seconds.items()},
             "feature_seconds_total": feature_seconds,
             "operating_points": [operating_point_row(rate, sweep[rate]) for rate in sweep_fprs]}
+
+
+def case_detection(model, row, scan, local, device="cpu", fpr=None):
+    """One benchmark scan through the detection path: the heat map on the model grid from
+    the model-space ``scan`` and its local score norms ``local`` ``(L, X, Y, Z)``, then the
+    native-grid detection at ``fpr`` (default: the model's). Returns ``(detection, native
+    brain mask, truth volume, {"flow": s, "post_process": s})``."""
+    t0 = time.perf_counter()
+    heat_model = model_heat_map(model, scan.image, scan.brain_mask, local, device)
+    timing = {"flow": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    brain = load_volume(row.brain_mask, what="brain mask").data > 0
+    detection = native_detection(model, heat_model, scan.mapping, brain, fpr=fpr)
+    timing["post_process"] = time.perf_counter() - t0
+    truth = load_volume(row.lesion_mask, what="lesion mask", allow_empty=True)
+    return detection, brain, truth, timing
 
 
 def operating_point_row(rate: float, cases: list[dict]) -> dict:

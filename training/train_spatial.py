@@ -286,7 +286,7 @@ def calibrate(model, val_scans, local_of, device, args) -> Calibration:
         raise SystemExit(f"error: --max-peak-fpr {args.max_peak_fpr} must not exceed --fpr "
                          f"{args.fpr} (it is the stricter rate)")
     settings["max_peak_fpr"] = args.max_peak_fpr
-    settings["grow_rate_factor"] = getattr(args, "grow_rate_factor", None)
+    settings["grow_rate_factor"] = args.grow_rate_factor
     regions = [scored_region(scan.brain_mask, args.rim_mm, model.spacing_mm)
                for scan in val_scans]
     notes = {"calibration_scans": [s.id for s in val_scans],

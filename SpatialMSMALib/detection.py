@@ -164,16 +164,14 @@ def model_heat_map(model: AnomalyModel, image: np.ndarray, brain_mask: np.ndarra
                    progress=None) -> np.ndarray:
     """The heat map ``(X, Y, Z)`` on the model grid, NaN outside the scored region: the
     smoothed flow NLL (nats), or for a model with a normative contrast model the fused
-    evidence of both maps (``normative.fused_heat``, sum of ``-log10`` healthy voxel FPRs),
-    cluster-enhanced when the calibration says so (``Calibration.enhanced``).
+    evidence of both maps (``normative.fused_heat``, sum of ``-log10`` healthy voxel FPRs).
     Arguments as for :func:`component_heat_maps`."""
     flow_heat, normative_heat = component_heat_maps(model, image, brain_mask, local, device,
                                                     progress)
     if normative_heat is None:
         return flow_heat
-    fused = fused_heat(flow_heat, normative_heat, model.component_calibrations["flow"],
-                       model.component_calibrations["normative"])
-    return model.calibration.enhanced(fused, model.spacing_mm)
+    return fused_heat(flow_heat, normative_heat, model.component_calibrations["flow"],
+                      model.component_calibrations["normative"])
 
 
 def components_of(labels: np.ndarray, count: int, heat: np.ndarray, affine: np.ndarray,

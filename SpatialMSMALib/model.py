@@ -89,13 +89,8 @@ class AnomalyModel:
     def heat_units(self) -> str:
         """What a heat-map value is: the flow's NLL (``nats``), or for a model with the
         normative contrast model the summed healthy evidence of both maps
-        (``-log10 FPR``, see ``normative.fused_heat``), cluster-enhanced when the
-        calibration says so (``TFCE of -log10 FPR``, see ``spatial.cluster_enhanced``)."""
-        if self.normative is None:
-            return "nats"
-        if self.calibration is not None and self.calibration.cluster_enhancement:
-            return "TFCE of -log10 FPR"
-        return "-log10 FPR"
+        (``-log10 FPR``, see ``normative.fused_heat``)."""
+        return "nats" if self.normative is None else "-log10 FPR"
 
     @property
     def sigmas(self) -> torch.Tensor:

@@ -566,10 +566,6 @@ class Calibration:
             way: the operating threshold decides whether a component is reported, the laxer
             one its extent, and so the size the ``min_component_ml`` rule sees; see
             :meth:`labelling_thresholds`).
-        cluster_enhancement: ``None``, or the :class:`ClusterEnhancement` settings (as a
-            dict) of a TFCE step applied to the (smoothed, fused) heat map before it is
-            calibrated and thresholded (:meth:`enhanced`); the quantiles are then of the
-            enhanced map.
         n_scans / n_voxels: how much healthy data the quantiles come from.
     """
 
@@ -581,7 +577,6 @@ class Calibration:
     rim_mm: float = 0.0
     max_peak_fpr: float | None = None
     grow_rate_factor: float | None = None
-    cluster_enhancement: dict | None = None
     n_scans: int = 0
     n_voxels: int = 0
     notes: dict = field(default_factory=dict)
@@ -596,18 +591,6 @@ class Calibration:
                              f"[{self.fprs[0]:.0e}, the default rate {self.default_fpr}]")
         if self.grow_rate_factor is not None and not float(self.grow_rate_factor) > 1:
             raise ValueError(f"grow rate factor {self.grow_rate_factor} must exceed 1")
-        if self.cluster_enhancement is not None:
-            try:
-                settings = ClusterEnhancement(**self.cluster_enhancement)
-            except TypeError as e:
-                raise ValueError(f"cluster enhancement settings: {e}") from None
-            self.cluster_enhancement = asdict(settings)
-
-    def enhanced(self, heat: np.ndarray, spacing_mm) -> np.ndarray:
-        """``heat`` after this calibration's cluster enhancement (itself without one)."""
-        if self.cluster_enhancement is None:
-            return heat
-        return cluster_enhanced(heat, spacing_mm, ClusterEnhancement(**self.cluster_enhancement))
 
     @classmethod
     def from_healthy(cls, brain_values: list[np.ndarray], **settings) -> Calibration:
@@ -692,68 +675,6 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
         hits = np.flatnonzero(np.any(mask, axis=other))
         out.append(slice(int(hits[0]), int(hits[-1]) + 1))
     return tuple(out)
-
-
-@dataclass(frozen=True)
-class ClusterEnhancement:
-    """Settings of :func:`cluster_enhanced` (threshold-free cluster enhancement).
-
-    Attributes:
-        step: height step ``dh`` of the integral, in heat-map units.
-        extent_power: ``E``, the power of the cluster extent (mL).
-        height_power: ``H``, the power of the height.
-    """
-
-    step: float = 0.1
-    extent_power: float = 0.5
-    height_power: float = 2.0
-
-    def __post_init__(self):
-        for name in ("step", "extent_power", "height_power"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
-                raise ValueError(f"cluster enhancement {name} must be a positive number, "
-                                 f"got {value!r}")
-
-
-def cluster_enhanced(heat: np.ndarray, spacing_mm, settings: ClusterEnhancement
-                     ) -> np.ndarray:
-    """Threshold-free cluster enhancement (TFCE; Smith and Nichols, NeuroImage 2009) of a
-    non-negative evidence map: each voxel gets ``sum_h e(h)^E * h^H * dh`` over the heights
-    ``h = dh, 2 dh, ...`` it reaches, ``e(h)`` being the volume (mL) of its 26-connected
-    component of ``heat >= h``. A faint but extended anomaly so accumulates as much as a
-    small bright one; the result is monotone in ``heat`` inside each component.
-
-    Args:
-        heat: ``(X, Y, Z)`` evidence (e.g. ``normative.fused_heat``'s ``-log10`` FPRs); NaN
-            voxels (outside the scored region) are never part of a component.
-        spacing_mm: voxel size (mm), scalar or three values.
-        settings: :class:`ClusterEnhancement`.
-
-    Returns:
-        ``(X, Y, Z)`` float32, 0 where ``heat < dh``, NaN where ``heat`` is NaN.
-    """
-    from scipy import ndimage
-
-    heat = np.asarray(heat, np.float32)
-    finite = np.isfinite(heat)
-    values = np.where(finite, heat, -np.inf)
-    voxel_ml = float(np.prod(np.broadcast_to(np.asarray(spacing_mm, float), (3,)))) / 1000
-    out = np.zeros(heat.shape, np.float64)
-    structure = np.ones((3, 3, 3), bool)
-    top = float(values.max()) if finite.any() else 0.0
-    for k in range(1, int(np.floor(top / settings.step + 1e-6)) + 1):
-        height = k * settings.step
-        above = values >= height
-        if not above.any():
-            break
-        box = bounding_box(above)
-        labels, _ = ndimage.label(above[box], structure)
-        extent = np.bincount(labels.ravel()).astype(np.float64) * voxel_ml
-        gain = extent**settings.extent_power * height**settings.height_power * settings.step
-        gain[0] = 0.0
-        out[box] += gain[labels]
-    return np.where(finite, out, np.nan).astype(np.float32)
 
 
 def label_anomalies(

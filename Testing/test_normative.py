@@ -12,7 +12,7 @@ from SpatialMSMALib.normative import (
     evidence,
     fused_heat,
 )
-from SpatialMSMALib.spatial import Calibration, ClusterEnhancement, cluster_enhanced
+from SpatialMSMALib.spatial import Calibration
 
 SHAPE = (26, 26, 26)
 
@@ -109,41 +109,6 @@ def test_fused_heat_adds_the_two_maps_healthy_evidence(rng):
     assert evidence(np.array([1e9]), flow)[0] == pytest.approx(6.0)  # capped at 1e-6
 
 
-def _tfce_by_definition(heat, voxel_ml, step, extent_power, height_power):
-    """Threshold-free cluster enhancement written out voxel by voxel, component by component."""
-    from scipy import ndimage
-
-    out = np.zeros(heat.shape)
-    for k in range(1, int(np.nanmax(heat) / step) + 1):
-        labels, count = ndimage.label(np.nan_to_num(heat, nan=-1) >= k * step,
-                                      np.ones((3, 3, 3)))
-        for i in range(1, count + 1):
-            member = labels == i
-            out[member] += ((member.sum() * voxel_ml) ** extent_power
-                            * (k * step) ** height_power * step)
-    return np.where(np.isnan(heat), np.nan, out)
-
-
-def test_cluster_enhancement_matches_its_definition_and_favours_extent(rng):
-    heat = (rng.random((9, 8, 7)) * 3).astype(np.float32)
-    heat[0, 0, :] = np.nan
-    settings = ClusterEnhancement(step=0.25, extent_power=0.5, height_power=2.0)
-    enhanced = cluster_enhanced(heat, (1.0, 2.0, 3.0), settings)
-    np.testing.assert_allclose(enhanced, _tfce_by_definition(heat, 0.006, 0.25, 0.5, 2.0),
-                               rtol=1e-5, equal_nan=True)
-    # a faint 1 mL cube (evidence 2) outranks one bright voxel (evidence 3) on a 2 mm grid
-    blobs = np.zeros((20, 20, 20), np.float32)
-    blobs[2:7, 2:7, 2:7] = 2.0
-    blobs[15, 15, 15] = 3.0
-    enhanced = cluster_enhanced(blobs, 2.0, ClusterEnhancement())
-    assert enhanced[4, 4, 4] > 2 * enhanced[15, 15, 15] > 0
-    assert enhanced[10, 10, 10] == 0
-    for bad in ({"step": 0}, {"extent_power": -1}, {"height_power": float("nan")},
-                {"power": 1}):
-        with pytest.raises(ValueError, match="cluster enhancement"):
-            Calibration([1e-6, 1.0], [1.0, 0.0], cluster_enhancement=bad)
-
-
 def test_a_model_with_the_normative_map_saves_loads_and_detects_the_lesion(
         detection_setup, tmp_path):
     from SpatialMSMALib.detection import component_heat_maps, detect, model_heat_map
@@ -178,20 +143,6 @@ def test_a_model_with_the_normative_map_saves_loads_and_detects_the_lesion(
     loaded = AnomalyModel.load(path)
     np.testing.assert_allclose(model_heat_map(loaded, noisy[9], brain, no_norms),
                                fused[1], rtol=1e-5, equal_nan=True)
-    # with cluster enhancement the model's heat map is the enhanced fused map, and the
-    # setting survives saving
-    import dataclasses
-
-    settings = {"step": 0.2, "extent_power": 0.5, "height_power": 2.0}
-    enhanced_model = dataclasses.replace(model, calibration=dataclasses.replace(
-        model.calibration, cluster_enhancement=settings))
-    enhanced_model = AnomalyModel.load(enhanced_model.save(tmp_path / "enhanced.pt"))
-    assert enhanced_model.calibration.cluster_enhancement == settings
-    assert enhanced_model.heat_units == "TFCE of -log10 FPR"
-    np.testing.assert_allclose(
-        model_heat_map(enhanced_model, noisy[9], brain, no_norms),
-        cluster_enhanced(fused[1], model.spacing_mm, ClusterEnhancement(**settings)),
-        rtol=1e-5, equal_nan=True)
     paths = detection_setup["paths"]
     detection = detect(loaded, load_volume(paths["t1"]), load_volume(paths["t2"]))
     assert detection.report(loaded)["heat_units"] == "-log10 FPR"

@@ -85,11 +85,6 @@ def test_bad_normative_blob_sizes_are_refused_before_any_work(tmp_path):
                                         "--normative-blob-mm", sizes)
 
 
-def test_cluster_enhancement_without_the_normative_model_is_refused_before_any_work(tmp_path):
-    _assert_refused_before_any_work(tmp_path, "--cluster-enhancement tfce needs "
-                                    "--normative-contrast true", "--cluster-enhancement", "tfce")
-
-
 def test_train_spatial_end_to_end_with_two_flows_and_the_normative_model(tmp_path):
     """The whole script on a tiny 4 mm cohort (3 train, 2 val scans; a tiny score network):
     two flows from seeds 0 and 1 in their own folders, their ensemble in the model file, the
@@ -152,15 +147,3 @@ def test_train_spatial_end_to_end_with_two_flows_and_the_normative_model(tmp_pat
     assert recalibrated.calibration.scores == pytest.approx(model.calibration.scores)
     assert (recalibrated.component_calibrations["flow"].scores
             == pytest.approx(model.component_calibrations["flow"].scores))
-    # --recalibrate with cluster enhancement: the same per-map calibrations; the fused map's
-    # calibration is that of the enhanced map, which the detector then computes
-    enhanced_path = tmp_path / "enhanced.pt"
-    options[options.index(str(again))] = str(enhanced_path)
-    assert train_spatial.main(options + ["--recalibrate", "--cluster-enhancement", "tfce"]) == 0
-    enhanced = AnomalyModel.load(enhanced_path)
-    assert enhanced.calibration.cluster_enhancement == {
-        "step": 0.1, "extent_power": 0.5, "height_power": 2.0}
-    assert (enhanced.component_calibrations["normative"].scores
-            == pytest.approx(model.component_calibrations["normative"].scores))
-    assert enhanced.calibration.scores != pytest.approx(model.calibration.scores)
-    assert model.calibration.cluster_enhancement is None

@@ -88,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         settings = argparse.Namespace(
             fpr=old.default_fpr, smoothing_mm=old.smoothing_mm, rim_mm=old.rim_mm,
             max_peak_fpr=old.max_peak_fpr, grow_rate_factor=old.grow_rate_factor,
-            cluster_enhancement=args.cluster_enhancement,
             min_component_ml=args.min_component_ml,
             healthy_budget_ml=args.healthy_budget_ml)
         no_norms = np.zeros((0, *model.shape), np.float32)  # the flow reads intensities only

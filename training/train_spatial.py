@@ -52,7 +52,6 @@ from SpatialMSMALib.normative import (  # noqa: E402
 from SpatialMSMALib.preprocessing import DemonsConfig  # noqa: E402
 from SpatialMSMALib.spatial import (  # noqa: E402
     Calibration,
-    ClusterEnhancement,
     FlowEnsemble,
     SpatialFlowConfig,
     intensity_reference_mask,
@@ -166,9 +165,6 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"'{args.out}' exists; pass --overwrite to replace it")
         demons_config(args)  # a bad setting fails before any work
         normative_config(args)
-        if args.cluster_enhancement != "none" and not args.normative_contrast:
-            raise InputError("--cluster-enhancement tfce needs --normative-contrast true (it "
-                             "enhances the fused evidence map)")
         score_checkpoint = args.score_checkpoint
         if score_checkpoint is None:
             score_checkpoint = train_score_first(args, work / "score")
@@ -190,17 +186,6 @@ def add_normative_options(parser) -> None:
     parser.add_argument("--normative-blob-mm", default=DEFAULT_NORMATIVE_BLOB_MM,
                         help="blob sizes of the normative contrast model: inner Gaussian SDs "
                              "in mm, comma-separated (default %(default)s)")
-    parser.add_argument("--cluster-enhancement", choices=("none", "tfce"), default="none",
-                        help="tfce: threshold-free cluster enhancement of the fused heat map "
-                             "before calibration (needs the normative contrast model; step "
-                             "0.1, extent power 0.5, height power 2); default %(default)s")
-
-
-def cluster_enhancement_settings(args) -> dict | None:
-    """``Calibration.cluster_enhancement`` of ``--cluster-enhancement`` (None: off)."""
-    if getattr(args, "cluster_enhancement", "none") == "none":
-        return None
-    return dataclasses.asdict(ClusterEnhancement())
 
 
 def normative_config(args, spacing_mm: float | None = None) -> NormativeContrastConfig:
@@ -302,10 +287,6 @@ def calibrate(model, val_scans, local_of, device, args) -> Calibration:
                          f"{args.fpr} (it is the stricter rate)")
     settings["max_peak_fpr"] = args.max_peak_fpr
     settings["grow_rate_factor"] = args.grow_rate_factor
-    enhancement = cluster_enhancement_settings(args)
-    if enhancement is not None and model.normative is None:
-        raise InputError("--cluster-enhancement tfce needs the normative contrast model "
-                         "(its fused heat map is the evidence it enhances)")
     regions = [scored_region(scan.brain_mask, args.rim_mm, model.spacing_mm)
                for scan in val_scans]
     notes = {"calibration_scans": [s.id for s in val_scans],
@@ -324,12 +305,9 @@ def calibrate(model, val_scans, local_of, device, args) -> Calibration:
                             model.component_calibrations["normative"])
                  for flow, normative in maps]
         del maps
-        if enhancement is not None:
-            enhancer = Calibration([1e-6, 1.0], [1.0, 0.0], cluster_enhancement=enhancement)
-            heats = [enhancer.enhanced(h, model.spacing_mm) for h in heats]
     calibration = Calibration.from_healthy(
         [h[r] for h, r in zip(heats, regions, strict=True)], default_fpr=args.fpr,
-        notes=notes, cluster_enhancement=enhancement, **settings)
+        notes=notes, **settings)
     spacing = (model.spacing_mm,) * 3
     threshold = calibration.default_threshold
     extent, min_peak = calibration.labelling_thresholds(threshold)

@@ -41,17 +41,12 @@ class NormativeContrastConfig:
             covariance, 1 = independent channels).
         min_coverage: a voxel is modelled only where at least this fraction of the healthy
             scans has brain.
-        with_means: also model each channel's inner Gaussian mean itself, jointly with the
-            contrasts (``2 C`` values per blob size): a change of a blob's intensity that
-            healthy scans show only together with a change of its contrast (or the other way
-            round) then counts as unusual.
     """
 
     sigmas_vox: tuple = (1.0, 2.0)
     surround_ratio: float = 2.5
     shrinkage: float = 0.2
     min_coverage: float = 0.5
-    with_means: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "sigmas_vox", tuple(float(s) for s in self.sigmas_vox))
@@ -63,19 +58,6 @@ class NormativeContrastConfig:
             raise ValueError(f"shrinkage must lie in [0, 1], got {self.shrinkage}")
         if not 0 < self.min_coverage <= 1:
             raise ValueError(f"min_coverage must lie in (0, 1], got {self.min_coverage}")
-
-
-def blob_features(image, support: np.ndarray, config: NormativeContrastConfig) -> np.ndarray:
-    """``(S, C, X, Y, Z)`` float32 :func:`blob_contrasts`, or with ``config.with_means``
-    ``(S, 2 C, X, Y, Z)``: each blob size's contrasts, then its inner Gaussian means (0
-    outside ``support``)."""
-    contrast = blob_contrasts(image, support, config.sigmas_vox, config.surround_ratio)
-    if not config.with_means:
-        return contrast
-    image = np.asarray(image, np.float32)
-    means = np.stack([np.where(support, multiscale_intensities(image, support, [sigma]), 0.0)
-                      for sigma in config.sigmas_vox]).astype(np.float32)
-    return np.concatenate([contrast, means], axis=1)
 
 
 def blob_contrasts(image, support: np.ndarray, sigmas_vox, surround_ratio: float
@@ -137,7 +119,8 @@ class NormativeContrast:
         n_scans = 0
         for image, support in scans:
             support = np.asarray(support, bool)
-            contrast = blob_features(image, support, config).astype(np.float64)
+            contrast = blob_contrasts(image, support, config.sigmas_vox,
+                                      config.surround_ratio).astype(np.float64)
             if total is None:
                 total = np.zeros_like(contrast)
                 outer = np.zeros((contrast.shape[0], contrast.shape[1], *contrast.shape[1:]))
@@ -174,7 +157,8 @@ class NormativeContrast:
         if support.shape != self.valid.shape:
             raise ValueError(f"scan grid {support.shape} differs from the normative model's "
                              f"{self.valid.shape}")
-        contrast = blob_features(image, support, self.config)
+        contrast = blob_contrasts(image, support, self.config.sigmas_vox,
+                                  self.config.surround_ratio)
         difference = contrast[:, :, self.valid] - self.mean  # (S, C, V)
         distance = np.einsum("scv,sdcv,sdv->sv", difference, self.precision, difference)
         out = np.zeros(self.valid.shape, np.float32)

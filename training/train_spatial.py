@@ -186,9 +186,6 @@ def add_normative_options(parser) -> None:
     parser.add_argument("--normative-blob-mm", default=DEFAULT_NORMATIVE_BLOB_MM,
                         help="blob sizes of the normative contrast model: inner Gaussian SDs "
                              "in mm, comma-separated (default %(default)s)")
-    parser.add_argument("--normative-with-means", type=parse_boolean, default=False,
-                        help="true: the contrast model also models each blob's mean intensity, "
-                             "jointly with its contrast (default %(default)s)")
 
 
 def normative_config(args, spacing_mm: float | None = None) -> NormativeContrastConfig:
@@ -199,8 +196,7 @@ def normative_config(args, spacing_mm: float | None = None) -> NormativeContrast
         if not all(np.isfinite(sizes_mm)) or min(sizes_mm) <= 0:
             raise ValueError("sizes must be positive")
         return NormativeContrastConfig(
-            sigmas_vox=tuple(mm / (spacing_mm or 1.0) for mm in sizes_mm),
-            with_means=bool(getattr(args, "normative_with_means", False)))
+            sigmas_vox=tuple(mm / (spacing_mm or 1.0) for mm in sizes_mm))
     except ValueError as e:
         raise InputError(f"--normative-blob-mm '{args.normative_blob_mm}': expected "
                          f"positive sizes in mm such as 2,4 ({e})") from None

@@ -76,3 +76,33 @@ def test_the_script_refuses_an_existing_output_and_a_foreign_file(tmp_path):
     assert result.returncode == 2
     assert "not a spatial_3d.py result and a benchmark manifest" in result.stderr
     assert "Traceback" not in result.stderr and out.read_text() == "{}"
+
+
+def test_the_script_end_to_end_and_a_result_from_another_cohort(tmp_path, capsys):
+    from missed_lesions import main
+
+    from SpatialMSMALib.io import save_volume
+
+    shape = (20, 20, 20)
+    tissue = np.full(shape, 3, np.uint8)
+    lesion = _cube(shape, (5, 5, 5), 5)  # 125 voxels of 8 mm^3: 1 mL
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    save_volume(tmp_path / "s_lesionmask.nii.gz", lesion.astype(np.uint8), affine)
+    save_volume(tmp_path / "s_tissue.nii.gz", tissue, affine)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"subjects": [{
+        "id": "s", "lesion_mask": "s_lesionmask.nii.gz", "tissue": "s_tissue.nii.gz",
+        "lesions": [{"centroid_voxel": [7, 7, 7], "t1_factor": 0.7, "t2_factor": 1.5}]}]}))
+    case = {"id": "s", "healthy": False, "truth_sizes_mm3": [1000.0], "truth_detected": [True]}
+    result = tmp_path / "result.json"
+    result.write_text(json.dumps({"splits": {"test": {"cases": [case]}}}))
+    out = tmp_path / "out.json"
+    assert main(["--result", str(result), "--manifest", str(manifest), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["splits"]["test"]["lesions"]
+    assert rows == [{"id": "s", "detected": True, "volume_mm3": 1000.0, "shell_non_wm": 0.0,
+                     "t1_factor": 0.7, "t2_factor": 1.5, "faint": False}]
+    # a result whose truth components differ (another cohort's) is refused, naming the case
+    result.write_text(json.dumps({"splits": {"test": {"cases": [
+        dict(case, truth_sizes_mm3=[1000.0, 64.0], truth_detected=[True, False])]}}}))
+    assert main(["--result", str(result), "--manifest", str(manifest)]) == 2
+    assert "case 's': the truth components differ" in capsys.readouterr().err

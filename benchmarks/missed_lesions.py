@@ -124,7 +124,8 @@ def analyse_split(cases: list[dict], subjects: dict, root: Path) -> list[dict]:
         records = lesion_context(truth.data > 0, tissue, subject.get("lesions", []),
                                  truth.spacing)
         sizes = [r["volume_mm3"] for r in records]
-        if not np.allclose(sizes, case["truth_sizes_mm3"]):
+        expected = case["truth_sizes_mm3"]
+        if len(sizes) != len(expected) or not np.allclose(sizes, expected):
             raise InputError(f"case '{case['id']}': the truth components differ from the "
                              "result's (another manifest?)")
         for record, detected in zip(records, case["truth_detected"], strict=True):

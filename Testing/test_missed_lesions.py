@@ -90,7 +90,7 @@ def test_the_script_end_to_end_and_a_result_from_another_cohort(tmp_path, capsys
     save_volume(tmp_path / "s_lesionmask.nii.gz", lesion.astype(np.uint8), affine)
     save_volume(tmp_path / "s_tissue.nii.gz", tissue, affine)
     manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"subjects": [{
+    manifest.write_text(json.dumps({"format": "spatial-msma-benchmark/1", "subjects": [{
         "id": "s", "lesion_mask": "s_lesionmask.nii.gz", "tissue": "s_tissue.nii.gz",
         "lesions": [{"centroid_voxel": [7, 7, 7], "t1_factor": 0.7, "t2_factor": 1.5}]}]}))
     case = {"id": "s", "healthy": False, "truth_sizes_mm3": [1000.0], "truth_detected": [True]}

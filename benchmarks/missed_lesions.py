@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flow_inputs import is_faint  # noqa: E402
 
+from SpatialMSMALib.cohort import load_manifest  # noqa: E402
 from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.io import load_volume  # noqa: E402
 from SpatialMSMALib.metrics import label_components  # noqa: E402
@@ -156,21 +157,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.out and args.out.exists() and not args.overwrite:
             raise InputError(f"'{args.out}' exists; pass --overwrite to replace it")
-        for path in (args.result, args.manifest):
-            if not path.is_file():
-                raise InputError(f"'{path}' does not exist")
+        if not args.result.is_file():
+            raise InputError(f"'{args.result}' does not exist")
         try:
-            result = json.loads(args.result.read_text())
-            manifest = json.loads(args.manifest.read_text())
-            splits = result["splits"]
-            subjects = {s["id"]: s for s in manifest["subjects"]}
+            splits = json.loads(args.result.read_text())["splits"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise InputError(f"'{args.result}' / '{args.manifest}': not a spatial_3d.py result "
                              f"and a benchmark manifest ({e})") from None
+        manifest = load_manifest(args.manifest)  # the file or its folder, checked
+        subjects = {s["id"]: s for s in manifest["subjects"]}
         out = {"result": str(args.result), "manifest": str(args.manifest),
                "shell_voxels": SHELL_VOXELS, "touching_non_wm": TOUCHING_NON_WM, "splits": {}}
         for split, entry in splits.items():
-            rows = analyse_split(entry["cases"], subjects, args.manifest.parent)
+            rows = analyse_split(entry["cases"], subjects, Path(manifest["root"]))
             out["splits"][split] = {"summary": summarise(rows), "lesions": rows}
             print_table(split, out["splits"][split]["summary"])
     except InputError as e:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 
@@ -190,3 +191,38 @@ def test_post_processing_sweep_matches_the_benchmark_and_growth_only_adds(detect
             + result["0.003|3.0"]["pooled_lesion_tpr"]
             > result["0.003|None"]["healthy_median_flagged_ml"]
             + result["0.003|None"]["pooled_lesion_tpr"])
+
+    # a flow that reads intensities only: both scripts skip the score network (no feature
+    # cache is written) and still agree on every operating point
+    from SpatialMSMALib.spatial import SpatialFlow, SpatialFlowConfig
+
+    torch.manual_seed(0)
+    flow = SpatialFlow(SpatialFlowConfig(num_features=4, flow_layers=1, hidden=8,
+                                         position_frequencies=1, global_features=0,
+                                         intensity_features=True, score_features=False)).eval()
+    flow.set_feature_statistics(torch.randn(64, 2))
+    intensity_model = dataclasses.replace(
+        model, spatial=flow, provenance={"score_checkpoint_sha256": "1" * 64})
+    from SpatialMSMALib.dataset import model_space
+    from SpatialMSMALib.detection import model_heat_map
+    from SpatialMSMALib.spatial import Calibration
+
+    healthy_scan = model_space(by_name["test_healthy"], tmp_path / "cache", model.spacing_mm,
+                               progress=False)[0]
+    no_norms = np.zeros((0, *healthy_scan.brain_mask.shape), np.float32)
+    heat = model_heat_map(intensity_model, healthy_scan.image, healthy_scan.brain_mask,
+                          no_norms)
+    intensity_model.calibration = Calibration.from_healthy(
+        [heat[np.isfinite(heat)]], min_component_ml=0.0, smoothing_mm=2.0)
+    feature_dir = tmp_path / "cache" / intensity_model.feature_cache_name()
+    mine = load_benchmark_script("spatial_3d").evaluate_split(
+        intensity_model, rows, tmp_path / "cache", "cpu", sweep_fprs=list(rates))
+    assert not feature_dir.exists()
+    swept = sweep.sweep_split(intensity_model, rows, tmp_path / "cache", rates, (None,))
+    import json
+
+    assert (json.dumps([swept[f"{rate}|None"] for rate in rates])
+            == json.dumps(mine["operating_points"]))
+    # calibrated on the healthy scan itself, the intensity model flags some of it at 1%, so
+    # the comparison above is not between two empty label maps
+    assert mine["operating_points"][0]["healthy_median_flagged_ml"] > 0

@@ -52,13 +52,19 @@ def evaluate_split(model, rows, cache: Path, device, fpr=None, sweep_fprs=()) ->
                         version=model.preprocess_version,
                         channels=len(model.channel_names))
     start = time.perf_counter()
-    _, paths = cached_features(model, scans, cache / model.feature_cache_name(), device,
-                               save_local=True)
+    if model.spatial.config.score_features:
+        _, paths = cached_features(model, scans, cache / model.feature_cache_name(), device,
+                                   save_local=True)
+    else:  # the flow reads intensities only: no score-network passes are needed
+        paths = [None] * len(scans)
     feature_seconds = time.perf_counter() - start
     cases, seconds, sweep = [], {"flow": [], "post_process": []}, {}
     for row, scan, path in zip(rows, scans, paths, strict=True):
-        with np.load(path) as cached:
-            local = cached["local"].astype(np.float32)
+        if path is None:
+            local = np.zeros((0, *scan.brain_mask.shape), np.float32)
+        else:
+            with np.load(path) as cached:
+                local = cached["local"].astype(np.float32)
         detection, brain, truth, timing = case_detection(model, row, scan, local, device, fpr)
         for stage, value in timing.items():
             seconds[stage].append(value)

@@ -125,6 +125,8 @@ def raw_map(fitted: Fitted, model: AnomalyModel, scan, local, device, ae_net=Non
     the scan's ``(L, X, Y, Z)`` score norms (spatial-msma and msma-gmm only)."""
     region = scored_region(scan.brain_mask, model.calibration.rim_mm, model.spacing_mm)
     if fitted.name == "spatial-msma":
+        if local is None:  # an intensity-only flow: no score norms were computed
+            local = np.zeros((0, *scan.brain_mask.shape), np.float32)
         return model_heat_map(model, scan.image, scan.brain_mask, local, device)
     if fitted.name == "voxel-zscore":
         raw = fitted.zscore.score(scan.image)
@@ -160,7 +162,11 @@ def score_digest(model: AnomalyModel) -> str:
     return h.hexdigest()[:12]
 
 
-def needs_features(name: str) -> bool:
+def needs_features(name: str, model: AnomalyModel | None = None) -> bool:
+    """Whether method ``name``'s map reads the score norms: the GMM always, Spatial-MSMA
+    when its flow does (``model`` given; an intensity-only flow does not)."""
+    if name == "spatial-msma" and model is not None:
+        return bool(model.spatial.config.score_features)
     return name in ("spatial-msma", "msma-gmm")
 
 
@@ -202,7 +208,7 @@ def _probe(request: dict) -> dict:
             stages = {}
             t0 = time.perf_counter()
             local = None
-            if needs_features(name):
+            if needs_features(name):  # Spatial-MSMA: detect computes them for the report
                 local, _ = compute_features(model, scan, device)
                 stages["score_features"] = time.perf_counter() - t0
             t1 = time.perf_counter()

@@ -161,6 +161,35 @@ def test_harness_runs_every_method_with_label_free_thresholds(detection_setup, t
     for name in harness.METHODS:
         assert f"| {name} |" in table
 
+    # a model with its own default rate and component growth (rate x3): the z-score is
+    # calibrated at that rate with the same growth rule, and as no selected map reads score
+    # norms, none are computed (a copy of the model-space cache without the feature folder)
+    import dataclasses
+    import shutil
+
+    grown = dataclasses.replace(model, calibration=dataclasses.replace(
+        model.calibration, default_fpr=0.02, grow_rate_factor=3.0))
+    model_path = grown.save(tmp_path / "grown.pt")
+    bare = tmp_path / "bare_cache"
+    shutil.copytree(cache, bare, ignore=shutil.ignore_patterns("features_*"))
+    again = harness.main(["--manifest", str(manifest), "--model", str(model_path),
+                          "--work", str(tmp_path / "work2"), "--cache", str(bare),
+                          "--splits", "test", "--methods", "voxel-zscore", "--skip-cost"])
+    entry = again["methods"]["voxel-zscore"]
+    assert entry["voxel_fpr"] == 0.02
+    assert entry["post_processing"]["grow_rate_factor"] == 3.0
+    assert entry["post_processing"]["min_component_ml"] == model.calibration.min_component_ml
+    assert not list(bare.glob("features_*"))
+    maps = sorted((tmp_path / "work2" / "maps").glob("voxel-zscore_*"))
+    flagged, total = 0, 0
+    for val_id in ("val_000", "val_001"):
+        heat = np.load(maps[0] / f"{val_id}.npz")["heat"].astype(np.float32)
+        brain = np.load(next(bare.glob(f"{val_id}_*mm.npz")))["brain_mask"] > 0
+        region = scored_region(brain, model.calibration.rim_mm, model.spacing_mm)
+        flagged += int((heat[region] >= entry["threshold"]).sum())
+        total += int(region.sum())
+    assert flagged / total == pytest.approx(0.02, abs=0.004)
+
 
 def test_fitted_methods_round_trip_through_a_weights_only_file(rng, tmp_path):
     """The cost probes get each method through ``Fitted.save`` / ``load`` (no pickle): the
@@ -202,3 +231,4 @@ def test_harness_refuses_bad_inputs_before_any_work(tmp_path):
     assert out.read_text() == "earlier results"
     with pytest.raises(SystemExit, match=r"error: .*nothing\.pt"):
         harness.main(["--manifest", str(manifest), "--model", str(tmp_path / "nothing.pt")])
+

@@ -5,9 +5,9 @@
         [--markdown benchmarks/results/baselines.md]
 
 Every method is trained on the cohort's healthy ``train`` split, calibrated on the healthy
-``val`` split (threshold: voxel false-positive rate, default 1 %, no lesion labels), and
-evaluated on ``test`` (new subjects of the training anatomies) and ``loao`` (the held-out
-anatomy), healthy scans included. Methods:
+``val`` split (threshold: the model file's default voxel false-positive rate, no lesion
+labels; the bundled model's is 0.5 %), and evaluated on ``test`` (new subjects of the
+training anatomies) and ``loao`` (the held-out anatomy), healthy scans included. Methods:
 
 - ``spatial-msma``: the model file (default: the bundled model) as ``spatial-msma detect``
   runs it;
@@ -18,12 +18,14 @@ anatomy), healthy scans included. Methods:
 - ``restoration``: residual of an annealed restoration with the same score network.
 
 All maps get the same post-processing as Spatial-MSMA (smoothing, brain rim, native-grid
-mapping, minimum component size, from the model's calibration). Costs are measured per
-method in a separate process (time per volume from the model-space scan to native labels,
-median over ``--cost-scans`` scans, and that process's peak resident memory); preprocessing
-is the same for every method and measured once. A reference-scale configuration (a ~40M
-parameter score network and a 20-layer, 256-unit flow, both evaluated at every voxel of the
-model grid) is trained for a few steps and timed the same way, to give the cost ratio.
+mapping, component growth and minimum component size, from the model's calibration). Score
+norms are computed only when a selected map reads them (the GMM, or a score-norm flow).
+Costs are measured per method in a separate process (time per volume from the model-space
+scan to native labels, median over ``--cost-scans`` scans, and that process's peak resident
+memory); preprocessing is the same for every method and measured once. A reference-scale
+configuration (a ~40M parameter score network and a 20-layer, 256-unit flow, both evaluated
+at every voxel of the model grid) is trained for a few steps and timed the same way, to give
+the cost ratio.
 """
 
 from __future__ import annotations
@@ -177,7 +179,7 @@ def method_maps(fitted: Fitted, model, scans, paths, work: Path, device):
                 yield scan, stored["heat"].astype(np.float32)
             continue
         local = None
-        if needs_features(fitted.name):
+        if needs_features(fitted.name, model):
             with np.load(path) as stored:
                 local = stored["local"].astype(np.float32)
         heat = raw_map(fitted, model, scan, local, device, ae_net)
@@ -199,6 +201,8 @@ def calibrate(fitted: Fitted, model, val, val_paths, work, device) -> Calibratio
     return Calibration.from_healthy(values, default_fpr=c.default_fpr,
                                     smoothing_mm=c.smoothing_mm, rim_mm=c.rim_mm,
                                     min_component_ml=c.min_component_ml,
+                                    max_peak_fpr=c.max_peak_fpr,
+                                    grow_rate_factor=c.grow_rate_factor,
                                     notes={"calibration_scans": [s.id for s in val]})
 
 
@@ -337,10 +341,13 @@ def run(args, size: Size | None = None) -> dict:
             hint = " (choose the splits it has with --splits)" if what in SPLITS else ""
             raise SystemExit(f"the manifest '{args.manifest}' has no {what} scans{hint}")
     feature_dir = cache / model.feature_cache_name(score_digest(model))
+    with_features = any(needs_features(name, model) for name in args.methods)
 
     def load(rows_):
         scans = model_space(rows_, cache, model.spacing_mm, demons=model.demons, channels=channels,
                             version=model.preprocess_version)
+        if not with_features:  # no selected map reads score norms: skip the score network
+            return scans, [None] * len(scans)
         _, paths = cached_features(model, scans, feature_dir, device, save_local=True)
         return scans, paths
 
@@ -363,7 +370,11 @@ def run(args, size: Size | None = None) -> dict:
         calibration = calibrate(f, model, val, val_paths, work, device)
         entry = {"fit_seconds": f.seconds_to_fit, "notes": f.notes,
                  "threshold": calibration.default_threshold,
-                 "voxel_fpr": calibration.default_fpr, "splits": {}}
+                 "voxel_fpr": calibration.default_fpr,
+                 "post_processing": {k: getattr(calibration, k) for k in (
+                     "smoothing_mm", "rim_mm", "min_component_ml", "max_peak_fpr",
+                     "grow_rate_factor")},
+                 "splits": {}}
         for split, split_rows in test_rows.items():
             scans, paths = loaded[split]
             cases = evaluate(f, calibration, model, split_rows, scans, paths, work, device)

@@ -64,6 +64,8 @@ class Detection:
         heat_model / image_model / brain_mask_model: the model-grid heat map (NaN outside
             the brain), scan and mask, for figures.
         typicality: the scan-level MSMA report (dict) or None.
+        scan_standardization: for a model with per-scan standardisation, each standardised
+            map's statistics on this scan and the applied scale and offset (dict), else None.
         warnings: input-check and registration messages.
         timings: seconds per stage.
     """
@@ -80,6 +82,7 @@ class Detection:
     image_model: np.ndarray
     brain_mask_model: np.ndarray
     typicality: dict | None = None
+    scan_standardization: dict | None = None
     warnings: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     registration_ncc: float = float("nan")
@@ -98,6 +101,7 @@ class Detection:
             "n_components": len(self.components),
             "components": [asdict(c) for c in self.components],
             "typicality": self.typicality,
+            "scan_standardization": self.scan_standardization,
             "registration_ncc": self.registration_ncc,
             "warnings": self.warnings,
             "timings_s": self.timings,
@@ -136,14 +140,19 @@ def resolve_threshold(model: AnomalyModel, fpr: float | None = None,
 
 def component_heat_maps(model: AnomalyModel, image: np.ndarray, brain_mask: np.ndarray,
                         local: np.ndarray, device: str | torch.device = "cpu",
-                        progress=None) -> tuple[np.ndarray, np.ndarray | None]:
+                        progress=None, scan_factors: dict | None = None
+                        ) -> tuple[np.ndarray, np.ndarray | None]:
     """The smoothed flow NLL and, for a model with a normative contrast model, its smoothed
     squared distance (else None), each ``(X, Y, Z)`` on the model grid, NaN outside the
-    scored region (``brain_mask`` without the calibration's ``rim_mm``).
+    scored region (``brain_mask`` without the calibration's ``rim_mm``). A model with a
+    per-scan standardisation (``model.scan_standardization``) returns each map standardised
+    (``scan_standardization.ScanStandardization.apply``).
 
     Args:
         image: ``(C, X, Y, Z)`` model-space scan; brain_mask: ``(X, Y, Z)`` bool;
         local: ``(L, X, Y, Z)`` local score norms of that scan.
+        scan_factors: if given, filled with each standardised map's per-scan statistics
+            (``{"flow": {"median", "iqr", "scale", "offset"}, ...}``).
     """
     if model.spatial is None or model.calibration is None:
         raise InputError("this model file has no Spatial-MSMA flow (it is an MSMA-only model "
@@ -152,22 +161,27 @@ def component_heat_maps(model: AnomalyModel, image: np.ndarray, brain_mask: np.n
     raw = model.spatial.heat_map(local, image, region, device=device, progress=progress,
                                  brain_mask=brain_mask)
     sigma_vox = model.calibration.smoothing_mm / model.spacing_mm
-    flow_heat = smooth_in_region(raw, region, sigma_vox)
-    if model.normative is None:
-        return flow_heat, None
-    distance = model.normative.squared_distance(image, np.asarray(brain_mask, bool))
-    return flow_heat, smooth_in_region(distance, region, sigma_vox)
+    maps = {"flow": smooth_in_region(raw, region, sigma_vox)}
+    if model.normative is not None:
+        distance = model.normative.squared_distance(image, np.asarray(brain_mask, bool))
+        maps["normative"] = smooth_in_region(distance, region, sigma_vox)
+    for name, rule in (model.scan_standardization or {}).items():
+        if name in maps:
+            maps[name], factors = rule.apply(maps[name], region)
+            if scan_factors is not None:
+                scan_factors[name] = factors
+    return maps["flow"], maps.get("normative")
 
 
 def model_heat_map(model: AnomalyModel, image: np.ndarray, brain_mask: np.ndarray,
                    local: np.ndarray, device: str | torch.device = "cpu",
-                   progress=None) -> np.ndarray:
+                   progress=None, scan_factors: dict | None = None) -> np.ndarray:
     """The heat map ``(X, Y, Z)`` on the model grid, NaN outside the scored region: the
     smoothed flow NLL (nats), or for a model with a normative contrast model the fused
     evidence of both maps (``normative.fused_heat``, sum of ``-log10`` healthy voxel FPRs).
-    Arguments as for :func:`component_heat_maps`."""
+    Arguments (``scan_factors`` too) as for :func:`component_heat_maps`."""
     flow_heat, normative_heat = component_heat_maps(model, image, brain_mask, local, device,
-                                                    progress)
+                                                    progress, scan_factors)
     if normative_heat is None:
         return flow_heat
     return fused_heat(flow_heat, normative_heat, model.component_calibrations["flow"],
@@ -275,12 +289,15 @@ def detect(
     t0 = time.perf_counter()
     if progress:
         progress("flow likelihood", 0.95)
-    heat_model = model_heat_map(model, scan.image, scan.brain_mask, local, device)
+    scan_factors: dict = {}
+    heat_model = model_heat_map(model, scan.image, scan.brain_mask, local, device,
+                                scan_factors=scan_factors)
     timings["flow"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     detection = native_detection(model, heat_model, scan.mapping, scan.native_brain_mask,
                                  image_model=scan.image, brain_mask_model=scan.brain_mask,
                                  fpr=fpr, threshold=threshold)
+    detection.scan_standardization = scan_factors or None
     problems = contrast_problems(model, scan.image, scan.brain_mask, names)
     if model.typicality is not None:
         report = typicality_report(model, whole, scan.mapping.registration_ncc, problems)

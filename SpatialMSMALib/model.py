@@ -18,6 +18,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import InputError
 from .normative import NormativeContrast
 from .preprocessing import PREPROCESS_VERSION, DemonsConfig, PreprocessConfig
+from .scan_standardization import ScanStandardization
 from .score.network import ScoreUNet
 from .score.schedule import GeometricNoiseSchedule
 from .spatial import (
@@ -68,6 +69,9 @@ class AnomalyModel:
         preprocess_version: the ``preprocessing.PREPROCESS_VERSION`` of the scans its
             typicality model and flow were fitted on (files without it: 1); detection
             repeats that version (``preprocess_config``).
+        scan_standardization: ``{"flow": ..., "normative": ...}`` per-scan rules
+            (``scan_standardization.ScanStandardization``) applied to each component map
+            before its calibration, or None (maps used as they are).
     """
 
     score_net: ScoreUNet
@@ -84,6 +88,7 @@ class AnomalyModel:
     preprocess_version: int = PREPROCESS_VERSION
     normative: NormativeContrast | None = None
     component_calibrations: dict | None = None
+    scan_standardization: dict | None = None
 
     @property
     def heat_units(self) -> str:
@@ -198,6 +203,9 @@ class AnomalyModel:
             config["normative"], states["normative"] = self.normative.to_state()
             config["component_calibrations"] = {
                 k: v.to_dict() for k, v in self.component_calibrations.items()}
+        if self.scan_standardization is not None:
+            config["scan_standardization"] = {
+                k: v.to_dict() for k, v in self.scan_standardization.items()}
         return save_checkpoint(path, MODEL_KIND, config, states, {"provenance": self.provenance},
                                overwrite=overwrite)
 
@@ -258,6 +266,14 @@ class AnomalyModel:
             except (KeyError, TypeError, ValueError) as e:
                 raise InputError(f"{path}: unusable normative contrast model in the model "
                                  f"file ({e})") from None
+        standardization = None
+        if config.get("scan_standardization") is not None:
+            try:
+                standardization = {k: ScanStandardization(**v) for k, v in
+                                   config["scan_standardization"].items()}
+            except (TypeError, ValueError) as e:
+                raise InputError(f"{path}: unusable per-scan standardisation in the model "
+                                 f"file ({e})") from None
         s = config["schedule"]
         return cls(
             net.eval(),
@@ -274,6 +290,7 @@ class AnomalyModel:
             preprocess_version=version,
             normative=normative,
             component_calibrations=component_calibrations,
+            scan_standardization=standardization,
         )
 
     def __post_init__(self):

@@ -156,3 +156,26 @@ def test_a_model_with_the_normative_map_saves_loads_and_detects_the_lesion(
     # or its rim (a strong 7 mL lesion lowers its surround's contrast: a halo of a few mm)
     assert flagged[detection.brain_mask & (mm_from_lesion > 20)].mean() < 0.01
     assert (mm_from_lesion[flagged] <= 20).mean() > 0.8
+    assert detection.report(loaded)["scan_standardization"] is None
+    # with the normative map standardised per scan (ratio to its median): saved and loaded
+    # with the model, applied before the fusion, and each scan's factors in the report
+    from SpatialMSMALib.scan_standardization import ScanStandardization, scan_statistics
+
+    rule = ScanStandardization.fit("ratio", [m[1] for m in maps], [region, region])
+    loaded.scan_standardization = {"normative": rule}
+    standardised = AnomalyModel.load(loaded.save(tmp_path / "standardised.pt"))
+    assert standardised.scan_standardization["normative"] == rule
+    factors = {}
+    flow_map, normative_map = component_heat_maps(standardised, 2 * noisy[9], brain, no_norms,
+                                                  scan_factors=factors)
+    assert scan_statistics(normative_map, region)["median"] == pytest.approx(
+        rule.reference_median, rel=1e-5)
+    raw_normative = component_heat_maps(model, 2 * noisy[9], brain, no_norms)[1]
+    np.testing.assert_allclose(normative_map, raw_normative * factors["normative"]["scale"],
+                               rtol=1e-5, equal_nan=True)
+    assert set(factors) == {"normative"}
+    report = detect(standardised, load_volume(paths["t1"]),
+                    load_volume(paths["t2"])).report(standardised)
+    entry = report["scan_standardization"]["normative"]
+    assert entry["scale"] > 0 and entry["offset"] == 0.0
+    assert entry["scale"] == pytest.approx(rule.reference_median / entry["median"])

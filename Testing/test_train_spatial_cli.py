@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,3 +148,43 @@ def test_train_spatial_end_to_end_with_two_flows_and_the_normative_model(tmp_pat
     assert recalibrated.calibration.scores == pytest.approx(model.calibration.scores)
     assert (recalibrated.component_calibrations["flow"].scores
             == pytest.approx(model.component_calibrations["flow"].scores))
+    # --scan-standardization: each validation scan's component maps are brought to the
+    # reference statistics (the medians over these scans of their raw maps' own), and the
+    # calibrations are those of the standardised maps
+    from SpatialMSMALib.dataset import manifest_scans, model_space
+    from SpatialMSMALib.detection import component_heat_maps
+    from SpatialMSMALib.inference import compute_features
+    from SpatialMSMALib.scan_standardization import scan_statistics
+    from SpatialMSMALib.spatial import scored_region
+
+    standardised_path = tmp_path / "standardised.pt"
+    options[options.index(str(again))] = str(standardised_path)
+    assert train_spatial.main(options + ["--recalibrate", "--scan-standardization",
+                                         "robust,ratio"]) == 0
+    standardised = AnomalyModel.load(standardised_path)
+    rules = standardised.scan_standardization
+    assert {k: v.rule for k, v in rules.items()} == {"flow": "robust", "normative": "ratio"}
+    assert rules["flow"].n_scans == 2
+    val = model_space(manifest_scans(manifest, ("val",))["val"], work / "cache", 4.0,
+                      progress=False)
+    raw_stats, standardised_stats = [], []
+    for scan in val:
+        local, _ = compute_features(model, scan)
+        region = scored_region(scan.brain_mask, model.calibration.rim_mm, 4.0)
+        raw = component_heat_maps(model, scan.image, scan.brain_mask, local)
+        factors = {}
+        moved = component_heat_maps(standardised, scan.image, scan.brain_mask, local,
+                                    scan_factors=factors)
+        assert set(factors) == {"flow", "normative"}
+        raw_stats.append([scan_statistics(m, region) for m in raw])
+        standardised_stats.append([scan_statistics(m, region) for m in moved])
+    for k, name in enumerate(("flow", "normative")):
+        # (training read the score norms from its float16 cache: agreement to 1e-3)
+        assert rules[name].reference_median == pytest.approx(
+            np.median([s[k]["median"] for s in raw_stats]), rel=1e-3)
+        for s in standardised_stats:  # every scan's map now has the reference median
+            assert s[k]["median"] == pytest.approx(rules[name].reference_median, abs=1e-4)
+    assert standardised_stats[0][0]["iqr"] == pytest.approx(rules["flow"].reference_iqr,
+                                                           rel=1e-4)
+    assert standardised.calibration.scores != pytest.approx(model.calibration.scores)
+    assert standardised.calibration.notes["scan_standardization"]["normative"]["rule"] == "ratio"

@@ -27,7 +27,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_score import cohort_record, scan_lists  # noqa: E402
-from train_spatial import add_normative_options, calibrate, normative_config  # noqa: E402
+from train_spatial import (  # noqa: E402
+    add_normative_options,
+    add_standardization_option,
+    calibrate,
+    normative_config,
+    scan_standardization_rules,
+)
 
 from SpatialMSMALib.dataset import check_refused, model_space  # noqa: E402
 from SpatialMSMALib.errors import InputError  # noqa: E402
@@ -50,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="minimum component size (mL), or 'auto' (train_spatial.py's rule)")
     parser.add_argument("--healthy-budget-ml", type=float, default=1.0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--reuse-normative", action="store_true",
+                        help="keep the model's normative contrast model and redo only the "
+                             "calibrations (for instance with --scan-standardization); only "
+                             "the validation scans are read")
+    add_standardization_option(parser)
     add_normative_options(parser)
     return parser
 
@@ -60,50 +71,66 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.exists() and not args.overwrite:
             raise InputError(f"'{args.out}' exists; pass --overwrite to replace it")
         normative_config(args)  # a bad setting fails before any work
+        scan_standardization_rules(args.scan_standardization, True)
         model = AnomalyModel.load(args.model)
         if model.spatial is None or model.calibration is None:
             raise InputError(f"{args.model}: has no Spatial-MSMA flow to add to")
         if model.spatial.config.score_features:
             raise InputError(f"{args.model}: its flow reads score norms; retrain it with "
                              "training/train_spatial.py --normative-contrast true")
-        if model.normative is not None:
-            raise InputError(f"{args.model}: already has a normative contrast model")
+        if model.normative is not None and not args.reuse_normative:
+            raise InputError(f"{args.model}: already has a normative contrast model (pass "
+                             "--reuse-normative to recalibrate it)")
+        if model.normative is None and args.reuse_normative:
+            raise InputError(f"{args.model}: has no normative contrast model to reuse")
         device = training_device(args.device)
         start = time.perf_counter()
         splits = scan_lists(args)
         refused: list = []
+        needed = ("val",) if args.reuse_normative else ("train", "val")
         scans = {name: model_space(splits[name], args.work / "cache", model.spacing_mm,
                                    demons=model.demons, channels=len(model.channel_names),
                                    refused=refused)
-                 for name in ("train", "val")}
-        check_refused(refused, len(splits["train"]) + len(splits["val"]))
-        if not scans["train"] or not scans["val"]:
+                 for name in needed}
+        check_refused(refused, sum(len(splits[name]) for name in needed))
+        if any(not scans[name] for name in needed):
             raise InputError("no training or no validation scan left after registration")
         preprocess_seconds = time.perf_counter() - start
         t0 = time.perf_counter()
-        model.normative = NormativeContrast.fit(
-            ((s.image, s.brain_mask) for s in scans["train"]),
-            normative_config(args, model.spacing_mm))
+        if not args.reuse_normative:
+            model.normative = NormativeContrast.fit(
+                ((s.image, s.brain_mask) for s in scans["train"]),
+                normative_config(args, model.spacing_mm))
         old = model.calibration
         settings = argparse.Namespace(
             fpr=old.default_fpr, smoothing_mm=old.smoothing_mm, rim_mm=old.rim_mm,
             max_peak_fpr=old.max_peak_fpr, grow_rate_factor=old.grow_rate_factor,
             min_component_ml=args.min_component_ml,
-            healthy_budget_ml=args.healthy_budget_ml)
+            healthy_budget_ml=args.healthy_budget_ml,
+            scan_standardization=args.scan_standardization)
         no_norms = np.zeros((0, *model.shape), np.float32)  # the flow reads intensities only
         model.calibration = calibrate(model, scans["val"], lambda i: no_norms, device, settings)
-        model.provenance["normative_contrast"] = {
-            "added_to": {"name": args.model.name},
-            "cohort": cohort_record(args.manifest) if args.manifest else str(args.data_dir),
-            "n_train": len(scans["train"]), "n_val": len(scans["val"]),
-            "train_ids": [s.id for s in scans["train"]],
-            "seconds": {"preprocessing": round(preprocess_seconds, 1),
-                        "fit_and_calibration": round(time.perf_counter() - t0, 1)}}
+        seconds = {"preprocessing": round(preprocess_seconds, 1),
+                   "fit_and_calibration": round(time.perf_counter() - t0, 1)}
+        if args.reuse_normative:
+            model.provenance.setdefault("normative_contrast", {})["recalibrated"] = {
+                "from": {"name": args.model.name},
+                "cohort": cohort_record(args.manifest) if args.manifest else str(args.data_dir),
+                "n_val": len(scans["val"]), "scan_standardization": args.scan_standardization,
+                "seconds": seconds}
+        else:
+            model.provenance["normative_contrast"] = {
+                "added_to": {"name": args.model.name},
+                "cohort": cohort_record(args.manifest) if args.manifest else str(args.data_dir),
+                "n_train": len(scans["train"]), "n_val": len(scans["val"]),
+                "train_ids": [s.id for s in scans["train"]],
+                "scan_standardization": args.scan_standardization, "seconds": seconds}
         model.save(args.out, overwrite=args.overwrite)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"normative contrast model on {len(scans['train'])} scans, calibrated on "
+    fitted = "reused" if args.reuse_normative else f"on {len(scans['train'])} scans"
+    print(f"normative contrast model {fitted}, calibrated on "
           f"{len(scans['val'])}; default threshold {model.calibration.default_threshold:.3f}; "
           f"wrote {args.out}")
     return 0

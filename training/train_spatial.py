@@ -50,6 +50,7 @@ from SpatialMSMALib.normative import (  # noqa: E402
     fused_heat,
 )
 from SpatialMSMALib.preprocessing import DemonsConfig  # noqa: E402
+from SpatialMSMALib.scan_standardization import ScanStandardization, parse_rules  # noqa: E402
 from SpatialMSMALib.spatial import (  # noqa: E402
     Calibration,
     FlowEnsemble,
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="report a component only if its peak reaches the threshold of "
                              "this stricter voxel FPR, e.g. 0.001 (hysteresis; default and "
                              "'none': off)")
+    add_standardization_option(parser)
     parser.add_argument("--grow-rate-factor", type=grow_factor, default=DEFAULT_GROW_RATE_FACTOR,
                         help="grow each reported component into the voxels above the "
                              "threshold of this multiple of the operating rate (hysteresis; "
@@ -165,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"'{args.out}' exists; pass --overwrite to replace it")
         demons_config(args)  # a bad setting fails before any work
         normative_config(args)
+        scan_standardization_rules(args.scan_standardization,
+                                   getattr(args, "normative_contrast", False))
         score_checkpoint = args.score_checkpoint
         if score_checkpoint is None:
             score_checkpoint = train_score_first(args, work / "score")
@@ -270,6 +274,22 @@ def grow_factor(text: str) -> float | None:
 AUTO_MIN_COMPONENT_ML = (0.05, 0.1, 0.15, 0.2, 0.3)  # below the 0.5 mL lesions of interest
 
 
+def add_standardization_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--scan-standardization", default="none",
+        help="per-scan standardisation of each component map before calibration: 'none', "
+             "FLOW_RULE or FLOW_RULE,NORMATIVE_RULE with rules robust (median/IQR), ratio "
+             "(to the median) or none (SpatialMSMALib/scan_standardization.py)")
+
+
+def scan_standardization_rules(text: str, has_normative: bool) -> dict:
+    """``--scan-standardization`` as ``{map name: rule}``; a bad value exits with a message."""
+    try:
+        return parse_rules(text, has_normative)
+    except ValueError as e:
+        raise InputError(f"--scan-standardization: {e}") from None
+
+
 def calibrate(model, val_scans, local_of, device, args) -> Calibration:
     """Healthy heat-map quantiles of the validation scans (inside the scored region), and
     the post-processing settings; with ``--min-component-ml auto`` the smallest size of
@@ -291,12 +311,30 @@ def calibrate(model, val_scans, local_of, device, args) -> Calibration:
                for scan in val_scans]
     notes = {"calibration_scans": [s.id for s in val_scans],
              "grid": "model grid, smoothed heat map, brain voxels inside the scored region"}
-    if model.normative is None:
+    rules = scan_standardization_rules(getattr(args, "scan_standardization", "none"),
+                                       model.normative is not None)
+    model.scan_standardization = None  # the references come from these scans' raw maps
+    if model.normative is None and not rules:
         heats = [model_heat_map(model, scan.image, scan.brain_mask, local_of(i), device)
                  for i, scan in enumerate(val_scans)]
     else:  # each map's own calibration, then the fused maps (model_heat_map's sum)
-        maps = [component_heat_maps(model, scan.image, scan.brain_mask, local_of(i), device)
-                for i, scan in enumerate(val_scans)]
+        maps = [list(component_heat_maps(model, scan.image, scan.brain_mask, local_of(i),
+                                         device)) for i, scan in enumerate(val_scans)]
+        if rules:
+            model.scan_standardization = {}
+            for k, name in enumerate(("flow", "normative")):
+                if name not in rules:
+                    continue
+                rule = ScanStandardization.fit(rules[name], [m[k] for m in maps], regions)
+                model.scan_standardization[name] = rule
+                for m, r in zip(maps, regions, strict=True):
+                    m[k] = rule.apply(m[k], r)[0]
+            notes["scan_standardization"] = {k: v.to_dict() for k, v in
+                                             model.scan_standardization.items()}
+    if model.normative is None and rules:
+        heats = [m[0] for m in maps]
+        del maps
+    elif model.normative is not None:
         model.component_calibrations = {
             name: Calibration.from_healthy([m[k][r] for m, r in zip(maps, regions, strict=True)],
                                            notes=notes, **settings)

@@ -113,11 +113,20 @@ def flow_inputs(model: AnomalyModel) -> dict:
                 "n_healthy_scans": fitted["n_train"],
                 "cohorts": [cohort_name(c) for c in (cohorts if isinstance(cohorts, list)
                                                      else [cohorts])]}
+    standardization = None
+    if model.scan_standardization:
+        standardization = {
+            name: {**rule.to_dict(), "what": (
+                "each scan's map divided by its median inside the scored region, times the "
+                "reference median" if rule.rule == "ratio" else
+                "each scan's map mapped to the reference median and IQR")}
+            for name, rule in model.scan_standardization.items()}
     return {"models": " and ".join(parts), "score_levels": levels,
             "intensity_features": config.intensity_features,
             "intensity_scales_mm": config.intensity_scales_mm,
             "context": context + (" + global image features" if config.global_features else ""),
-            "normative_contrast": normative, "heat_units": model.heat_units}
+            "normative_contrast": normative, "scan_standardization": standardization,
+            "heat_units": model.heat_units}
 
 
 def cohort_name(path: str) -> str:

@@ -3,10 +3,9 @@
 Why: on healthy validation scans the *whole* of a component map moves from scan to scan. The
 bundled model's flow NLL has a per-scan median between -9.0 and -4.8 nats, and the normative
 contrast distance one between 0.8 and 3.4, with each scan's upper tail moving with its median
-(noisier or lower-contrast scans score higher everywhere). One healthy-voxel calibration pooled
-over such scans is then set by the scans whose maps are high everywhere. A lesion in a quiet
-scan must clear that threshold, and a healthy scan from another scanner or anatomy that is
-high everywhere floods it with false positives.
+(20 healthy calibration scans). One healthy-voxel calibration pooled over such scans is then
+set by the scans whose maps are high everywhere, and a lesion in a quiet scan must clear that
+threshold.
 
 The rule maps each scan's distribution inside the scored region onto a reference one (the
 medians over the calibration scans of the per-scan statistics) before the voxel-wise
@@ -20,6 +19,11 @@ calibration:
 A focal lesion occupies far less than 1% of the scored region, so it barely moves a scan's
 median or IQR. A diffuse change of the whole brain is removed by design: that is the job of
 the scan-level MSMA verdict, and the report gives each scan's factors.
+
+Measured on two dev cohorts (``benchmarks/results/scan_standardization/``): the ratio rule on
+the contrast map finds a few more lesions at matched operating points; standardising the
+flow's map does not help; neither removes the unseen anatomy's false positives, whose tails
+are not a change of scale.
 
 Coordinates: heat maps and regions are ``(X, Y, Z)`` on the model grid.
 """

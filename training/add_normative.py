@@ -13,6 +13,10 @@ minimum component size chosen again by ``--min-component-ml``, as in training). 
 score network and typicality model are copied unchanged. Only for flows that do not read
 score norms (the bundled intensity flows): score-norm flows need the features, so retrain
 those with ``train_spatial.py --normative-contrast true``.
+
+``--reuse-normative`` keeps a model's normative contrast model and redoes only the
+calibrations on the validation scans, for instance with ``--scan-standardization`` (how the
+bundled model's per-scan standardisation was added).
 """
 
 from __future__ import annotations

@@ -175,3 +175,19 @@ def test_views_differ_on_size_or_content():
     b[:10, :10] = 255  # 3.3 % of pixels changed: mean difference 8.5 grey levels
     assert views_differ(a, b)
     assert views_differ(a, np.zeros((40, 60, 3), np.uint8))  # re-laid out: never a crash
+
+
+def test_threshold_slider_position_is_on_its_step_grid():
+    """The slider gets the operating rate's log10 snapped to its 0.05 grid and clamped to
+    its range (0.3% = -2.52 would be snapped by the slider itself at the first key press)."""
+    from SpatialMSMALib.viewer.app import FPR_RANGE_LOG10, FPR_STEP_LOG10, slider_position
+
+    assert slider_position(0.003) == -2.5
+    assert slider_position(0.005) == -2.3
+    assert slider_position(0.0033) == -2.5  # log10 = -2.48
+    assert slider_position(0.0037) == -2.45  # log10 = -2.43
+    assert slider_position(1e-9) == FPR_RANGE_LOG10[0]
+    assert slider_position(0.5) == FPR_RANGE_LOG10[1]
+    for rate in (0.0011, 0.002, 0.0047, 0.013, 0.07):
+        steps = (slider_position(rate) - FPR_RANGE_LOG10[0]) / FPR_STEP_LOG10
+        assert abs(steps - round(steps)) < 1e-9

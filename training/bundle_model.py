@@ -121,12 +121,14 @@ def flow_inputs(model: AnomalyModel) -> dict:
                 "reference median" if rule.rule == "ratio" else
                 "each scan's map mapped to the reference median and IQR")}
             for name, rule in model.scan_standardization.items()}
-    return {"models": " and ".join(parts), "score_levels": levels,
-            "intensity_features": config.intensity_features,
-            "intensity_scales_mm": config.intensity_scales_mm,
-            "context": context + (" + global image features" if config.global_features else ""),
-            "normative_contrast": normative, "scan_standardization": standardization,
-            "heat_units": model.heat_units}
+    out = {"models": " and ".join(parts), "score_levels": levels,
+           "intensity_features": config.intensity_features,
+           "intensity_scales_mm": config.intensity_scales_mm,
+           "context": context + (" + global image features" if config.global_features else ""),
+           "normative_contrast": normative, "heat_units": model.heat_units}
+    if standardization:  # only models that have one (older entries stay as they were)
+        out["scan_standardization"] = standardization
+    return out
 
 
 def cohort_name(path: str) -> str:

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 ROLES = {"t1": ("T1-weighted scan", False), "t2": ("T2-weighted scan (optional)", False),
          "mask": ("Brain mask (optional)", True)}
 FPR_RANGE_LOG10 = (-4.0, -1.0)
+#: the threshold slider's step (log10 of the voxel false-positive rate)
+FPR_STEP_LOG10 = 0.05
 #: Slider values arriving within this many seconds are applied as one re-threshold.
 COALESCE_S = 0.03
 #: export kind -> (downloaded file name, button text)
@@ -56,6 +58,16 @@ def _trame():
                          "'SpatialMSMALib[viewer]'") from e
     return TrameApp
 
+
+
+def slider_position(fpr: float) -> float:
+    """The threshold slider's position for voxel false-positive rate ``fpr``: its log10,
+    clamped to :data:`FPR_RANGE_LOG10` and snapped to the slider's step grid (a value off
+    the grid would be snapped by the slider at the first key press, so ten steps would not
+    move it by ten steps). The rate in use is shown as text beside it."""
+    low, high = FPR_RANGE_LOG10
+    value = min(max(math.log10(max(fpr, 1e-12)), low), high)
+    return round(low + round((value - low) / FPR_STEP_LOG10) * FPR_STEP_LOG10, 2)
 
 class AnomalyViewer(_trame()):
     """The viewer application; keep a reference to it while the server runs (the views go
@@ -387,8 +399,7 @@ class AnomalyViewer(_trame()):
         state = self.state
         state.has_result = True
         self._published = {
-            "fpr_log10": round(min(max(math.log10(max(detection.fpr, 1e-12)),
-                                       FPR_RANGE_LOG10[0]), FPR_RANGE_LOG10[1]), 2),
+            "fpr_log10": slider_position(detection.fpr),
             "min_size_ml": float(self.logic.operating.min_component_ml)}
         state.fpr_log10 = self._published["fpr_log10"]
         state.min_size_ml = self._published["min_size_ml"]
@@ -524,7 +535,7 @@ class AnomalyViewer(_trame()):
                         html.Div("Threshold: {{ fpr_text }} ({{ threshold_text }})",
                                  classes="text-caption", id="threshold-text")
                         v3.VSlider(v_model=("fpr_log10",), min=FPR_RANGE_LOG10[0],
-                                   max=FPR_RANGE_LOG10[1], step=0.05, id="fpr-slider",
+                                   max=FPR_RANGE_LOG10[1], step=FPR_STEP_LOG10, id="fpr-slider",
                                    hide_details=True, density="compact",
                                    prepend_icon="mdi-tune-vertical")
                         html.Div("Minimum component size: {{ min_size_ml.toFixed(2) }} mL",

@@ -120,11 +120,25 @@ def _load_harness():
     return load_benchmark_script("baselines")
 
 
+def _flagged_val_fraction(maps_dir, cache, threshold, model) -> float:
+    """Fraction of the two healthy val scans' scored voxels whose cached map (in
+    ``maps_dir``) reaches ``threshold``; brain masks from the model-space ``cache``."""
+    from SpatialMSMALib.spatial import scored_region
+
+    flagged, total = 0, 0
+    for val_id in ("val_000", "val_001"):
+        heat = np.load(maps_dir / f"{val_id}.npz")["heat"].astype(np.float32)
+        brain = np.load(next(cache.glob(f"{val_id}_*mm.npz")))["brain_mask"] > 0
+        region = scored_region(brain, model.calibration.rim_mm, model.spacing_mm)
+        flagged += int((heat[region] >= threshold).sum())
+        total += int(region.sum())
+    return flagged / total
+
+
 def test_harness_runs_every_method_with_label_free_thresholds(detection_setup, tmp_path):
     """A tiny cohort end to end: every method is trained, calibrated on the healthy val scans
     only (1 % of their scored voxels flagged), evaluated and timed in its own process."""
     from SpatialMSMALib.cohort import CohortSizes, make_benchmark
-    from SpatialMSMALib.spatial import scored_region
 
     manifest = make_benchmark(tmp_path / "cohort", seed=3, progress=False, sizes=CohortSizes(
         n_train=2, n_val=2, n_test_healthy=1, n_test_lesioned=1, n_loao_healthy=0,
@@ -143,15 +157,9 @@ def test_harness_runs_every_method_with_label_free_thresholds(detection_setup, t
         entry = results["methods"][name]
         maps = sorted((tmp_path / "work" / "maps").glob(f"{name}_*"))
         assert len(maps) == 1
-        flagged, total = 0, 0
         cache = tmp_path / "work" / "cache"
-        for val_id in ("val_000", "val_001"):
-            heat = np.load(maps[0] / f"{val_id}.npz")["heat"].astype(np.float32)
-            brain = np.load(next(cache.glob(f"{val_id}_*mm.npz")))["brain_mask"] > 0
-            region = scored_region(brain, model.calibration.rim_mm, model.spacing_mm)
-            flagged += int((heat[region] >= entry["threshold"]).sum())
-            total += int(region.sum())
-        assert flagged / total == pytest.approx(0.01, abs=0.002)
+        assert _flagged_val_fraction(maps[0], cache, entry["threshold"], model) == (
+            pytest.approx(0.01, abs=0.002))
         summary = entry["splits"]["test"]["summary"]
         assert summary["n_lesioned"] == 1 and summary["n_healthy"] == 1
         cost = entry["cost"]
@@ -181,14 +189,8 @@ def test_harness_runs_every_method_with_label_free_thresholds(detection_setup, t
     assert entry["post_processing"]["min_component_ml"] == model.calibration.min_component_ml
     assert not list(bare.glob("features_*"))
     maps = sorted((tmp_path / "work2" / "maps").glob("voxel-zscore_*"))
-    flagged, total = 0, 0
-    for val_id in ("val_000", "val_001"):
-        heat = np.load(maps[0] / f"{val_id}.npz")["heat"].astype(np.float32)
-        brain = np.load(next(bare.glob(f"{val_id}_*mm.npz")))["brain_mask"] > 0
-        region = scored_region(brain, model.calibration.rim_mm, model.spacing_mm)
-        flagged += int((heat[region] >= entry["threshold"]).sum())
-        total += int(region.sum())
-    assert flagged / total == pytest.approx(0.02, abs=0.004)
+    assert _flagged_val_fraction(maps[0], bare, entry["threshold"], model) == (
+        pytest.approx(0.02, abs=0.004))
 
 
 def test_fitted_methods_round_trip_through_a_weights_only_file(rng, tmp_path):

@@ -40,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from SpatialMSMALib.dataset import check_refused, model_space  # noqa: E402
-from SpatialMSMALib.detection import component_heat_maps, model_heat_map  # noqa: E402
+from SpatialMSMALib.detection import component_heat_maps  # noqa: E402
 from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.inference import cached_features  # noqa: E402
 from SpatialMSMALib.model import AnomalyModel  # noqa: E402
@@ -283,7 +283,7 @@ def add_standardization_option(parser: argparse.ArgumentParser) -> None:
 
 
 def scan_standardization_rules(text: str, has_normative: bool) -> dict:
-    """``--scan-standardization`` as ``{map name: rule}``; a bad value exits with a message."""
+    """``--scan-standardization`` as ``{map name: rule}``; a bad value raises InputError."""
     try:
         return parse_rules(text, has_normative)
     except ValueError as e:
@@ -314,27 +314,22 @@ def calibrate(model, val_scans, local_of, device, args) -> Calibration:
     rules = scan_standardization_rules(getattr(args, "scan_standardization", "none"),
                                        model.normative is not None)
     model.scan_standardization = None  # the references come from these scans' raw maps
-    if model.normative is None and not rules:
-        heats = [model_heat_map(model, scan.image, scan.brain_mask, local_of(i), device)
-                 for i, scan in enumerate(val_scans)]
-    else:  # each map's own calibration, then the fused maps (model_heat_map's sum)
-        maps = [list(component_heat_maps(model, scan.image, scan.brain_mask, local_of(i),
-                                         device)) for i, scan in enumerate(val_scans)]
-        if rules:
-            model.scan_standardization = {}
-            for k, name in enumerate(("flow", "normative")):
-                if name not in rules:
-                    continue
-                rule = ScanStandardization.fit(rules[name], [m[k] for m in maps], regions)
-                model.scan_standardization[name] = rule
-                for m, r in zip(maps, regions, strict=True):
-                    m[k] = rule.apply(m[k], r)[0]
-            notes["scan_standardization"] = {k: v.to_dict() for k, v in
-                                             model.scan_standardization.items()}
-    if model.normative is None and rules:
+    maps = [list(component_heat_maps(model, scan.image, scan.brain_mask, local_of(i), device))
+            for i, scan in enumerate(val_scans)]
+    if rules:
+        model.scan_standardization = {}
+        for k, name in enumerate(("flow", "normative")):
+            if name not in rules:
+                continue
+            rule = ScanStandardization.fit(rules[name], [m[k] for m in maps], regions)
+            model.scan_standardization[name] = rule
+            for m, r in zip(maps, regions, strict=True):
+                m[k] = rule.apply(m[k], r)[0]
+        notes["scan_standardization"] = {k: v.to_dict() for k, v in
+                                         model.scan_standardization.items()}
+    if model.normative is None:  # the heat map is the flow's (model_heat_map)
         heats = [m[0] for m in maps]
-        del maps
-    elif model.normative is not None:
+    else:  # each map's own calibration, then the fused maps (model_heat_map's sum)
         model.component_calibrations = {
             name: Calibration.from_healthy([m[k][r] for m, r in zip(maps, regions, strict=True)],
                                            notes=notes, **settings)
@@ -342,7 +337,7 @@ def calibrate(model, val_scans, local_of, device, args) -> Calibration:
         heats = [fused_heat(flow, normative, model.component_calibrations["flow"],
                             model.component_calibrations["normative"])
                  for flow, normative in maps]
-        del maps
+    del maps
     calibration = Calibration.from_healthy(
         [h[r] for h, r in zip(heats, regions, strict=True)], default_fpr=args.fpr,
         notes=notes, **settings)

@@ -1,0 +1,204 @@
+"""Where does a detector flag healthy scans? Every component of every healthy scan, described.
+
+    python benchmarks/false_positives.py --manifest benchmark/manifest.json --cache CACHE \\
+        [--model MODEL] [--splits test loao] [--out results/false_positives.json]
+
+Runs the model's detection (the path of ``benchmarks/spatial_3d.py``, default operating point)
+on the healthy scans of each split, where every labelled component is a false positive, and
+describes each one:
+
+* ``volume_ml`` and ``peak`` (fused evidence, ``-log10`` healthy voxel FPR);
+* ``flow_share``: the flow's part of the fused evidence summed over the component (the rest
+  is the normative contrast map's); 1 for a flow-only model;
+* ``tissue``: the fractions of its voxels that the simulator's tissue map calls CSF, grey
+  matter and white matter (1, 2, 3; 0 is outside the head);
+* ``depth_mm``: the median distance of its voxels from the outside of the brain mask.
+
+The summary per split gives the flagged volume by driver (flow or normative map, by
+``flow_share`` above or below 0.5), by majority tissue and by depth (``SHALLOW_MM``), so the
+source of the leave-one-anatomy-out split's excess of false positives can be read off. Only
+healthy scans and the simulator's tissue labels are read; no threshold is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from SpatialMSMALib.cohort import load_manifest  # noqa: E402
+from SpatialMSMALib.dataset import manifest_scans, model_space  # noqa: E402
+from SpatialMSMALib.detection import component_heat_maps, native_detection  # noqa: E402
+from SpatialMSMALib.errors import InputError  # noqa: E402
+from SpatialMSMALib.inference import cached_features  # noqa: E402
+from SpatialMSMALib.io import load_volume  # noqa: E402
+from SpatialMSMALib.model import AnomalyModel  # noqa: E402
+from SpatialMSMALib.normative import evidence  # noqa: E402
+
+HEALTHY_SPLITS = {"test": "test_healthy", "loao": "loao_healthy"}
+#: tissue labels of the simulator's tissue map
+TISSUES = {1: "csf", 2: "gm", 3: "wm"}
+#: a component is "shallow" when its median depth below the brain's surface is under this
+SHALLOW_MM = 8.0
+
+
+def describe_components(labels: np.ndarray, count: int, fused: np.ndarray,
+                        flow_part: np.ndarray, tissue: np.ndarray, brain_mask: np.ndarray,
+                        spacing_mm) -> list[dict]:
+    """One record per label ``1..count`` of ``labels``.
+
+    Args:
+        labels: ``(I, J, K)`` int component labels on the native grid.
+        fused: ``(I, J, K)`` the heat map (fused evidence, ``-log10`` FPR); flow_part: the
+            flow's part of it, or None for a flow-only model (its share is then 1).
+        tissue: ``(I, J, K)`` int simulator labels (0 outside the head, 1 CSF, 2 GM, 3 WM).
+        brain_mask: ``(I, J, K)`` bool; spacing_mm: voxel size (mm) per axis.
+    Returns:
+        dicts with ``volume_ml``, ``peak``, ``flow_share``, ``tissue`` (fractions per name)
+        and ``depth_mm`` (median distance of the voxels from outside the brain mask).
+    """
+    spacing = np.asarray(spacing_mm, float)
+    depth = ndimage.distance_transform_edt(brain_mask, sampling=spacing)
+    voxel_ml = float(np.prod(spacing)) / 1000
+    out = []
+    for k in range(1, count + 1):
+        member = labels == k
+        n = int(member.sum())
+        if n == 0:
+            continue
+        if flow_part is None:
+            share = 1.0
+        else:
+            total = float(np.nansum(fused[member]))
+            share = float(np.nansum(flow_part[member]) / total) if total > 0 else float("nan")
+        out.append({
+            "volume_ml": round(n * voxel_ml, 4),
+            "peak": float(np.nanmax(fused[member])),
+            "flow_share": share,
+            "tissue": {name: float((tissue[member] == value).mean())
+                       for value, name in TISSUES.items()},
+            "depth_mm": float(np.median(depth[member])),
+        })
+    return out
+
+
+def summarise(components: list[dict], n_scans: int) -> dict:
+    """Flagged volume (mL, total over the scans and per scan) by driver, tissue and depth."""
+    def total(selected):
+        return round(float(sum(c["volume_ml"] for c in selected)), 3)
+
+    by_driver = {
+        "flow": total(c for c in components if c["flow_share"] >= 0.5),
+        "normative": total(c for c in components if c["flow_share"] < 0.5),
+    }
+    by_tissue = {name: total(c for c in components
+                             if max(c["tissue"], key=c["tissue"].get) == name)
+                 for name in TISSUES.values()}
+    by_depth = {f"shallow (< {SHALLOW_MM:g} mm)": total(
+                    c for c in components if c["depth_mm"] < SHALLOW_MM),
+                "deep": total(c for c in components if c["depth_mm"] >= SHALLOW_MM)}
+    return {"n_scans": n_scans, "n_components": len(components),
+            "components_per_scan": len(components) / max(n_scans, 1),
+            "flagged_ml": total(components),
+            "flagged_ml_per_scan": total(components) / max(n_scans, 1),
+            "by_driver_ml": by_driver, "by_majority_tissue_ml": by_tissue,
+            "by_depth_ml": by_depth}
+
+
+def scan_components(model, row, tissue_path, scan, local, device="cpu") -> list[dict]:
+    """The detection of one model-space healthy scan at the model's default operating point,
+    its components described (:func:`describe_components`) with the tissue map at
+    ``tissue_path``."""
+    flow_heat, normative_heat = component_heat_maps(model, scan.image, scan.brain_mask, local,
+                                                    device)
+    brain = load_volume(row.brain_mask, what="brain mask").data > 0
+    if normative_heat is None:
+        fused_model, flow_model = flow_heat, None
+    else:
+        flow_model = evidence(flow_heat, model.component_calibrations["flow"])
+        fused_model = flow_model + np.nan_to_num(
+            evidence(normative_heat, model.component_calibrations["normative"]))
+    detection = native_detection(model, fused_model.astype(np.float32), scan.mapping, brain)
+    flow_native = (None if flow_model is None else
+                   native_detection(model, flow_model.astype(np.float32), scan.mapping,
+                                    brain).heat)
+    tissue = load_volume(tissue_path, what="tissue map")
+    spacing = np.linalg.norm(detection.affine[:3, :3], axis=0)
+    return describe_components(detection.labels, len(detection.components), detection.heat,
+                               flow_native, np.asarray(tissue.data).astype(int), brain,
+                               spacing)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path,
+                        default=Path(__file__).resolve().parents[1]
+                        / "Resources" / "Models" / "spatial_msma.pt")
+    parser.add_argument("--manifest", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, required=True, help="model-space cache folder")
+    parser.add_argument("--splits", nargs="+", choices=list(HEALTHY_SPLITS),
+                        default=list(HEALTHY_SPLITS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args()
+    try:
+        if args.out and args.out.exists() and not args.overwrite:
+            raise InputError(f"'{args.out}' exists; pass --overwrite to replace it")
+        model = AnomalyModel.load(args.model)
+        if model.spatial is None or model.calibration is None:
+            raise InputError(f"'{args.model}' has no Spatial-MSMA flow and calibration")
+        names = [HEALTHY_SPLITS[s] for s in args.splits]
+        rows = manifest_scans(args.manifest, names)
+        manifest = load_manifest(args.manifest)
+        tissue_paths = {s["id"]: Path(manifest["root"]) / s["tissue"]
+                        for s in manifest["subjects"] if s.get("tissue")}
+        missing = [r.id for name in names for r in rows[name] if r.id not in tissue_paths]
+        if missing:
+            raise InputError(f"{args.manifest}: no tissue map for {', '.join(missing[:3])}")
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    result = {"command": " ".join(sys.argv), "model": str(args.model),
+              "provenance_sha256": model.provenance.get("score_checkpoint_sha256"),
+              "shallow_mm": SHALLOW_MM, "splits": {}}
+    for split, name in zip(args.splits, names, strict=True):
+        scans = model_space(rows[name], args.cache, model.spacing_mm, demons=model.demons,
+                            version=model.preprocess_version,
+                            channels=len(model.channel_names))
+        if model.spatial.config.score_features:
+            _, paths = cached_features(model, scans, args.cache / model.feature_cache_name(),
+                                       args.device, save_local=True)
+        else:
+            paths = [None] * len(scans)
+        per_scan, everything = {}, []
+        for row, scan, path in zip(rows[name], scans, paths, strict=True):
+            if path is None:
+                local = np.zeros((0, *scan.brain_mask.shape), np.float32)
+            else:
+                with np.load(path) as cached:
+                    local = cached["local"].astype(np.float32)
+            components = scan_components(model, row, tissue_paths[row.id], scan, local,
+                                         args.device)
+            per_scan[row.id] = components
+            everything += components
+            print(f"{row.id}: {len(components)} components, "
+                  f"{sum(c['volume_ml'] for c in components):.2f} mL", flush=True)
+        summary = summarise(everything, len(scans))
+        result["splits"][split] = {"summary": summary, "scans": per_scan}
+        print(f"{split}: {json.dumps(summary)}", flush=True)
+    if args.out:  # atomically: a partial file never replaces a result
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        partial = args.out.with_name(args.out.name + ".partial")
+        partial.write_text(json.dumps(result, indent=1))
+        partial.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,8 @@ from it (the GUIs raise ``Cancelled``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,32 @@ def select_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for but no CUDA device is available")
     return torch.device(device)
+
+
+@contextmanager
+def full_precision() -> Iterator[None]:
+    """IEEE float32 convolutions and matrix products inside the block (no autocast, even
+    inside a caller's, and no TF32 on CUDA), the previous settings restored after it.
+    Score-norm features are computed this way on every device: the density models fitted on
+    them are sensitive to 1% changes of the norms (under bf16 autocast on a CPU, 3 of 6
+    benchmark scans changed their MSMA verdict; ``benchmarks/feature_precision.py``), so a
+    GPU must give the CPU's features."""
+    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
+    matmul = torch.backends.cuda.matmul
+    saved = (cudnn_conv.fp32_precision if cudnn_conv is not None else None,
+             matmul.fp32_precision)
+    try:
+        if cudnn_conv is not None:
+            cudnn_conv.fp32_precision = "ieee"
+        matmul.fp32_precision = "ieee"
+        with ExitStack() as stack:
+            for device_type in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            yield
+    finally:
+        if cudnn_conv is not None:
+            cudnn_conv.fp32_precision = saved[0]
+        matmul.fp32_precision = saved[1]
 
 
 def prepare(
@@ -66,7 +93,8 @@ def compute_features(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Score-norm features of a preprocessed scan: ``local (L, X, Y, Z)`` float32 (zero
     outside the brain's bounding box) and ``whole (L,)`` (norm over the model-space brain
-    mask). Uses bf16 autocast on CUDA."""
+    mask). Computed in IEEE float32 on every device (:func:`full_precision`; no autocast):
+    the typicality and flow models read these values, so CPU and GPU must agree."""
     device = torch.device(device)
     net = model.score_net.to(device)
     x = torch.from_numpy(scan.image).to(device)
@@ -79,7 +107,7 @@ def compute_features(
             progress(f"score model, noise levels {index * f.sigmas_per_pass + 1}-"
                      f"{index * f.sigmas_per_pass + len(chunk)} of {len(sigmas)}",
                      0.3 + 0.65 * index / len(chunks))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with full_precision():
             local, whole = score_norm_features(net, x, chunk, f.neighbourhood, len(chunk),
                                                mask=scan.brain_mask, margin=f.margin)
         local_parts.append(local.float().cpu())

@@ -110,3 +110,34 @@ def test_typicality_cli_json_matches_the_library(model, scan_files, capsys):
     reference = anomaly_model.typicality.reference_scores["gmm"]
     expected = 100 * np.mean(reference < report["scores"]["gmm"]["score"])
     assert report["scores"]["gmm"]["percentile"] == pytest.approx(expected, abs=100 / 24)
+
+
+def test_features_are_computed_in_ieee_float32(model, monkeypatch):
+    """Every network pass of ``compute_features`` runs without autocast and with TF32 off
+    (the typicality model reads these norms; bf16 moves them by ~1% and flips verdicts), and
+    the caller's precision settings are restored afterwards."""
+    anomaly_model, _ = model
+    net = anomaly_model.score_net
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def forward(self, x, sigma):
+            seen.append((torch.backends.cudnn.conv.fp32_precision,
+                         torch.backends.cuda.matmul.fp32_precision,
+                         torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"),
+                         x.dtype))
+            return net(x, sigma)
+
+    monkeypatch.setattr(anomaly_model, "score_net", Recording())
+    before = (torch.backends.cudnn.conv.fp32_precision,
+              torch.backends.cuda.matmul.fp32_precision)
+    assert before[0] != "ieee"  # torch's default for convolutions: TF32 allowed
+    mask = template_on_grid(4.0, (48, 56, 48)).brain_mask
+    image = np.zeros((2, *mask.shape), np.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # even inside a caller's autocast
+        _, whole = compute_features(anomaly_model, _Scan(image, mask))
+    assert len(seen) == 2  # 4 noise levels, 2 per pass
+    assert set(seen) == {("ieee", "ieee", False, False, torch.float32)}
+    assert whole.dtype == np.float32
+    assert (torch.backends.cudnn.conv.fp32_precision,
+            torch.backends.cuda.matmul.fp32_precision) == before

@@ -227,3 +227,14 @@ def save_volume(
         raise InputError(f"'{path}': unsupported output type (use .nii, .nii.gz or .nrrd)")
     tmp.replace(path)
     return path
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a ``.partial`` file renamed over it, so a reader
+    never sees half a file and an interrupted write never replaces an earlier result.
+    Creates the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)

@@ -69,7 +69,7 @@ from SpatialMSMALib.dataset import manifest_scans, model_space  # noqa: E402
 from SpatialMSMALib.detection import native_detection  # noqa: E402
 from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.inference import cached_features, select_device  # noqa: E402
-from SpatialMSMALib.io import load_volume  # noqa: E402
+from SpatialMSMALib.io import load_volume, write_text_atomically  # noqa: E402
 from SpatialMSMALib.metrics import evaluate_case, split_summary  # noqa: E402
 from SpatialMSMALib.model import AnomalyModel  # noqa: E402
 from SpatialMSMALib.spatial import Calibration, scored_region  # noqa: E402
@@ -386,7 +386,7 @@ def run(args, size: Size | None = None) -> dict:
         results["methods"][name] = entry
     results["evaluation_seconds"] = time.perf_counter() - t_start
     if args.out:  # the accuracy tables survive a failure of the cost part
-        write_atomically(args.out, json.dumps(results, indent=1, default=float))
+        write_text_atomically(args.out, json.dumps(results, indent=1, default=float))
     # costs: each method in its own process on the first lesioned test scans
     first = next(iter(test_rows))
     lesioned_rows = _take(rows[SPLITS[first][1]], size.lesioned)
@@ -404,13 +404,6 @@ def run(args, size: Size | None = None) -> dict:
                 "reference-scale", None, args.model, cache, cost_rows[:1], device, size, work)
     results["total_seconds"] = time.perf_counter() - t_start
     return results
-
-
-def write_atomically(path: Path, content: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(content)
-    tmp.replace(path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -455,7 +448,7 @@ def main(argv=None, size: Size | None = None) -> dict:
     for path, content in ((args.out, json.dumps(results, indent=1, default=float)),
                           (args.markdown, text + "\n")):
         if path:
-            write_atomically(path, content)
+            write_text_atomically(path, content)
     return results
 
 

@@ -37,7 +37,7 @@ from SpatialMSMALib.dataset import manifest_scans, model_space  # noqa: E402
 from SpatialMSMALib.detection import component_heat_maps, native_detection  # noqa: E402
 from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.inference import cached_features  # noqa: E402
-from SpatialMSMALib.io import load_volume  # noqa: E402
+from SpatialMSMALib.io import load_volume, write_text_atomically  # noqa: E402
 from SpatialMSMALib.model import AnomalyModel  # noqa: E402
 from SpatialMSMALib.normative import evidence  # noqa: E402
 
@@ -193,11 +193,8 @@ def main() -> None:
         summary = summarise(everything, len(scans))
         result["splits"][split] = {"summary": summary, "scans": per_scan}
         print(f"{split}: {json.dumps(summary)}", flush=True)
-    if args.out:  # atomically: a partial file never replaces a result
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        partial = args.out.with_name(args.out.name + ".partial")
-        partial.write_text(json.dumps(result, indent=1))
-        partial.replace(args.out)
+    if args.out:
+        write_text_atomically(args.out, json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from SpatialMSMALib.dataset import manifest_scans, model_space  # noqa: E402
 from SpatialMSMALib.errors import InputError  # noqa: E402
+from SpatialMSMALib.io import write_text_atomically  # noqa: E402
 from SpatialMSMALib.model import AnomalyModel  # noqa: E402
 from SpatialMSMALib.score.features import score_norm_features  # noqa: E402
 
@@ -99,11 +100,8 @@ def main() -> None:
         },
     }
     print(json.dumps(result["summary"]), flush=True)
-    if args.out:  # atomically: a partial file never replaces a result
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        partial = args.out.with_name(args.out.name + ".partial")
-        partial.write_text(json.dumps(result, indent=1))
-        partial.replace(args.out)
+    if args.out:
+        write_text_atomically(args.out, json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

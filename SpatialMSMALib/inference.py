@@ -46,22 +46,29 @@ def full_precision() -> Iterator[None]:
     them are sensitive to 1% changes of the norms (under bf16 autocast on a CPU, 3 of 6
     benchmark scans changed their MSMA verdict; ``benchmarks/feature_precision.py``), so a
     GPU must give the CPU's features."""
-    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
-    matmul = torch.backends.cuda.matmul
-    saved = (cudnn_conv.fp32_precision if cudnn_conv is not None else None,
-             matmul.fp32_precision)
+    settings = _float32_settings()
+    saved = [getattr(owner, name) for owner, name, _ in settings]
     try:
-        if cudnn_conv is not None:
-            cudnn_conv.fp32_precision = "ieee"
-        matmul.fp32_precision = "ieee"
+        for owner, name, value in settings:
+            setattr(owner, name, value)
         with ExitStack() as stack:
             for device_type in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
                 stack.enter_context(torch.autocast(device_type, enabled=False))
             yield
     finally:
-        if cudnn_conv is not None:
-            cudnn_conv.fp32_precision = saved[0]
-        matmul.fp32_precision = saved[1]
+        for (owner, name, _), value in zip(settings, saved, strict=True):
+            setattr(owner, name, value)
+
+
+def _float32_settings() -> list[tuple[object, str, object]]:
+    """``(owner, attribute, IEEE value)`` of torch's TF32 switches: the ``fp32_precision``
+    settings of recent torch, else the older ``allow_tf32`` flags (for instance the torch
+    that a 3D Slicer installation provides)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    matmul = torch.backends.cuda.matmul
+    if hasattr(conv, "fp32_precision") and hasattr(matmul, "fp32_precision"):
+        return [(conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]
+    return [(torch.backends.cudnn, "allow_tf32", False), (matmul, "allow_tf32", False)]
 
 
 def prepare(

@@ -159,7 +159,7 @@ def component_heat_maps(model: AnomalyModel, image: np.ndarray, brain_mask: np.n
         raise InputError("this model file has no Spatial-MSMA flow (it is an MSMA-only model "
                          "from fit_msma.py); train one with training/train_spatial.py")
     region = scored_region(brain_mask, model.calibration.rim_mm, model.spacing_mm)
-    with full_precision():  # a GPU gives the CPU's heat map (no TF32 in the global encoder)
+    with full_precision():  # no autocast or TF32 in the flow and its global encoder
         raw = model.spatial.heat_map(local, image, region, device=device, progress=progress,
                                      brain_mask=brain_mask)
     sigma_vox = model.calibration.smoothing_mm / model.spacing_mm

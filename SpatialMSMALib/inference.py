@@ -44,8 +44,10 @@ def full_precision() -> Iterator[None]:
     inside a caller's, and no TF32 on CUDA), the previous settings restored after it.
     Score-norm features are computed this way on every device: the density models fitted on
     them are sensitive to 1% changes of the norms (under bf16 autocast on a CPU, 3 of 6
-    benchmark scans changed their MSMA verdict; ``benchmarks/feature_precision.py``), so a
-    GPU must give the CPU's features."""
+    benchmark scans changed their MSMA verdict; ``benchmarks/feature_precision.py``), so no
+    device may add a precision loss of its own. Known remaining gap: on the CPU, torch's
+    GroupNorm on channels-last tensors loses about 1.5% of the score norms' precision, which
+    a GPU does not (``benchmarks/groupnorm_precision.py``)."""
     settings = _float32_settings()
     saved = [getattr(owner, name) for owner, name, _ in settings]
     try:
@@ -101,7 +103,7 @@ def compute_features(
     """Score-norm features of a preprocessed scan: ``local (L, X, Y, Z)`` float32 (zero
     outside the brain's bounding box) and ``whole (L,)`` (norm over the model-space brain
     mask). Computed in IEEE float32 on every device (:func:`full_precision`; no autocast):
-    the typicality and flow models read these values, so CPU and GPU must agree."""
+    the typicality and flow models read these values (see its note on the CPU's GroupNorm)."""
     device = torch.device(device)
     net = model.score_net.to(device)
     x = torch.from_numpy(scan.image).to(device)

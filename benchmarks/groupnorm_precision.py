@@ -22,20 +22,21 @@ import contextlib
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from feature_precision import whole_norms  # noqa: E402
 
 from SpatialMSMALib.dataset import manifest_scans, model_space  # noqa: E402
 from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.io import write_text_atomically  # noqa: E402
 from SpatialMSMALib.model import AnomalyModel  # noqa: E402
-from SpatialMSMALib.score.features import score_norm_features  # noqa: E402
 
 OFFSETS = (0.0, 10.0, 30.0, 100.0)
 
@@ -73,17 +74,6 @@ def contiguous_group_norm():
         torch.nn.GroupNorm.forward = original
 
 
-def whole_norms(model, scan) -> tuple[np.ndarray, float]:
-    f = model.features
-    start = time.perf_counter()
-    with torch.no_grad():
-        _, whole = score_norm_features(model.score_net.eval(), torch.from_numpy(scan.image),
-                                       torch.as_tensor(model.sigmas, dtype=torch.float32),
-                                       f.neighbourhood, f.sigmas_per_pass,
-                                       mask=scan.brain_mask, margin=f.margin)
-    return whole.numpy(), time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path,
@@ -113,9 +103,9 @@ def main() -> None:
     scans = model_space(rows, args.cache, model.spacing_mm, demons=model.demons,
                         version=model.preprocess_version, channels=len(model.channel_names))
     for scan in scans:
-        product, product_s = whole_norms(model, scan)
+        product, product_s = whole_norms(model, scan, bf16=False)
         with contiguous_group_norm():
-            accurate, accurate_s = whole_norms(model, scan)
+            accurate, accurate_s = whole_norms(model, scan, bf16=False)
         verdicts = [model.typicality.assess(v[None])[0].to_dict() for v in (product, accurate)]
         record = {"id": scan.id, "max_relative_change": float(np.abs(product / accurate - 1).max()),
                   "seconds": {"product": round(product_s, 1), "contiguous": round(accurate_s, 1)},

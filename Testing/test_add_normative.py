@@ -44,7 +44,7 @@ def intensity_model_and_cohort(tmp_path_factory):
     return {"manifest": manifest, "model": path, "folder": folder}
 
 
-def _val_scans(setup):
+def _train_and_val_scans(setup):
     from SpatialMSMALib.dataset import manifest_scans, model_space
 
     rows = manifest_scans(setup["manifest"], ("train", "val"))
@@ -75,7 +75,7 @@ def test_add_then_reuse_normative(intensity_model_and_cohort, capsys):
     assert added.calibration.grow_rate_factor == 3.0 and added.calibration.default_fpr == 0.01
     assert set(added.component_calibrations) == {"flow", "normative"}
     # the normative model is the one fitted on the cohort's three training scans
-    scans = _val_scans(setup)
+    scans = _train_and_val_scans(setup)
     assert added.provenance["normative_contrast"]["train_ids"] == [s.id for s in scans["train"]]
     direct = NormativeContrast.fit(((s.image, s.brain_mask) for s in scans["train"]),
                                    NormativeContrastConfig(sigmas_vox=(1.0, 2.0)))

@@ -22,7 +22,6 @@ healthy scans and the simulator's tissue labels are read; no threshold is set.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -30,7 +29,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cohort_args import cohort_parser, exit_with, refuse_existing_output  # noqa: E402
 
 from SpatialMSMALib.cohort import load_manifest  # noqa: E402
 from SpatialMSMALib.dataset import manifest_scans, model_space  # noqa: E402
@@ -136,21 +138,13 @@ def scan_components(model, row, tissue_path, scan, local, device="cpu") -> list[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path,
-                        default=Path(__file__).resolve().parents[1]
-                        / "Resources" / "Models" / "spatial_msma.pt")
-    parser.add_argument("--manifest", type=Path, required=True)
-    parser.add_argument("--cache", type=Path, required=True, help="model-space cache folder")
+    parser = cohort_parser(__doc__.splitlines()[0])
     parser.add_argument("--splits", nargs="+", choices=list(HEALTHY_SPLITS),
                         default=list(HEALTHY_SPLITS))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
     try:
-        if args.out and args.out.exists() and not args.overwrite:
-            raise InputError(f"'{args.out}' exists; pass --overwrite to replace it")
+        refuse_existing_output(args)
         model = AnomalyModel.load(args.model)
         if model.spatial is None or model.calibration is None:
             raise InputError(f"'{args.model}' has no Spatial-MSMA flow and calibration")
@@ -163,8 +157,7 @@ def main() -> None:
         if missing:
             raise InputError(f"{args.manifest}: no tissue map for {', '.join(missing[:3])}")
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with(e)
     result = {"command": " ".join(sys.argv), "model": str(args.model),
               "provenance_sha256": model.provenance.get("score_checkpoint_sha256"),
               "shallow_mm": SHALLOW_MM, "splits": {}}

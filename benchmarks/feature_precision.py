@@ -14,7 +14,6 @@ model's own.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -24,7 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cohort_args import cohort_parser, exit_with, refuse_existing_output  # noqa: E402
 
 from SpatialMSMALib.dataset import manifest_scans, model_space  # noqa: E402
 from SpatialMSMALib.errors import InputError  # noqa: E402
@@ -48,26 +50,17 @@ def whole_norms(model, scan, bf16: bool) -> tuple[np.ndarray, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path,
-                        default=Path(__file__).resolve().parents[1]
-                        / "Resources" / "Models" / "spatial_msma.pt")
-    parser.add_argument("--manifest", type=Path, required=True)
-    parser.add_argument("--cache", type=Path, required=True, help="model-space cache folder")
+    parser = cohort_parser(__doc__.splitlines()[0])
     parser.add_argument("--scans-per-split", type=int, default=2)
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
     try:
-        if args.out and args.out.exists() and not args.overwrite:
-            raise InputError(f"'{args.out}' exists; pass --overwrite to replace it")
+        refuse_existing_output(args)
         model = AnomalyModel.load(args.model)
         if model.typicality is None:
             raise InputError(f"'{args.model}' carries no MSMA typicality model")
         rows = manifest_scans(args.manifest, SPLITS)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with(e)
     selected = [r for split in SPLITS for r in rows[split][: args.scans_per_split]]
     scans = model_space(selected, args.cache, model.spacing_mm, demons=model.demons,
                         version=model.preprocess_version, channels=len(model.channel_names))

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import platform
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cohort_args import cohort_parser, exit_with, refuse_existing_output  # noqa: E402
 from feature_precision import whole_norms  # noqa: E402
 
 from SpatialMSMALib.dataset import manifest_scans, model_space  # noqa: E402
@@ -75,26 +75,17 @@ def contiguous_group_norm():
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path,
-                        default=Path(__file__).resolve().parents[1]
-                        / "Resources" / "Models" / "spatial_msma.pt")
-    parser.add_argument("--manifest", type=Path, required=True)
-    parser.add_argument("--cache", type=Path, required=True, help="model-space cache folder")
+    parser = cohort_parser(__doc__.splitlines()[0])
     parser.add_argument("--scans", type=int, default=1)
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
     try:
-        if args.out and args.out.exists() and not args.overwrite:
-            raise InputError(f"'{args.out}' exists; pass --overwrite to replace it")
+        refuse_existing_output(args)
         model = AnomalyModel.load(args.model)
         if model.typicality is None:
             raise InputError(f"'{args.model}' carries no MSMA typicality model")
         rows = manifest_scans(args.manifest, ("test_healthy",))["test_healthy"][: args.scans]
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with(e)
     result = {"command": " ".join(sys.argv), "model": str(args.model),
               "machine": {"cpu_threads": torch.get_num_threads(),
                           "platform": platform.platform(), "torch": torch.__version__},

@@ -19,6 +19,7 @@ from .errors import InputError
 from .normative import NormativeContrast
 from .preprocessing import PREPROCESS_VERSION, DemonsConfig, PreprocessConfig
 from .scan_standardization import ScanStandardization
+from .score.features import FEATURE_VERSION
 from .score.network import ScoreUNet
 from .score.schedule import GeometricNoiseSchedule
 from .spatial import (
@@ -113,7 +114,8 @@ class AnomalyModel:
         digest = digest or self.provenance["score_checkpoint_sha256"][:12]
         name = f"features_{digest}" + (f"_{self.demons.tag}" if self.demons else "")
         # features of scans preprocessed by the model's version of the pipeline
-        return name + (f"_p{self.preprocess_version}" if self.preprocess_version > 1 else "")
+        name += f"_p{self.preprocess_version}" if self.preprocess_version > 1 else ""
+        return name + f"_f{FEATURE_VERSION}"  # and computed by this version of the features
 
     @classmethod
     def from_score_checkpoint(cls, path: str | Path, **kwargs) -> AnomalyModel:

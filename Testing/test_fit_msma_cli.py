@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from SpatialMSMALib.cohort import CohortSizes, make_benchmark
 from SpatialMSMALib.model import AnomalyModel
+from SpatialMSMALib.score.features import FEATURE_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,3 +48,23 @@ def test_fit_msma_writes_a_loadable_model_with_cross_fitted_references(tmp_path)
         np.sort(model.typicality.transform(features), axis=0), atol=1e-4)
     again = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+    # --model refits only the typicality model of a model file: same cached features, so the
+    # same healthy references; the score network is kept and the refit is recorded
+    refit = tmp_path / "refit.pt"
+    result = subprocess.run([*command[:2], "--model", str(out), *command[4:6], "--out",
+                             str(refit), *command[8:]], capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    again_model = AnomalyModel.load(refit)
+    np.testing.assert_array_equal(again_model.typicality.reference_scores["gmm"],
+                                  model.typicality.reference_scores["gmm"])
+    for name, tensor in model.score_net.state_dict().items():
+        assert torch.equal(again_model.score_net.state_dict()[name], tensor), name
+    assert again_model.provenance["typicality_refit_of"]["name"] == "model.pt"
+    assert again_model.provenance["typicality_feature_version"] == FEATURE_VERSION
+    bad = tmp_path / "not_a_model.pt"
+    bad.write_text("not a checkpoint")
+    result = subprocess.run([*command[:2], "--model", str(bad), *command[4:6], "--out",
+                             str(tmp_path / "x.pt")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and "not_a_model.pt" in result.stderr

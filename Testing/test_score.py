@@ -118,3 +118,43 @@ def test_masked_features_equal_the_full_computation_for_a_pointwise_score():
     inner = (slice(None), slice(5, 15), slice(4, 13), slice(3, 10))  # away from crop edges
     torch.testing.assert_close(local[inner], full_local[inner])
     assert local[:, 0].abs().sum() == 0  # outside the crop
+
+
+@pytest.mark.parametrize("memory_format,shape", [(torch.channels_last_3d, (2, 16, 9, 8, 7)),
+                                                  (torch.channels_last, (3, 16, 11, 10))])
+def test_group_norm_is_exact_on_channels_last_input_with_a_large_mean(memory_format, shape):
+    """Groups whose mean is 100 times their SD (and channels with their own offsets): the
+    network's GroupNorm stays at float32 precision against a float64 reference and keeps the
+    channels-last layout (torch's CPU kernel for this layout loses precision here)."""
+    from torch.nn import functional as F
+
+    from SpatialMSMALib.score.network import AccurateGroupNorm
+
+    generator = torch.Generator().manual_seed(0)
+    norm = AccurateGroupNorm(8, 16)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(16, generator=generator))
+        norm.bias.copy_(0.1 * torch.randn(16, generator=generator))
+    offsets = 100 + torch.randn((1, 16) + (1,) * (len(shape) - 2), generator=generator)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64) + offsets
+    with torch.no_grad():
+        reference = F.group_norm(x, 8, norm.weight.double(), norm.bias.double())
+        y = norm(x.float().contiguous(memory_format=memory_format))
+    assert y.shape == x.shape
+    assert y.is_contiguous(memory_format=memory_format)
+    assert float((y.double() - reference).abs().max()) < 1e-4
+    with torch.no_grad():  # any other layout: torch's own kernel, bit for bit
+        plain = x.float().contiguous()
+        assert torch.equal(norm(plain), F.group_norm(plain, 8, norm.weight, norm.bias))
+
+
+def test_channels_last_group_norm_gradients():
+    from SpatialMSMALib.score.network import channels_last_group_norm
+
+    generator = torch.Generator().manual_seed(1)
+    x = (torch.randn((2, 4, 3, 4, 5), generator=generator, dtype=torch.float64) + 3
+         ).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    weight = torch.randn(4, generator=generator, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w, b: channels_last_group_norm(a, 2, w, b),
+                                    (x, weight, bias))

@@ -2,6 +2,12 @@
 
     python training/fit_msma.py --score-checkpoint runs/score/best.pt --manifest benchmark \\
         --out runs/model.pt [--cache runs/score/cache] [--save-local]
+    python training/fit_msma.py --model MODEL.pt --manifest benchmark --out runs/refit.pt
+
+``--model``: refit only the typicality model of an existing model file on the same kind of
+healthy scans; its score network, preprocessing, flow, calibrations and post-processing are
+kept as they are (for instance after a change of ``score.features.FEATURE_VERSION``: the
+stored healthy references are only valid for features computed the same way).
 
 Healthy scans: the ``train`` and ``val`` splits of a manifest, or every scan of
 ``--data-dir``. For each scan (preprocessed once; the cache of train_score.py is reused) the
@@ -22,16 +28,21 @@ from pathlib import Path
 
 import numpy as np
 
-from SpatialMSMALib.dataset import folder_scans, manifest_scans, model_space
+from SpatialMSMALib.dataset import check_refused, folder_scans, manifest_scans, model_space
 from SpatialMSMALib.errors import InputError
 from SpatialMSMALib.inference import cached_features, select_device
 from SpatialMSMALib.model import AnomalyModel
+from SpatialMSMALib.score.features import FEATURE_VERSION
 from SpatialMSMALib.typicality import MODEL_NAMES, TypicalityModel
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--score-checkpoint", type=Path, required=True)
+    network = parser.add_mutually_exclusive_group(required=True)
+    network.add_argument("--score-checkpoint", type=Path,
+                         help="a train_score.py checkpoint: writes a new MSMA-only model file")
+    network.add_argument("--model", type=Path,
+                         help="a model file: refit only its typicality model, keep the rest")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--manifest", type=Path)
     source.add_argument("--data-dir", type=Path)
@@ -57,9 +68,19 @@ def main(argv: list[str] | None = None) -> int:
         if len(rows) < 8:
             raise InputError(f"{len(rows)} healthy scans: need at least 8 to fit and cross-fit")
         cache = args.cache or args.out.with_name(args.out.name + ".cache")
-        model = AnomalyModel.from_score_checkpoint(args.score_checkpoint)
+        if args.model:
+            model = AnomalyModel.load(args.model)
+            refit_of = {"name": args.model.name, "sha256": hashlib.sha256(
+                args.model.read_bytes()).hexdigest(), "previous_n_healthy":
+                model.provenance.get("n_healthy")}
+        else:
+            model = AnomalyModel.from_score_checkpoint(args.score_checkpoint)
+        refused: list = []
         scans = model_space(rows, cache, model.spacing_mm, demons=model.demons,
-                            channels=len(model.channel_names))
+                            version=model.preprocess_version,
+                            channels=len(model.channel_names), refused=refused)
+        check_refused(refused, len(rows))
+        rows = [r for r in rows if r.id not in {scan_id for scan_id, _ in refused}]
         device = select_device(args.device)
         start = time.perf_counter()
         features, _ = cached_features(model, scans, cache / model.feature_cache_name(), device,
@@ -68,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         model.typicality = TypicalityModel.fit(features, models=tuple(args.models))
         model.provenance.update({"typicality_cohort": cohort, "n_healthy": len(rows),
                                  "healthy_ids_sha256": hashlib.sha256(
-                                     "\n".join(r.id for r in rows).encode()).hexdigest()})
+                                     "\n".join(r.id for r in rows).encode()).hexdigest(),
+                                 "typicality_feature_version": FEATURE_VERSION})
+        if args.model:
+            model.provenance["typicality_refit_of"] = refit_of
         model.save(args.out, overwrite=args.overwrite)
         for name in model.typicality.models:
             ref = model.typicality.reference_scores[name]

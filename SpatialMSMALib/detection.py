@@ -28,6 +28,8 @@ from .inference import (
     Progress,
     compute_features,
     contrast_problems,
+    detection_levels,
+    full_levels,
     full_precision,
     prepare,
     typicality_report,
@@ -286,7 +288,9 @@ def detect(
     scan = prepare(model, t1, t2, brain_mask, names=names, progress=progress)
     timings["preprocess"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    local, whole = compute_features(model, scan, device, progress)
+    levels = detection_levels(model)  # only what the flow and the typicality model read
+    local, whole = compute_features(model, scan, device, progress, levels)
+    whole = full_levels(model, levels, whole)
     timings["score_features"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     if progress:

@@ -45,9 +45,8 @@ def full_precision() -> Iterator[None]:
     Score-norm features are computed this way on every device: the density models fitted on
     them are sensitive to 1% changes of the norms (under bf16 autocast on a CPU, 3 of 6
     benchmark scans changed their MSMA verdict; ``benchmarks/feature_precision.py``), so no
-    device may add a precision loss of its own. Known remaining gap: on the CPU, torch's
-    GroupNorm on channels-last tensors loses about 1.5% of the score norms' precision, which
-    a GPU does not (``benchmarks/groupnorm_precision.py``)."""
+    device may add a precision loss of its own. (The score network's own GroupNorm is exact on
+    the CPU's channels-last tensors too: ``score.network.AccurateGroupNorm``.)"""
     settings = _float32_settings()
     saved = [getattr(owner, name) for owner, name, _ in settings]
     try:
@@ -99,16 +98,21 @@ def compute_features(
     scan: PreprocessedScan,
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
+    levels: list[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Score-norm features of a preprocessed scan: ``local (L, X, Y, Z)`` float32 (zero
     outside the brain's bounding box) and ``whole (L,)`` (norm over the model-space brain
-    mask). Computed in IEEE float32 on every device (:func:`full_precision`; no autocast):
-    the typicality and flow models read these values (see its note on the CPU's GroupNorm)."""
+    mask); with ``levels`` (noise-level indices) only those levels, in that order
+    (``(len(levels), ...)``). Computed in IEEE float32 on every device
+    (:func:`full_precision`; no autocast): the typicality and flow models read these
+    values."""
     device = torch.device(device)
     net = model.score_net.to(device)
     x = torch.from_numpy(scan.image).to(device)
     f = model.features
-    sigmas = model.sigmas
+    sigmas = model.sigmas if levels is None else model.sigmas[list(levels)]
+    if not len(sigmas):  # nothing reads score norms: no network pass
+        return (np.zeros((0, *scan.image.shape[1:]), np.float32), np.zeros(0, np.float32))
     chunks = [sigmas[i : i + f.sigmas_per_pass] for i in range(0, len(sigmas), f.sigmas_per_pass)]
     local_parts, whole_parts = [], []
     for index, chunk in enumerate(chunks):
@@ -122,6 +126,26 @@ def compute_features(
         local_parts.append(local.float().cpu())
         whole_parts.append(whole.float().cpu())
     return torch.cat(local_parts).numpy(), torch.cat(whole_parts).numpy()
+
+
+def detection_levels(model: AnomalyModel) -> list[int]:
+    """The noise levels a detection must evaluate: all when the flow reads score norms (or
+    the model has no flow), else those its typicality model reads (all without a level
+    choice; none without a typicality model)."""
+    every = list(range(len(model.sigmas)))
+    if model.spatial is None or model.spatial.config.score_features:
+        return every
+    if model.typicality is None:
+        return []
+    return every if model.typicality.levels is None else list(model.typicality.levels)
+
+
+def full_levels(model: AnomalyModel, levels: list[int], whole: np.ndarray) -> np.ndarray:
+    """``(L,)`` whole-brain norms with ``whole`` at ``levels`` and NaN at the levels that
+    were not evaluated (a typicality model reads only its own levels)."""
+    out = np.full(len(model.sigmas), np.nan, np.float32)
+    out[list(levels)] = whole
+    return out
 
 
 #: correlation of each model-space channel with the template T1 inside the brain, as measured
@@ -234,7 +258,10 @@ def assess_typicality(
         raise InputError(f"auxiliary model '{primary}' not in this model file "
                          f"(has {sorted(model.typicality.models)})")
     scan = prepare(model, t1, t2, brain_mask, names=names, progress=progress)
-    _, whole = compute_features(model, scan, device, progress)
+    levels = (list(range(len(model.sigmas))) if model.typicality.levels is None
+              else list(model.typicality.levels))
+    _, whole = compute_features(model, scan, device, progress, levels)
+    whole = full_levels(model, levels, whole)
     return typicality_report(model, whole, scan.mapping.registration_ncc,
                              contrast_problems(model, scan.image, scan.brain_mask, names),
                              primary, progress)
@@ -243,8 +270,9 @@ def assess_typicality(
 def typicality_report(model: AnomalyModel, whole: np.ndarray, registration_ncc: float,
                       problems: list[str], primary: str = "gmm",
                       progress: Progress | None = None) -> TypicalityReport:
-    """Typicality scores of whole-brain score norms ``(L,)``. Contrast problems make the
-    verdict "unexpected input" whatever the scores say: such a scan is never called typical."""
+    """Typicality scores of whole-brain score norms ``(L,)`` (NaN at levels that were not
+    evaluated; the typicality model must not read those). Contrast problems make the verdict
+    "unexpected input" whatever the scores say: such a scan is never called typical."""
     scores = {name: model.typicality.assess(whole[None], name)[0].to_dict()
               for name in model.typicality.models}
     if primary not in scores:
@@ -258,4 +286,4 @@ def typicality_report(model: AnomalyModel, whole: np.ndarray, registration_ncc: 
         progress("done", 1.0)
     verdict = "unexpected input" if problems else scores[primary]["verdict"]
     return TypicalityReport(scores, verdict, primary, ncc, warnings,
-                            [float(v) for v in whole])
+                            [float(v) if np.isfinite(v) else None for v in whole])

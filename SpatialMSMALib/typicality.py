@@ -278,12 +278,16 @@ class TypicalityModel:
         models: name -> fitted density/distance model (on transformed features).
         reference_scores: name -> sorted scores of healthy inputs the model was not fitted on
             (a separate reference set, or out-of-fold scores from cross-fitting).
+        levels: indices of the score model's noise levels this model reads (``None``: all).
+            Its inputs are then full ``(N, L)`` vectors of which only these columns are read
+            (the others may be NaN: a detector evaluates only the levels it needs).
     """
 
     mean: np.ndarray
     scale: np.ndarray
     models: dict = field(default_factory=dict)
     reference_scores: dict = field(default_factory=dict)
+    levels: list | None = None
 
     @classmethod
     def fit(
@@ -293,13 +297,22 @@ class TypicalityModel:
         models: tuple[str, ...] = MODEL_NAMES,
         folds: int = 5,
         seed: int = 0,
+        levels: list[int] | None = None,
     ) -> TypicalityModel:
         """Fit on healthy feature vectors ``features (N, L)`` (positive score norms).
 
         With ``reference_features`` the percentiles come from those held-out healthy inputs;
         without, from ``folds``-fold cross-fitting (each input scored by models fitted on the
-        other folds), which uses small cohorts fully.
+        other folds), which uses small cohorts fully. ``levels``: read only these columns
+        (noise-level indices) of every input (see the class attribute).
         """
+        if levels is not None:
+            typ = cls.fit(cls._columns(features, levels, "fit features"),
+                          None if reference_features is None else
+                          cls._columns(reference_features, levels, "reference features"),
+                          models, folds, seed)
+            typ.levels = [int(i) for i in levels]
+            return typ
         features = _check_features(features, "fit features")
         logs = np.log(features)
         typ = cls(mean=logs.mean(0), scale=logs.std(0) + 1e-6)
@@ -323,14 +336,30 @@ class TypicalityModel:
             typ.reference_scores = {k: np.sort(v) for k, v in out_of_fold.items()}
         return typ
 
+    @staticmethod
+    def _columns(features: np.ndarray, levels: list[int], what: str) -> np.ndarray:
+        features = np.asarray(features, dtype=np.float64)
+        if features.ndim != 2 or not levels or min(levels) < 0 or (
+                max(levels) >= features.shape[1]):
+            raise ValueError(f"{what}: shape {features.shape} has no noise levels {levels}")
+        return features[:, list(levels)]
+
+    def select(self, features: np.ndarray) -> np.ndarray:
+        """The columns of ``(N, L)`` feature vectors this model reads (all without
+        ``levels``)."""
+        if self.levels is None:
+            return features
+        return self._columns(features, self.levels, "features")
+
     def transform(self, features: np.ndarray) -> np.ndarray:
         return (np.log(np.maximum(features, 1e-12)) - self.mean) / self.scale
 
     def score(self, features: np.ndarray, model: str = "gmm") -> np.ndarray:
-        """``(N, L)`` feature vectors -> ``(N,)`` anomaly scores (higher = more unusual)."""
+        """``(N, L)`` feature vectors -> ``(N,)`` anomaly scores (higher = more unusual);
+        with ``levels`` only those columns are read."""
         if model not in self.models:
             raise KeyError(f"no auxiliary model '{model}' (have: {sorted(self.models)})")
-        features = _check_features(features, "features", expected=len(self.mean))
+        features = _check_features(self.select(features), "features", expected=len(self.mean))
         return self.models[model].score(self.transform(features))
 
     def percentile(self, scores: np.ndarray, model: str = "gmm") -> np.ndarray:
@@ -357,6 +386,8 @@ class TypicalityModel:
     def to_state(self) -> tuple[dict, dict]:
         """JSON-able config and a flat ``name -> tensor`` dict (for ``save_checkpoint``)."""
         config = {"models": {}}
+        if self.levels is not None:
+            config["levels"] = list(self.levels)
         tensors = {"mean": torch.as_tensor(self.mean), "scale": torch.as_tensor(self.scale)}
         for name, model in self.models.items():
             model_config, arrays = model.to_state()
@@ -369,7 +400,7 @@ class TypicalityModel:
     @classmethod
     def from_state(cls, config: dict, tensors: dict) -> TypicalityModel:
         arrays = {k: v.numpy() for k, v in tensors.items()}
-        typ = cls(mean=arrays["mean"], scale=arrays["scale"])
+        typ = cls(mean=arrays["mean"], scale=arrays["scale"], levels=config.get("levels"))
         for name, model_config in config["models"].items():
             prefix = f"{name}."
             own = {k[len(prefix):]: v for k, v in arrays.items()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from SpatialMSMALib.model import MODEL_DIR, REGISTRY, AnomalyModel, bundled_models, resolve_model
+from SpatialMSMALib.score.features import FEATURE_VERSION
 
 
 def test_registry_describes_the_installed_files():
@@ -25,6 +26,9 @@ def test_registry_describes_the_installed_files():
         # the registry states the preprocessing version detection will repeat (entries
         # bundled before versions existed are version 1)
         assert model.preprocess_version == entry["grid"].get("preprocess_version", 1)
+        # its typicality model was fitted on features computed as detection computes them
+        assert entry["msma_typicality"]["feature_version"] == FEATURE_VERSION
+        assert model.provenance["typicality_feature_version"] == FEATURE_VERSION
     from SpatialMSMALib.preprocessing import PREPROCESS_VERSION
 
     assert AnomalyModel.load().preprocess_version == PREPROCESS_VERSION  # the default: latest

@@ -68,3 +68,19 @@ def test_fit_msma_writes_a_loadable_model_with_cross_fitted_references(tmp_path)
                              str(tmp_path / "x.pt")], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 2 and "not_a_model.pt" in result.stderr
+
+
+def test_levels_option():
+    sys.path.insert(0, str(ROOT / "training"))
+    from fit_msma import typicality_levels
+
+    from SpatialMSMALib.errors import InputError
+
+    assert typicality_levels("all", 20) is None
+    assert typicality_levels("every:1", 20) is None  # every level is no choice
+    assert typicality_levels("every:2", 20) == list(range(0, 20, 2))
+    assert typicality_levels("every:3", 7) == [0, 3, 6]
+    assert typicality_levels("0,5,19", 20) == [0, 5, 19]
+    for bad in ("every:0", "every:x", "20", "3-1"):
+        with pytest.raises(InputError, match="--levels"):
+            typicality_levels(bad, 20)

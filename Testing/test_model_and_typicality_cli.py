@@ -21,6 +21,11 @@ class _Scan:
         self.image, self.brain_mask = image, brain_mask
 
 
+class _ScanWithMapping(_Scan):
+    class mapping:  # noqa: N801 - stands in for a preprocessing mapping
+        registration_ncc = 0.9
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """Tiny untrained net; typicality fitted on features of noisy copies of the template."""
@@ -141,3 +146,68 @@ def test_features_are_computed_in_ieee_float32(model, monkeypatch):
     assert whole.dtype == np.float32
     assert (torch.backends.cudnn.conv.fp32_precision,
             torch.backends.cuda.matmul.fp32_precision) == before
+
+
+def test_typicality_with_a_level_subset_evaluates_only_those_levels(model, monkeypatch):
+    """A typicality model that reads levels 1 and 3: ``compute_features`` is asked for those
+    two (one network pass), they equal the full computation's rows, and the report holds
+    ``None`` at the levels that were not evaluated."""
+    from SpatialMSMALib import inference
+
+    anomaly_model, _ = model
+    mask = template_on_grid(4.0, (48, 56, 48)).brain_mask
+    rng = np.random.default_rng(3)
+    image = (rng.normal(0, 0.3, (2, *mask.shape)) * mask).astype(np.float32)
+    scan = _Scan(image, mask)
+    full_local, full_whole = compute_features(anomaly_model, scan)
+    local, whole = compute_features(anomaly_model, scan, levels=[1, 3])
+    np.testing.assert_allclose(whole, full_whole[[1, 3]], rtol=1e-5)
+    np.testing.assert_allclose(local, full_local[[1, 3]], rtol=1e-5, atol=1e-6)
+
+    subset_model = AnomalyModel(anomaly_model.score_net, anomaly_model.schedule)
+    healthy = np.exp(rng.normal(0, 0.1, (12, 4))) * full_whole
+    subset_model.typicality = TypicalityModel.fit(healthy, models=("gmm",), levels=[1, 3])
+    assert inference.detection_levels(subset_model) == list(range(4))  # no flow: all levels
+    asked = []
+    real = inference.compute_features
+
+    def recording(model_, scan_, device="cpu", progress=None, levels=None):
+        asked.append(levels)
+        return real(model_, scan_, device, progress, levels)
+
+    monkeypatch.setattr(inference, "compute_features", recording)
+    monkeypatch.setattr(inference, "prepare", lambda *a, **k: _ScanWithMapping(image, mask))
+    monkeypatch.setattr(inference, "contrast_problems", lambda *a, **k: [])
+    report = inference.assess_typicality(subset_model, None, None, primary="gmm")
+    assert asked == [[1, 3]]
+    assert report.whole_features[0] is None and report.whole_features[2] is None
+    np.testing.assert_allclose([report.whole_features[1], report.whole_features[3]],
+                               full_whole[[1, 3]], rtol=1e-5)
+    assert report.scores["gmm"]["score"] == pytest.approx(
+        float(subset_model.typicality.score(full_whole[None])[0]), rel=1e-4)
+
+
+def test_detection_evaluates_only_the_levels_something_reads(model):
+    """A flow on intensities reads no score norms: detection then evaluates only the
+    typicality model's levels, and none at all without a typicality model."""
+    from types import SimpleNamespace
+
+    from SpatialMSMALib.inference import detection_levels, full_levels
+
+    anomaly_model, _ = model
+    subset_model = AnomalyModel(anomaly_model.score_net, anomaly_model.schedule)
+    subset_model.typicality = TypicalityModel(np.zeros(2), np.ones(2), levels=[1, 3])
+    subset_model.spatial = SimpleNamespace(config=SimpleNamespace(score_features=True))
+    assert detection_levels(subset_model) == [0, 1, 2, 3]
+    subset_model.spatial = SimpleNamespace(config=SimpleNamespace(score_features=False))
+    assert detection_levels(subset_model) == [1, 3]
+    subset_model.typicality.levels = None
+    assert detection_levels(subset_model) == [0, 1, 2, 3]
+    subset_model.typicality = None
+    assert detection_levels(subset_model) == []
+    mask = template_on_grid(4.0, (48, 56, 48)).brain_mask
+    local, whole = compute_features(subset_model, _Scan(np.zeros((2, *mask.shape),
+                                                                 np.float32), mask), levels=[])
+    assert local.shape == (0, *mask.shape) and whole.shape == (0,)
+    np.testing.assert_array_equal(full_levels(subset_model, [2], np.array([5.0])),
+                                  [np.nan, np.nan, 5.0, np.nan])

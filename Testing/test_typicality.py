@@ -135,3 +135,31 @@ def test_detection_metrics_values():
     assert m == {"auroc": 1.0, "auprc": 1.0, "fpr95": 0.0}
     m = detection_metrics(np.array([0.4, 0.3, 0.2, 0.1]), np.array([0, 0, 1, 1]))
     assert m["auroc"] == 0.0 and m["fpr95"] == 1.0
+
+
+def test_a_level_subset_reads_only_its_columns_and_survives_the_round_trip(tmp_path):
+    """``levels``: fitted on full ``(N, L)`` vectors, the model equals one fitted on those
+    columns; the other columns are never read (NaN there is fine), and the choice is stored."""
+    from SpatialMSMALib.checkpoint import load_checkpoint, save_checkpoint
+
+    rng = np.random.default_rng(6)
+    healthy = np.exp(rng.normal([0, 1, 2, 3, 4], 0.2, size=(80, 5)))
+    subset = TypicalityModel.fit(healthy, models=("gmm", "knn"), levels=[0, 2, 4])
+    columns = TypicalityModel.fit(healthy[:, [0, 2, 4]], models=("gmm", "knn"))
+    probe = np.exp(rng.normal([0, 1, 2, 3, 4], 0.4, size=(30, 5)))
+    holes = probe.copy()
+    holes[:, [1, 3]] = np.nan
+    for name in ("gmm", "knn"):
+        expected = columns.score(probe[:, [0, 2, 4]], name)
+        np.testing.assert_allclose(subset.score(probe, name), expected, rtol=1e-12)
+        np.testing.assert_allclose(subset.score(holes, name), expected, rtol=1e-12)
+        np.testing.assert_array_equal(subset.reference_scores[name],
+                                      columns.reference_scores[name])
+    config, tensors = subset.to_state()
+    path = save_checkpoint(tmp_path / "typ.pt", "msma", config, {"typicality": tensors})
+    loaded = load_checkpoint(path, kind="msma")
+    again = TypicalityModel.from_state(loaded["config"], loaded["states"]["typicality"])
+    assert again.levels == [0, 2, 4]
+    np.testing.assert_allclose(again.score(holes), subset.score(holes), rtol=1e-12)
+    with pytest.raises(ValueError, match="no noise levels"):
+        subset.score(probe[:, :3])  # level 4 is missing

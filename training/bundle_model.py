@@ -169,6 +169,19 @@ def describe_cohort(manifest_path) -> dict:
             "training/README.md")}
 
 
+def typicality_fit(model: AnomalyModel) -> dict | None:
+    """What the model's MSMA typicality model was fitted on: the number of healthy scans and
+    the version of the score-norm features (``score.features.FEATURE_VERSION``; a model
+    fitted on another version's features gives wrong percentiles)."""
+    if model.typicality is None:
+        return None
+    p = model.provenance
+    return {"n_healthy_scans": p.get("n_healthy"),
+            "cohort": public_cohort(p.get("typicality_cohort") or p.get("cohort")),
+            "feature_version": p.get("typicality_feature_version", 1),
+            "noise_levels_read": model.typicality.levels or "all"}
+
+
 def entry_for(model: AnomalyModel, file: Path, benchmark: dict | None,
               cost: dict | None) -> dict:
     p = model.provenance
@@ -203,6 +216,7 @@ def entry_for(model: AnomalyModel, file: Path, benchmark: dict | None,
                             model.calibration.default_threshold)[0],
                         "healthy_scans": model.calibration.n_scans},
         "msma_auxiliary_models": sorted(model.typicality.models) if model.typicality else [],
+        "msma_typicality": typicality_fit(model),
         "package_version": __version__,
         "intended_use": INTENDED_USE,
     }

@@ -33,7 +33,27 @@ from SpatialMSMALib.errors import InputError
 from SpatialMSMALib.inference import cached_features, select_device
 from SpatialMSMALib.model import AnomalyModel
 from SpatialMSMALib.score.features import FEATURE_VERSION
+from SpatialMSMALib.spatial import parse_levels
 from SpatialMSMALib.typicality import MODEL_NAMES, TypicalityModel
+
+
+def typicality_levels(spec: str, num_levels: int) -> list[int] | None:
+    """``--levels`` -> level indices, or None for all of them."""
+    text = spec.strip().lower()
+    if text.startswith("every:"):
+        try:
+            step = int(text.split(":", 1)[1])
+        except ValueError:
+            step = 0
+        if step < 1:
+            raise InputError(f"--levels '{spec}': 'every:K' needs a whole number K >= 1")
+        levels = list(range(0, num_levels, step))
+    else:
+        try:
+            levels = parse_levels(text, num_levels)
+        except ValueError as e:
+            raise InputError(f"--levels: {e}") from None
+    return None if levels == list(range(num_levels)) else levels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-local", action="store_true")
     parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
     parser.add_argument("--limit", type=int, help="use only the first N healthy scans")
+    parser.add_argument("--levels", default="all",
+                        help="noise levels the typicality model reads: 'all', 'a-b', 'i,j,k' "
+                             "or 'every:K' (every K-th level from the first); detection then "
+                             "evaluates only these when its flow reads no score norms")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -75,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 model.provenance.get("n_healthy")}
         else:
             model = AnomalyModel.from_score_checkpoint(args.score_checkpoint)
+        levels = typicality_levels(args.levels, len(model.sigmas))  # checked before the work
         refused: list = []
         scans = model_space(rows, cache, model.spacing_mm, demons=model.demons,
                             version=model.preprocess_version,
@@ -86,11 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         features, _ = cached_features(model, scans, cache / model.feature_cache_name(), device,
                                       save_local=args.save_local)
         print(f"features of {len(scans)} scans in {time.perf_counter() - start:.0f} s")
-        model.typicality = TypicalityModel.fit(features, models=tuple(args.models))
+        model.typicality = TypicalityModel.fit(features, models=tuple(args.models),
+                                               levels=levels)
         model.provenance.update({"typicality_cohort": cohort, "n_healthy": len(rows),
                                  "healthy_ids_sha256": hashlib.sha256(
                                      "\n".join(r.id for r in rows).encode()).hexdigest(),
-                                 "typicality_feature_version": FEATURE_VERSION})
+                                 "typicality_feature_version": FEATURE_VERSION,
+                                 "typicality_levels": levels})
         if args.model:
             model.provenance["typicality_refit_of"] = refit_of
         model.save(args.out, overwrite=args.overwrite)

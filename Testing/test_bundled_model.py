@@ -143,3 +143,47 @@ def test_detect_with_t1_alone_uses_the_bundled_t1_only_model(tmp_path):
     brain = np.asarray(nib.load(sample["paths"]["brain_mask"]).dataobj) > 0
     auroc, _ = voxel_auroc_auprc(heat, sample["lesion_mask"], brain)
     assert auroc > 0.7
+
+
+def test_refresh_keeps_the_entry_and_refuses_what_it_cannot_refresh(tmp_path, monkeypatch,
+                                                                    capsys):
+    """``bundle_model.py --refresh``: the entry keeps its figures, costs and training data and
+    gets the file's checksum and typicality description; a file that is not bundled, or a
+    model with other channels, is refused before anything is written."""
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(MODEL_DIR.parents[1] / "training"))
+    import bundle_model
+
+    models = tmp_path / "Models"
+    models.mkdir()
+    shutil.copy(REGISTRY, models / "registry.json")
+    shutil.copy(MODEL_DIR / "spatial_msma_t1.pt", models / "spatial_msma_t1.pt")
+    monkeypatch.setattr(bundle_model, "MODEL_DIR", models)
+    monkeypatch.setattr(bundle_model, "REGISTRY", models / "registry.json")
+    before = json.loads((models / "registry.json").read_text())
+    old = next(m for m in before["models"] if m["file"] == "spatial_msma_t1.pt")
+    old["sha256"] = "stale"  # as if the file had been replaced
+    (models / "registry.json").write_text(json.dumps(before))
+    code = bundle_model.main(["--model", str(MODEL_DIR / "spatial_msma_t1.pt"), "--file",
+                              "spatial_msma_t1.pt", "--refresh"])
+    assert code == 0
+    after = json.loads((models / "registry.json").read_text())
+    new = next(m for m in after["models"] if m["file"] == "spatial_msma_t1.pt")
+    assert new["sha256"] == hashlib.sha256((models / "spatial_msma_t1.pt").read_bytes()
+                                           ).hexdigest()
+    for key in ("benchmark", "expected_time", "training_data", "calibration"):
+        assert new[key] == old[key], key
+    assert new["msma_typicality"]["feature_version"] == AnomalyModel.load(
+        models / "spatial_msma_t1.pt").provenance.get("typicality_feature_version", 1)
+    snapshot = (models / "registry.json").read_bytes()
+    for argv, message in (
+            (["--model", str(MODEL_DIR / "spatial_msma_t1.pt"), "--file", "absent.pt",
+              "--refresh"], "'absent.pt' is not a bundled model yet"),
+            (["--model", str(MODEL_DIR / "spatial_msma.pt"), "--file", "spatial_msma_t1.pt",
+              "--refresh"], "has channels ['T1', 'T2']")):
+        assert bundle_model.main(argv) == 2
+        assert message in capsys.readouterr().err
+        assert (models / "registry.json").read_bytes() == snapshot
+    assert not (models / "absent.pt").exists()

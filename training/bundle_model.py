@@ -2,12 +2,20 @@
 
     python training/bundle_model.py --model runs/spatial_msma.pt --file spatial_msma.pt \\
         [--benchmark results/spatial_3d.json] [--cost results/detect_cost.json] [--overwrite]
+    python training/bundle_model.py --model runs/refit.pt --file spatial_msma.pt --refresh \\
+        [--cost results/detect_cost.json]
 
 Copies the model into ``Resources/Models/`` and writes its entry in
 ``Resources/Models/registry.json``: file, SHA-256, channels, grid, what the flow models,
 training data (from the model's provenance), calibration, measured costs and benchmark
 figures when given (``--benchmark``: a ``benchmarks/spatial_3d.py`` result, quoted as a
 flat per-split summary), and the intended-use statement.
+
+``--refresh`` replaces a bundled file by a model with the same flow, calibrations and
+training (for instance its typicality model refitted by ``fit_msma.py --model``): the
+registry entry keeps its benchmark figures, costs (unless ``--cost`` is given) and
+training-data description, and gets the new file's checksum, size, typicality description
+and package version.
 """
 
 from __future__ import annotations
@@ -244,14 +252,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--benchmark", type=Path, help="summary JSON to quote in the registry")
     parser.add_argument("--cost", type=Path, help="measured costs JSON")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--refresh", action="store_true",
+                        help="keep the registry entry's figures; implies --overwrite")
     args = parser.parse_args(argv)
     try:
         model = AnomalyModel.load(args.model)
         if model.spatial is None or model.calibration is None:
             raise InputError(f"'{args.model}' has no Spatial-MSMA flow")
         target = MODEL_DIR / args.file
-        if target.exists() and not args.overwrite:
+        if target.exists() and not (args.overwrite or args.refresh):
             raise InputError(f"'{target}' exists; pass --overwrite")
+        registry = json.loads(REGISTRY.read_text()) if REGISTRY.exists() else {"models": []}
+        previous = next((m for m in registry["models"] if m["file"] == target.name), None)
+        if args.refresh and (previous is None or not target.exists()):
+            raise InputError(f"--refresh: '{target.name}' is not a bundled model yet")
+        if args.refresh and previous["channels"] != list(model.channel_names):
+            raise InputError(f"--refresh: '{args.model}' has channels "
+                             f"{list(model.channel_names)}, the bundled "
+                             f"'{target.name}' {previous['channels']}")
         # every input is read and checked before anything is written
         benchmark = read_benchmark(args.benchmark) if args.benchmark else None
         cost = read_json(args.cost, "measured costs") if args.cost else None
@@ -262,9 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     tmp = target.with_name("." + target.name + ".partial")
     shutil.copyfile(args.model, tmp)
     tmp.replace(target)
-    registry = json.loads(REGISTRY.read_text()) if REGISTRY.exists() else {"models": []}
+    entry = entry_for(model, target, benchmark, cost)
+    if args.refresh:
+        fresh = entry
+        entry = dict(previous)
+        for key in ("sha256", "size_bytes", "msma_auxiliary_models", "msma_typicality",
+                    "package_version") + (("expected_time",) if cost else ()):
+            entry[key] = fresh[key]
     registry["models"] = [m for m in registry["models"] if m["file"] != target.name]
-    registry["models"].append(entry_for(model, target, benchmark, cost))
+    registry["models"].append(entry)
     registry["models"].sort(key=lambda m: -len(m["channels"]))
     tmp = REGISTRY.with_name(".registry.json.partial")
     tmp.write_text(json.dumps(registry, indent=1) + "\n")

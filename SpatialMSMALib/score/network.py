@@ -1,10 +1,10 @@
 """A small noise-conditional U-Net for 2D or 3D inputs, built for CPU throughput.
 
 Plain 3x3(x3) convolutions with GroupNorm (:class:`AccurateGroupNorm`) and SiLU, FiLM
-conditioning (per-channel scale and shift) from an embedding of log(sigma),
-strided-convolution downsampling, transposed
-convolution upsampling, skip connections by concatenation, and no attention (self-attention
-blocks dominated the run time of MONAI's diffusion U-Net on 2 cores). Fully convolutional:
+conditioning (per-channel scale and shift) from an embedding of log(sigma), strided-convolution
+downsampling, transposed convolution upsampling, skip connections by concatenation, and no
+attention (self-attention blocks dominated the run time of MONAI's diffusion U-Net on 2
+cores). Fully convolutional:
 trained on crops, evaluated on whole volumes; inputs whose size is not a multiple of
 2^(levels-1) are padded internally and cropped back. The output is divided by sigma
 (NCSNv2's parametrisation), so ``sigma * s(x, sigma)`` is O(1) at every level.
@@ -43,11 +43,11 @@ def channels_last_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Ten
     """GroupNorm of a channels-last ``x (N, C, *spatial)`` with two-pass statistics, as exact
     as ``F.group_norm`` on a contiguous tensor (relative error ~1e-6 against float64), output
     channels-last too. torch's CPU kernel for channels-last 3D input loses precision as a
-    group's mean grows against its SD (relative error 5e-3 at mean/SD 30 and no usable result
-    at 100; ``benchmarks/groupnorm_precision.py``), which moved the bundled model's score
-    norms by about 1.5%. Per channel: mean, then the mean square around it; the groups'
-    variance is the channels' mean variance plus the spread of their means. Costs about 0.5 s
-    more per scan than the fast kernel (differentiable; used for inference only)."""
+    group's mean grows against its SD (relative error 5e-3 at mean/SD 30, 7e-2 at 100;
+    ``benchmarks/groupnorm_precision.py``), which moved the bundled model's score norms by
+    about 1.5%. Per channel: mean, then the mean square around it; the groups' variance is
+    the channels' mean variance plus the spread of their means. Differentiable; the score
+    features use it, training (contiguous tensors) does not need it."""
     n, c = x.shape[:2]
     spatial_dims = x.dim() - 2
     rows = x.permute(0, *range(2, x.dim()), 1).reshape(n, -1, c)  # (N, voxels, C), no copy

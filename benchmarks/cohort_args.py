@@ -1,6 +1,7 @@
 """Command-line pieces shared by the benchmark scripts that read a benchmark cohort through
 the model-space cache (``false_positives.py``, ``feature_precision.py``,
-``groupnorm_precision.py``)."""
+``groupnorm_precision.py``; ``typicality_levels.py`` and ``typicality_reg_covar.py`` use the
+output refusal and error exit)."""
 
 from __future__ import annotations
 

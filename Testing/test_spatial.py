@@ -571,9 +571,13 @@ def test_a_deformable_model_file_repeats_its_step_at_detection(
     assert model.preprocess_version == 1 and model.preprocess_config().version == 1
     current = AnomalyModel.load(detection_setup["path"])
     assert current.demons is None and current.preprocess_version == PREPROCESS_VERSION
-    assert model.feature_cache_name("0" * 12) == "features_000000000000_demons20x2"
+    # feature caches are named by network, demons step, preprocessing and feature version
+    from SpatialMSMALib.score.features import FEATURE_VERSION
+
+    assert (model.feature_cache_name("0" * 12)
+            == f"features_000000000000_demons20x2_f{FEATURE_VERSION}")
     assert (current.feature_cache_name("0" * 12)
-            == f"features_000000000000_p{PREPROCESS_VERSION}")
+            == f"features_000000000000_p{PREPROCESS_VERSION}_f{FEATURE_VERSION}")
     # a model from a newer library is refused at load, naming the file
     newer = replace(detection_setup["model"], preprocess_version=PREPROCESS_VERSION + 1).save(
         tmp_path / "newer.pt")

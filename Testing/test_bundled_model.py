@@ -145,11 +145,9 @@ def test_detect_with_t1_alone_uses_the_bundled_t1_only_model(tmp_path):
     assert auroc > 0.7
 
 
-def test_refresh_keeps_the_entry_and_refuses_what_it_cannot_refresh(tmp_path, monkeypatch,
-                                                                    capsys):
-    """``bundle_model.py --refresh``: the entry keeps its figures, costs and training data and
-    gets the file's checksum and typicality description; a file that is not bundled, or a
-    model with other channels, is refused before anything is written."""
+def _bundling_into(tmp_path, monkeypatch):
+    """``training/bundle_model.py`` pointed at a copy of the registry and the T1-only model
+    under ``tmp_path / "Models"``; returns the module and that folder."""
     import shutil
     import sys
 
@@ -162,6 +160,15 @@ def test_refresh_keeps_the_entry_and_refuses_what_it_cannot_refresh(tmp_path, mo
     shutil.copy(MODEL_DIR / "spatial_msma_t1.pt", models / "spatial_msma_t1.pt")
     monkeypatch.setattr(bundle_model, "MODEL_DIR", models)
     monkeypatch.setattr(bundle_model, "REGISTRY", models / "registry.json")
+    return bundle_model, models
+
+
+def test_refresh_keeps_the_entry_and_refuses_what_it_cannot_refresh(tmp_path, monkeypatch,
+                                                                    capsys):
+    """``bundle_model.py --refresh``: the entry keeps its figures, costs and training data and
+    gets the file's checksum and typicality description; a file that is not bundled, or a
+    model with other channels, is refused before anything is written."""
+    bundle_model, models = _bundling_into(tmp_path, monkeypatch)
     before = json.loads((models / "registry.json").read_text())
     old = next(m for m in before["models"] if m["file"] == "spatial_msma_t1.pt")
     old["sha256"] = "stale"  # as if the file had been replaced
@@ -187,3 +194,21 @@ def test_refresh_keeps_the_entry_and_refuses_what_it_cannot_refresh(tmp_path, mo
         assert message in capsys.readouterr().err
         assert (models / "registry.json").read_bytes() == snapshot
     assert not (models / "absent.pt").exists()
+
+
+def test_refresh_with_a_same_run_cost_comparison_keeps_only_this_models_figures(
+        tmp_path, monkeypatch):
+    """A ``detect_cost.py --baseline`` result also times another model: the registry's
+    ``expected_time`` gets this model's figures, not the baseline's or the ratio."""
+    bundle_model, models = _bundling_into(tmp_path, monkeypatch)
+    cost = {"input": "sample", "median_wall_s": 41.5, "wall_s": [40.0, 41.5, 43.0],
+            "peak_rss_gb": 1.7, "model": "candidate.pt",
+            "baseline": {"model": "old.pt", "median_wall_s": 50.0}, "ratio_to_baseline": 0.83}
+    (tmp_path / "cost.json").write_text(json.dumps(cost))
+    assert bundle_model.main(["--model", str(MODEL_DIR / "spatial_msma_t1.pt"), "--file",
+                              "spatial_msma_t1.pt", "--refresh", "--cost",
+                              str(tmp_path / "cost.json")]) == 0
+    registry = json.loads((models / "registry.json").read_text())
+    entry = next(m for m in registry["models"] if m["file"] == "spatial_msma_t1.pt")
+    assert entry["expected_time"] == {"input": "sample", "median_wall_s": 41.5,
+                                      "wall_s": [40.0, 41.5, 43.0], "peak_rss_gb": 1.7}

@@ -239,7 +239,10 @@ def entry_for(model: AnomalyModel, file: Path, benchmark: dict | None,
             entry["training_data"]["description"] = " + ".join(
                 d["description"] for d in described)
     if cost:
-        entry["expected_time"] = cost
+        # a same-run comparison (detect_cost.py --baseline) describes another model too;
+        # the registry keeps only this model's figures
+        entry["expected_time"] = {k: v for k, v in cost.items()
+                                  if k not in ("model", "baseline", "ratio_to_baseline")}
     if benchmark:
         entry["benchmark"] = benchmark
     return entry

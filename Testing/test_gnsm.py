@@ -386,3 +386,22 @@ def test_avf_baseline_scores_rare_values_higher():
     out = bench.run_one("AVF", train, test, seed=0, gnsm_steps=1, gnsm={})
     # mean frequencies: (0.9 + 0.5) / 2, (0.1 + 0.5) / 2, (0 + 0.5) / 2
     assert np.allclose(out["scores"], [-0.7, -0.3, -0.25])
+
+
+def test_the_command_line_does_not_load_scikit_learn_or_pandas_for_other_commands():
+    """The ``gnsm`` sub-commands are registered on every CLI call; the package's names are
+    imported on first use, so building the parser (what ``detect`` and ``demo`` pay for)
+    loads neither scikit-learn nor pandas, while the names still import as before."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from SpatialMSMALib.cli import build_parser; build_parser(); "
+             "print(sorted({'sklearn', 'pandas'} & set(sys.modules)))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "[]"
+    import SpatialMSMALib.gnsm as gnsm_package
+
+    assert gnsm_package.GNSM is GNSM and gnsm_package.read_table is read_table
+    with pytest.raises(AttributeError, match="no attribute 'absent'"):
+        gnsm_package.absent  # noqa: B018

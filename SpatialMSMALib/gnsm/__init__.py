@@ -2,7 +2,8 @@
 
 The names below are imported on first use (PEP 562), so that the command line, which
 registers the ``gnsm`` sub-commands for every call, does not pay for scikit-learn and pandas
-when it runs ``detect`` or ``demo`` (about 1.8 s of a CLI start on 2 cores).
+when it runs ``detect`` or ``demo`` (1.7 s of a CLI start on 2 cores;
+``benchmarks/cli_start_cost.py``).
 """
 
 from importlib import import_module

@@ -1,6 +1,7 @@
 """Start-up cost of the command line: what every ``spatial-msma`` call pays before its work.
 
-    python benchmarks/cli_start_cost.py [--repeats 7] [--out results/cli_start_cost.json]
+    python benchmarks/cli_start_cost.py [--repeats 7] \\
+        [--out results/cli_start_cost.json] [--overwrite]
 
 Times, in fresh processes and alternating, (a) building the CLI parser plus importing torch
 (what ``detect`` and ``demo`` load before they start) and (b) the same plus scikit-learn
@@ -39,7 +40,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, not {args.repeats}")
+    if args.out and args.out.exists() and not args.overwrite:
+        parser.error(f"'{args.out}' exists; pass --overwrite to replace it")
     runs: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(args.repeats):
         for name, code in VARIANTS.items():

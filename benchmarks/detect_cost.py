@@ -40,6 +40,8 @@ def main() -> None:
                         help="give detect the T1 alone (for a T1-only model)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, not {args.repeats}")
     for model in (args.model, args.baseline):
         if model is not None and not model.is_file():
             parser.error(f"model file '{model}' does not exist")

@@ -474,6 +474,18 @@ def normalize_percentiles(
     return out.astype(np.float32), (float(low), float(high))
 
 
+def _each_in_parallel(function: Callable, items: list) -> list:
+    """``[function(item) for item in items]``, the items in parallel Python threads (for
+    SimpleITK filters, which release the GIL). N4 gives the same result bit for bit as one
+    after the other, since each filter keeps ITK's default thread count (N4's result depends on
+    that count: one thread against two moved T2 intensities by up to 0.02); the T1 + T2 pair's
+    two N4 took 6.8 instead of 7.6 s on 2 cores."""
+    if len(items) < 2:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(len(items)) as pool:
+        return list(pool.map(function, items))
+
+
 def preprocess_scan(
     t1: Volume,
     t2: Volume | None = None,
@@ -548,7 +560,8 @@ def preprocess_scan(
     if config.n4:
         t0 = time.perf_counter()
         n4_mask = mask_native if mask_native is not None else _head_mask(channels[0])
-        channels = [n4_bias_correction(c, native_grid.affine, n4_mask)[0] for c in channels]
+        channels = _each_in_parallel(
+            lambda c: n4_bias_correction(c, native_grid.affine, n4_mask)[0], channels)
         timed(
             {
                 "step": "N4 bias correction",

@@ -318,6 +318,36 @@ def test_demons_recovers_a_known_smooth_displacement():
         register_demons(moving[:-1], fixed)
 
 
+def test_inverse_field_in_threads_equals_the_plain_fixed_point_iteration():
+    """The threaded inverse is the fixed-point iteration v <- -u(y + v), bit for bit."""
+    field = _smooth_field((30, 34, 28), 2.5, seed=5)
+    grid = np.indices(field.shape[1:], dtype=np.float32)
+    expected = -field.copy()
+    for _ in range(6):
+        points = grid + expected
+        expected = -np.stack([ndimage.map_coordinates(c, points, order=1, mode="nearest")
+                              for c in field])
+    assert np.array_equal(invert_displacement(field, 6), expected.astype(np.float32))
+
+
+def test_n4_of_several_channels_in_threads_equals_one_after_the_other():
+    """preprocess_scan runs the channels' N4 in parallel threads: the same result, in order."""
+    from SpatialMSMALib.preprocessing import _each_in_parallel
+    from SpatialMSMALib.registration import n4_bias_correction
+
+    rng = np.random.default_rng(4)
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    mask = np.zeros((48, 52, 44), bool)
+    mask[8:-8, 8:-8, 8:-8] = True
+    ramp = np.exp(np.linspace(-0.3, 0.3, 48))[:, None, None]
+    channels = [((100 + 10 * rng.random(mask.shape)) * ramp * (1 + k)).astype(np.float32)
+                for k in range(2)]
+    threaded = _each_in_parallel(lambda c: n4_bias_correction(c, affine, mask)[0], channels)
+    for channel, result in zip(channels, threaded, strict=True):
+        assert np.array_equal(result, n4_bias_correction(channel, affine, mask)[0])
+    assert not np.array_equal(threaded[0], channels[0])  # N4 did change the image
+
+
 def test_a_deformable_mapping_sends_template_points_and_maps_to_the_same_native_place():
     mapping = _known_mapping()
     grid = mapping.model_grid

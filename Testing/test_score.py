@@ -148,6 +148,54 @@ def test_group_norm_is_exact_on_channels_last_input_with_a_large_mean(memory_for
         assert torch.equal(norm(plain), F.group_norm(plain, 8, norm.weight, norm.bias))
 
 
+def test_film_silu_fused_on_channels_last_matches_the_separate_operations():
+    """FiLMBlock's GroupNorm + FiLM + SiLU: the fused channels-last pass agrees with the
+    separate operations on a float64 reference to float32 rounding (groups with mean 30 SD),
+    keeps the layout, and contiguous input still takes the separate operations bit for bit."""
+    from torch.nn import functional as F
+
+    from SpatialMSMALib.score.network import AccurateGroupNorm
+
+    generator = torch.Generator().manual_seed(2)
+    norm = AccurateGroupNorm(4, 8)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(8, generator=generator))
+        norm.bias.copy_(0.1 * torch.randn(8, generator=generator))
+    x = torch.randn((2, 8, 9, 8, 7), generator=generator, dtype=torch.float64) + 30
+    scale = 0.5 * torch.randn((2, 8), generator=generator, dtype=torch.float64)
+    shift = 0.5 * torch.randn((2, 8), generator=generator, dtype=torch.float64)
+    view = (2, 8, 1, 1, 1)
+    reference = F.silu(F.group_norm(x, 4, norm.weight.double(), norm.bias.double())
+                       * (1 + scale.view(view)) + shift.view(view))
+    channels_last = x.float().contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        fused = norm.film_silu(channels_last, scale.float(), shift.float())
+        plain = x.float().contiguous()
+        separate = norm.film_silu(plain, scale.float(), shift.float())
+        without_film = norm.film_silu(channels_last)
+    assert fused.is_contiguous(memory_format=torch.channels_last_3d)
+    assert float((fused.double() - reference).abs().max()) < 1e-5
+    assert torch.equal(separate, F.silu(F.group_norm(plain, 4, norm.weight, norm.bias)
+                                        * (1 + scale.float().view(view))
+                                        + shift.float().view(view)))
+    assert float((without_film.double() - F.silu(F.group_norm(
+        x, 4, norm.weight.double(), norm.bias.double()))).abs().max()) < 1e-5
+
+
+def test_channels_last_group_norm_film_silu_gradients():
+    from SpatialMSMALib.score.network import channels_last_group_norm
+
+    generator = torch.Generator().manual_seed(3)
+    x = (torch.randn((2, 4, 3, 4, 5), generator=generator, dtype=torch.float64) + 3
+         ).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    scale, shift = (torch.randn((2, 4), generator=generator, dtype=torch.float64,
+                                requires_grad=True) for _ in range(2))
+    weight, bias = (torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
+    assert torch.autograd.gradcheck(
+        lambda a, s, t: channels_last_group_norm(a, 2, weight, bias, film_scale=s,
+                                                 film_shift=t, silu=True), (x, scale, shift))
+
+
 def test_channels_last_group_norm_gradients():
     from SpatialMSMALib.score.network import channels_last_group_norm
 

@@ -12,6 +12,11 @@ With ``--baseline`` the baseline model's runs alternate with the model's (baseli
 each round), so both see the same machine; the result then holds the baseline's figures
 and the ratio of the medians. This machine's speed drifts by up to 2x within an hour, so
 only such same-run ratios compare two models.
+
+``--baseline-code DIR`` does the same for two versions of the code: the baseline runs import
+SpatialMSMALib from DIR, another checkout of this repository (``git worktree add /tmp/base
+COMMIT``), with the baseline model (the same model when ``--baseline`` is not given). The
+result records the commit of each side and where each side's package was imported from.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ def main() -> None:
                         help="a model to time in alternation with --model")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--baseline-code", type=Path,
+                        help="another checkout of this repository: the baseline runs use its "
+                             "code (and --baseline's model, else --model's)")
     parser.add_argument("--t1-only", action="store_true",
                         help="give detect the T1 alone (for a T1-only model)")
     parser.add_argument("--out", type=Path)
@@ -45,6 +53,14 @@ def main() -> None:
     for model in (args.model, args.baseline):
         if model is not None and not model.is_file():
             parser.error(f"model file '{model}' does not exist")
+    code = {"model": _code_side(None)}
+    if args.baseline_code is not None:
+        if not (args.baseline_code / "SpatialMSMALib" / "__init__.py").is_file():
+            parser.error(f"--baseline-code '{args.baseline_code}' is not a checkout of this "
+                         "repository (no SpatialMSMALib/__init__.py in it)")
+        code["baseline"] = _code_side(args.baseline_code.resolve())
+        if code["baseline"]["imported_from"] == code["model"]["imported_from"]:
+            parser.error("--baseline-code imports the same SpatialMSMALib as the model runs")
     from SpatialMSMALib.demo import make_sample
 
     work = Path(tempfile.mkdtemp(prefix="detect_cost_"))
@@ -55,13 +71,15 @@ def main() -> None:
                "--mask", str(sample["paths"]["brain_mask"]),
                "--device", args.device, "--overwrite"]
 
-    def detect_once(model: Path | None, out: Path) -> tuple[float, dict, float]:
+    def detect_once(model: Path | None, out: Path, code_dir: Path | None = None
+                    ) -> tuple[float, dict, float]:
         """Wall seconds, the report's stage seconds and the process's peak RSS in GB."""
         start = time.perf_counter()
         process = subprocess.Popen(
-            command + ([] if model is None else ["--model", str(model)]) + ["--out", str(out)],
+            command + ([] if model is None else ["--model", str(model.resolve())])
+            + ["--out", str(out)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env=os.environ | {"TQDM_DISABLE": "1"})
+            **_code_environment(code_dir, {"TQDM_DISABLE": "1"}))
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - start
         if os.waitstatus_to_exitcode(status) != 0:
@@ -70,11 +88,14 @@ def main() -> None:
             usage.ru_maxrss / 1024**2
 
     runs: dict[str, list] = {"model": [], "baseline": []}
+    has_baseline = args.baseline is not None or args.baseline_code is not None
+    baseline_model = args.baseline if args.baseline is not None else args.model
     for i in range(args.repeats):
-        for role, model in (("baseline", args.baseline), ("model", args.model)):
-            if role == "baseline" and args.baseline is None:
+        for role, model in (("baseline", baseline_model), ("model", args.model)):
+            if role == "baseline" and not has_baseline:
                 continue
-            wall, stage, peak = detect_once(model, work / f"{role}{i}")
+            wall, stage, peak = detect_once(
+                model, work / f"{role}{i}", args.baseline_code if role == "baseline" else None)
             runs[role].append((wall, stage, peak))
             print(f"round {i + 1} {role}: {wall:.1f} s  {stage}", flush=True)
 
@@ -92,18 +113,49 @@ def main() -> None:
             "T1" if args.t1_only else "T1 + T2",
             "x".join(str(s) for s in sample["lesion_mask"].shape)),
         **summary(runs["model"]),
+        "code": code["model"],
         "machine": {"cpus": os.cpu_count(), "device": args.device,
                     "platform": platform.platform()},
     }
-    if args.baseline is not None:
+    if has_baseline:
         result["model"] = args.model.name if args.model else "bundled default"
-        result["baseline"] = {"model": args.baseline.name, **summary(runs["baseline"])}
+        result["baseline"] = {
+            "model": baseline_model.name if baseline_model else "bundled default",
+            **({"code": code["baseline"]} if "baseline" in code else {}),
+            **summary(runs["baseline"])}
         result["ratio_to_baseline"] = round(
             result["median_wall_s"] / result["baseline"]["median_wall_s"], 3)
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
+
+
+def _code_environment(code_dir: Path | None, extra: dict) -> dict:
+    """``Popen`` keyword arguments that make ``python -m SpatialMSMALib...`` import the
+    package from ``code_dir`` (``None``: this checkout, as installed)."""
+    env = os.environ | extra
+    if code_dir is None:
+        return {"env": env}
+    path = os.pathsep.join(p for p in (str(code_dir), env.get("PYTHONPATH", "")) if p)
+    return {"env": env | {"PYTHONPATH": path}, "cwd": str(code_dir)}
+
+
+def _code_side(code_dir: Path | None) -> dict:
+    """Commit (``git describe --always --dirty``) of the checkout and the folder the package
+    is imported from, as the detect runs of that side will see it."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import SpatialMSMALib, pathlib; "
+         "print(pathlib.Path(SpatialMSMALib.__file__).resolve().parent.parent)"],
+        capture_output=True, text=True, **_code_environment(code_dir, {}))
+    if probe.returncode != 0:
+        raise SystemExit(f"cannot import SpatialMSMALib from '{code_dir or '.'}': "
+                         f"{probe.stderr.strip().splitlines()[-1:]}")
+    imported_from = probe.stdout.strip()
+    describe = subprocess.run(["git", "-C", imported_from, "describe", "--always", "--dirty"],
+                              capture_output=True, text=True)
+    return {"commit": describe.stdout.strip() if describe.returncode == 0 else "unknown",
+            "imported_from": imported_from}
 
 
 if __name__ == "__main__":

@@ -77,10 +77,12 @@ def group_norm_kernel(variant: str):
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
     AccurateGroupNorm.forward = forward
+    AccurateGroupNorm.fuse_film_silu = False  # every normalisation through forward
     try:
         yield
     finally:
         AccurateGroupNorm.forward = original
+        AccurateGroupNorm.fuse_film_silu = True
 
 
 VARIANTS = ("product", "torch_channels_last", "contiguous")

@@ -199,11 +199,13 @@ def test_refresh_keeps_the_entry_and_refuses_what_it_cannot_refresh(tmp_path, mo
 def test_refresh_with_a_same_run_cost_comparison_keeps_only_this_models_figures(
         tmp_path, monkeypatch):
     """A ``detect_cost.py --baseline`` result also times another model: the registry's
-    ``expected_time`` gets this model's figures, not the baseline's or the ratio."""
+    ``expected_time`` gets this model's figures, not the baseline's or the ratio, and the
+    commit of the code that ran them, not its local folder."""
     bundle_model, models = _bundling_into(tmp_path, monkeypatch)
     cost = {"input": "sample", "median_wall_s": 41.5, "wall_s": [40.0, 41.5, 43.0],
             "peak_rss_gb": 1.7, "model": "candidate.pt",
-            "baseline": {"model": "old.pt", "median_wall_s": 50.0}, "ratio_to_baseline": 0.83}
+            "baseline": {"model": "old.pt", "median_wall_s": 50.0}, "ratio_to_baseline": 0.83,
+            "code": {"commit": "e459f1d", "imported_from": "/home/someone/checkout"}}
     (tmp_path / "cost.json").write_text(json.dumps(cost))
     assert bundle_model.main(["--model", str(MODEL_DIR / "spatial_msma_t1.pt"), "--file",
                               "spatial_msma_t1.pt", "--refresh", "--cost",
@@ -211,4 +213,5 @@ def test_refresh_with_a_same_run_cost_comparison_keeps_only_this_models_figures(
     registry = json.loads((models / "registry.json").read_text())
     entry = next(m for m in registry["models"] if m["file"] == "spatial_msma_t1.pt")
     assert entry["expected_time"] == {"input": "sample", "median_wall_s": 41.5,
-                                      "wall_s": [40.0, 41.5, 43.0], "peak_rss_gb": 1.7}
+                                      "wall_s": [40.0, 41.5, 43.0], "peak_rss_gb": 1.7,
+                                      "code": {"commit": "e459f1d"}}

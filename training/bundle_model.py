@@ -240,9 +240,12 @@ def entry_for(model: AnomalyModel, file: Path, benchmark: dict | None,
                 d["description"] for d in described)
     if cost:
         # a same-run comparison (detect_cost.py --baseline) describes another model too;
-        # the registry keeps only this model's figures
+        # the registry keeps only this model's figures, and of the code that ran them its
+        # commit (not the folder it was imported from on the measuring machine)
         entry["expected_time"] = {k: v for k, v in cost.items()
                                   if k not in ("model", "baseline", "ratio_to_baseline")}
+        if isinstance(cost.get("code"), dict):
+            entry["expected_time"]["code"] = {"commit": cost["code"].get("commit", "unknown")}
     if benchmark:
         entry["benchmark"] = benchmark
     return entry

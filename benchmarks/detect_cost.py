@@ -1,7 +1,7 @@
 """Cost of `spatial-msma detect` end to end on one 1 mm T1 + T2 pair (or T1 alone).
 
     python benchmarks/detect_cost.py [--model MODEL] [--baseline MODEL] [--t1-only] \\
-        [--repeats 3] [--out results/detect_cost.json]
+        [--baseline-code DIR] [--repeats 3] [--out results/detect_cost.json] [--overwrite]
 
 Builds the demo's sample subject (MNI152 2009a, 1 mm, simulated lesions) once, then runs
 the real command line ``spatial-msma detect`` in a fresh process ``--repeats`` times (load,
@@ -47,9 +47,12 @@ def main() -> None:
     parser.add_argument("--t1-only", action="store_true",
                         help="give detect the T1 alone (for a T1-only model)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, not {args.repeats}")
+    if args.out and args.out.exists() and not args.overwrite:
+        parser.error(f"'{args.out}' exists; pass --overwrite to replace it")
     for model in (args.model, args.baseline):
         if model is not None and not model.is_file():
             parser.error(f"model file '{model}' does not exist")
@@ -58,7 +61,8 @@ def main() -> None:
         if not (args.baseline_code / "SpatialMSMALib" / "__init__.py").is_file():
             parser.error(f"--baseline-code '{args.baseline_code}' is not a checkout of this "
                          "repository (no SpatialMSMALib/__init__.py in it)")
-        code["baseline"] = _code_side(args.baseline_code.resolve())
+        args.baseline_code = args.baseline_code.resolve()
+        code["baseline"] = _code_side(args.baseline_code)
         if code["baseline"]["imported_from"] == code["model"]["imported_from"]:
             parser.error("--baseline-code imports the same SpatialMSMALib as the model runs")
     from SpatialMSMALib.demo import make_sample

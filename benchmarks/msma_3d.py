@@ -1,7 +1,8 @@
 """Scan-level MSMA on the benchmark cohort: held-out healthy vs lesioned scans.
 
     python benchmarks/msma_3d.py --model runs/model.pt --manifest benchmark \\
-        [--cache runs/score/cache] [--n-healthy 10] [--n-lesioned 20] [--out results.json]
+        [--cache runs/score/cache] [--n-healthy 10] [--n-lesioned 20] [--out results.json] \\
+        [--overwrite]
 
 PROTOCOLS.md sec. 2 splits: ``test_healthy`` scans are inliers, ``test_lesioned`` scans
 outliers; the model file (training/fit_msma.py) was fitted on ``train`` + ``val`` only.
@@ -17,21 +18,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from SpatialMSMALib.dataset import ModelSpaceScan, manifest_scans, model_space
-from SpatialMSMALib.inference import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cohort_args import exit_with, refuse_existing_output  # noqa: E402
+
+from SpatialMSMALib.dataset import ModelSpaceScan, manifest_scans, model_space  # noqa: E402
+from SpatialMSMALib.errors import InputError  # noqa: E402
+from SpatialMSMALib.inference import (  # noqa: E402
     cached_features,
     compute_features,
     contrast_problems,
     select_device,
     typicality_report,
 )
-from SpatialMSMALib.metrics import detection_metrics
-from SpatialMSMALib.model import AnomalyModel
+from SpatialMSMALib.io import write_text_atomically  # noqa: E402
+from SpatialMSMALib.metrics import detection_metrics  # noqa: E402
+from SpatialMSMALib.model import AnomalyModel  # noqa: E402
 
 
 def main() -> None:
@@ -47,10 +55,17 @@ def main() -> None:
     parser.add_argument("--save-local", action="store_true",
                         help="also cache the local feature maps (for the Spatial-MSMA stage)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args()
-    model = AnomalyModel.load(args.model)
+    try:
+        refuse_existing_output(args)
+        model = AnomalyModel.load(args.model)
+        if model.typicality is None:
+            raise InputError(f"'{args.model}' carries no MSMA typicality model")
+        splits = manifest_scans(args.manifest, ("test_healthy", "test_lesioned"))
+    except InputError as e:
+        exit_with(e)
     device = select_device(args.device)
-    splits = manifest_scans(args.manifest, ("test_healthy", "test_lesioned"))
     rows = splits["test_healthy"][: args.n_healthy] + splits["test_lesioned"][: args.n_lesioned]
     labels = np.r_[np.zeros(min(args.n_healthy, len(splits["test_healthy"]))),
                    np.ones(min(args.n_lesioned, len(splits["test_lesioned"])))]
@@ -88,7 +103,7 @@ def main() -> None:
     for kind, verdicts in results["wrong_inputs"].items():
         print(f"  {kind:28s} {verdicts}")
     if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
+        write_text_atomically(args.out, json.dumps(results, indent=2))
 
 
 def wrong_input_verdicts(model, healthy_scans, device) -> dict:

@@ -23,6 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cohort_args import refuse_existing_output  # noqa: E402
+
+from SpatialMSMALib.errors import InputError  # noqa: E402
+
 PARSER = "from SpatialMSMALib.cli import build_parser; build_parser(); import torch"
 VARIANTS = {
     "parser_and_torch": PARSER,
@@ -44,8 +50,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, not {args.repeats}")
-    if args.out and args.out.exists() and not args.overwrite:
-        parser.error(f"'{args.out}' exists; pass --overwrite to replace it")
+    try:
+        refuse_existing_output(args)
+    except InputError as e:
+        parser.error(str(e))
     runs: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(args.repeats):
         for name, code in VARIANTS.items():

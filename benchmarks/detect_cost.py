@@ -33,6 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cohort_args import refuse_existing_output  # noqa: E402
+
+from SpatialMSMALib.errors import InputError  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,8 +57,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, not {args.repeats}")
-    if args.out and args.out.exists() and not args.overwrite:
-        parser.error(f"'{args.out}' exists; pass --overwrite to replace it")
+    try:
+        refuse_existing_output(args)
+    except InputError as e:
+        parser.error(str(e))
     for model in (args.model, args.baseline):
         if model is not None and not model.is_file():
             parser.error(f"model file '{model}' does not exist")
@@ -131,8 +139,9 @@ def main() -> None:
             result["median_wall_s"] / result["baseline"]["median_wall_s"], 3)
     print(json.dumps(result, indent=1))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        from SpatialMSMALib.io import write_text_atomically
+
+        write_text_atomically(args.out, json.dumps(result, indent=1))
 
 
 def _code_environment(code_dir: Path | None, extra: dict) -> dict:

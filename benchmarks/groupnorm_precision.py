@@ -70,7 +70,7 @@ def group_norm_kernel(variant: str):
     """Inside the block the score network's GroupNorms run ``variant``: ``torch`` (torch's
     kernel on the tensor as it comes, channels-last included) or ``contiguous`` (torch's
     kernel on a contiguous copy)."""
-    original = AccurateGroupNorm.forward
+    original, fused = AccurateGroupNorm.forward, AccurateGroupNorm.fuse_film_silu
 
     def forward(self, x):
         x = x.contiguous() if variant == "contiguous" else x
@@ -82,7 +82,7 @@ def group_norm_kernel(variant: str):
         yield
     finally:
         AccurateGroupNorm.forward = original
-        AccurateGroupNorm.fuse_film_silu = True
+        AccurateGroupNorm.fuse_film_silu = fused
 
 
 VARIANTS = ("product", "torch_channels_last", "contiguous")

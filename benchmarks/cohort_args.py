@@ -1,7 +1,8 @@
 """Command-line pieces shared by the benchmark scripts that read a benchmark cohort through
 the model-space cache (``false_positives.py``, ``feature_precision.py``,
-``groupnorm_precision.py``; ``typicality_levels.py`` and ``typicality_reg_covar.py`` use the
-output refusal and error exit)."""
+``groupnorm_precision.py``; ``typicality_levels.py``, ``typicality_reg_covar.py`` and
+``msma_3d.py`` use the output refusal and error exit, ``detect_cost.py`` and
+``cli_start_cost.py`` the output refusal)."""
 
 from __future__ import annotations
 

@@ -94,6 +94,74 @@ def test_normative_model_state_round_trip_and_shape_checks(healthy_cohort):
         NormativeContrastConfig(surround_ratio=1.0)
 
 
+def _searched_reference(model, contrast, radius):
+    """Voxel by voxel: min over modelled offsets of the max over blob sizes (float64)."""
+    grid = np.zeros(model.valid.shape, np.int64) - 1
+    grid[model.valid] = np.arange(model.valid.sum())
+    out = np.zeros(model.valid.shape)
+    shape = np.array(model.valid.shape)
+    for v in zip(*np.nonzero(model.valid), strict=True):
+        best = np.inf
+        for d in np.ndindex(*(2 * radius + 1,) * 3):
+            w = np.array(v) + np.array(d) - radius
+            if np.any(w < 0) or np.any(w >= shape) or grid[tuple(w)] < 0:
+                continue
+            k = grid[tuple(w)]
+            diff = contrast[:, :, v[0], v[1], v[2]].astype(np.float64) - model.mean[:, :, k]
+            per_size = np.einsum("sc,scd,sd->s", diff, model.precision[:, :, :, k], diff)
+            best = min(best, per_size.max())
+        out[v] = best
+    return out
+
+
+def test_search_window_takes_the_nearest_healthy_match_voxel_by_voxel(rng):
+    from dataclasses import replace
+
+    shape = (9, 8, 7)
+    support = np.ones(shape, bool)
+    support[0, 0, :] = False  # an unmodelled column: never a match
+    scans = [(rng.normal(size=(2, *shape)).astype(np.float32), support) for _ in range(12)]
+    model = NormativeContrast.fit(scans, NormativeContrastConfig(sigmas_vox=(0.7, 1.2)))
+    image = rng.normal(size=(2, *shape)).astype(np.float32)
+    plain = model.squared_distance(image, support)
+    searched = NormativeContrast(replace(model.config, search_radius_vox=1), model.valid,
+                                 model.mean, model.precision).squared_distance(image, support)
+    contrast = blob_contrasts(image, support, model.config.sigmas_vox,
+                              model.config.surround_ratio)
+    expected = _searched_reference(model, contrast, 1)
+    np.testing.assert_allclose(searched[model.valid], expected[model.valid], rtol=1e-4)
+    assert np.all(searched <= plain + 1e-5) and searched[model.valid].mean() < 0.5 * plain[
+        model.valid].mean()
+    assert np.all(searched[~support] == 0)
+    for bad in (-1, 4, 1.5):
+        with pytest.raises(ValueError, match="search_radius_vox"):
+            NormativeContrastConfig(search_radius_vox=bad)
+
+
+def test_search_window_forgives_a_one_voxel_shift_not_a_blob(rng, healthy_cohort):
+    from dataclasses import replace
+
+    anatomy, support, scans = healthy_cohort
+    model = NormativeContrast.fit(((s, support) for s in scans[:25]),
+                                  NormativeContrastConfig(sigmas_vox=(1.0,)))
+    searching = NormativeContrast(replace(model.config, search_radius_vox=1), model.valid,
+                                  model.mean, model.precision)
+    interior = _ball(6)
+    healthy = [searching.squared_distance(s, support)[interior] for s in scans[25:]]
+    # the anatomy moved by one voxel (a residual misregistration): large distances without
+    # the search, typical ones with it
+    moved = np.where(support, np.roll(scans[25], 1, axis=1), 0).astype(np.float32)
+    assert (np.percentile(model.squared_distance(moved, support)[interior], 99)
+            > 10 * np.percentile(healthy, 99))
+    assert (np.percentile(searching.squared_distance(moved, support)[interior], 99)
+            < 2 * np.percentile(healthy, 99))
+    # the blob of the test above is still far from every healthy neighbour
+    lesioned = scans[26].copy()
+    lesioned[1] += 0.12 * _ball(2)
+    assert searching.squared_distance(lesioned, support)[13, 13, 13] > 10 * np.percentile(
+        healthy, 99)
+
+
 def test_fused_heat_adds_the_two_maps_healthy_evidence(rng):
     values = rng.random(200_000)
     flow = Calibration.from_healthy([values])

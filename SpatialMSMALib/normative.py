@@ -41,18 +41,12 @@ class NormativeContrastConfig:
             covariance, 1 = independent channels).
         min_coverage: a voxel is modelled only where at least this fraction of the healthy
             scans has brain.
-        search_radius_vox: the scan's contrast at a voxel is compared with the healthy model
-            at every modelled voxel within this many model-grid voxels along each axis
-            (a cube), and the smallest distance counts: residual misregistration of an
-            anatomy the model never saw shifts healthy edges by a voxel or two, which a
-            focal lesion's contrast does not imitate. 0: the same voxel only.
     """
 
     sigmas_vox: tuple = (1.0, 2.0)
     surround_ratio: float = 2.5
     shrinkage: float = 0.2
     min_coverage: float = 0.5
-    search_radius_vox: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "sigmas_vox", tuple(float(s) for s in self.sigmas_vox))
@@ -64,11 +58,6 @@ class NormativeContrastConfig:
             raise ValueError(f"shrinkage must lie in [0, 1], got {self.shrinkage}")
         if not 0 < self.min_coverage <= 1:
             raise ValueError(f"min_coverage must lie in (0, 1], got {self.min_coverage}")
-        if int(self.search_radius_vox) != self.search_radius_vox or not (
-                0 <= self.search_radius_vox <= 3):
-            raise ValueError(f"search_radius_vox must be an integer in 0..3, got "
-                             f"{self.search_radius_vox}")
-        object.__setattr__(self, "search_radius_vox", int(self.search_radius_vox))
 
 
 def blob_contrasts(image, support: np.ndarray, sigmas_vox, surround_ratio: float
@@ -162,52 +151,19 @@ class NormativeContrast:
 
     def squared_distance(self, image, support: np.ndarray) -> np.ndarray:
         """``(X, Y, Z)`` float32: the largest squared Mahalanobis distance over the blob
-        sizes of the scan's contrasts from the healthy ones (with ``search_radius_vox`` > 0,
-        the smallest such value over the modelled voxels in the search cube); 0 where the
-        voxel is not modelled or outside ``support``."""
+        sizes of the scan's contrasts from the healthy ones; 0 where the voxel is not
+        modelled or outside ``support``."""
         support = np.asarray(support, bool)
         if support.shape != self.valid.shape:
             raise ValueError(f"scan grid {support.shape} differs from the normative model's "
                              f"{self.valid.shape}")
         contrast = blob_contrasts(image, support, self.config.sigmas_vox,
                                   self.config.surround_ratio)
+        difference = contrast[:, :, self.valid] - self.mean  # (S, C, V)
+        distance = np.einsum("scv,sdcv,sdv->sv", difference, self.precision, difference)
         out = np.zeros(self.valid.shape, np.float32)
-        if self.config.search_radius_vox == 0:
-            difference = contrast[:, :, self.valid] - self.mean  # (S, C, V)
-            distance = np.einsum("scv,sdcv,sdv->sv", difference, self.precision, difference)
-            out[self.valid] = distance.max(0)
-        else:
-            out[self.valid] = self._searched_distance(contrast)
+        out[self.valid] = distance.max(0)
         return np.where(support, out, 0.0).astype(np.float32)
-
-    def _searched_distance(self, contrast: np.ndarray) -> np.ndarray:
-        """``(V,)``: per valid voxel, the minimum over the offsets ``d`` in the search cube
-        (modelled ``v + d`` only) of the largest distance over blob sizes of the scan's
-        contrast at ``v`` from the model at ``v + d``. ``contrast``: ``(S, C, X, Y, Z)``."""
-        radius = self.config.search_radius_vox
-        sizes, channels = self.mean.shape[:2]
-        # the model on the full grid padded by the radius, flattened: an offset is then a
-        # constant shift of the flat index (unmodelled voxels are never the minimum)
-        modelled = np.pad(self.valid, radius)
-        padded = np.array(modelled.shape)
-        at_valid = np.flatnonzero(modelled)  # in the valid voxels' C order
-        mean = np.zeros((sizes * channels, modelled.size), np.float32)
-        mean[:, at_valid] = self.mean.reshape(sizes * channels, -1)
-        precision = np.zeros((sizes * channels * channels, modelled.size), np.float32)
-        precision[:, at_valid] = self.precision.reshape(sizes * channels * channels, -1)
-        scan = contrast[:, :, self.valid].reshape(sizes * channels, -1)
-        modelled = modelled.ravel()
-        strides = np.array([padded[1] * padded[2], padded[2], 1])
-        best = np.full(at_valid.size, np.inf, np.float32)
-        offsets = range(-radius, radius + 1)
-        for offset in ((dx, dy, dz) for dx in offsets for dy in offsets for dz in offsets):
-            at = at_valid + int(strides @ offset)
-            difference = (scan - mean.take(at, axis=1)).reshape(sizes, channels, -1)
-            weighted = np.einsum("scdv,sdv->scv", precision.take(at, axis=1).reshape(
-                sizes, channels, channels, -1), difference)
-            distance = (weighted * difference).sum(1).max(0)
-            best = np.minimum(best, np.where(modelled[at], distance, np.inf))
-        return best
 
     def to_state(self) -> tuple[dict, dict]:
         """``(config, tensors)`` for a safe checkpoint."""

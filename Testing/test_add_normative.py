@@ -126,27 +126,3 @@ def test_add_then_reuse_normative(intensity_model_and_cohort, capsys):
     assert (reused.component_calibrations["normative"].scores
             != pytest.approx(added.component_calibrations["normative"].scores))
     assert dataclasses.asdict(reused.spatial.config) == dataclasses.asdict(added.spatial.config)
-
-    # --reuse-normative --normative-search-vox 1: the same statistics, the search window set,
-    # kept through save and load, and the normative calibration redone with it; a radius
-    # outside 0..3 is refused before any work
-    searched_path = folder / "searched.pt"
-    assert add_normative.main(["--model", str(added_path), "--out", str(searched_path),
-                               "--reuse-normative", "--normative-search-vox", "1",
-                               *common]) == 0
-    searched = AnomalyModel.load(searched_path)
-    assert searched.normative.config.search_radius_vox == 1
-    assert added.normative.config.search_radius_vox == 0
-    assert np.array_equal(searched.normative.mean, added.normative.mean)
-    assert searched.provenance["normative_contrast"]["recalibrated"]["search_radius_vox"] == 1
-    scan = scans["val"][0]
-    narrow = added.normative.squared_distance(scan.image, scan.brain_mask)
-    wide = searched.normative.squared_distance(scan.image, scan.brain_mask)
-    assert np.all(wide <= narrow + 1e-4) and wide.sum() < 0.9 * narrow.sum()
-    assert (searched.component_calibrations["normative"].scores
-            != pytest.approx(added.component_calibrations["normative"].scores))
-    assert add_normative.main(["--model", str(added_path), "--out", str(folder / "bad.pt"),
-                               "--reuse-normative", "--normative-search-vox", "4",
-                               *common]) == 2
-    assert "--normative-search-vox 4" in capsys.readouterr().err
-    assert not (folder / "bad.pt").exists()

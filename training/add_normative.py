@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -106,10 +105,6 @@ def main(argv: list[str] | None = None) -> int:
             model.normative = NormativeContrast.fit(
                 ((s.image, s.brain_mask) for s in scans["train"]),
                 normative_config(args, model.spacing_mm))
-        elif args.normative_search_vox is not None:
-            model.normative.config = replace(
-                model.normative.config,
-                search_radius_vox=normative_config(args).search_radius_vox)
         old = model.calibration
         settings = argparse.Namespace(
             fpr=old.default_fpr, smoothing_mm=old.smoothing_mm, rim_mm=old.rim_mm,
@@ -126,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
                 "from": {"name": args.model.name},
                 "cohort": cohort_record(args.manifest) if args.manifest else str(args.data_dir),
                 "n_val": len(scans["val"]), "scan_standardization": args.scan_standardization,
-                "search_radius_vox": model.normative.config.search_radius_vox,
                 "seconds": seconds}
         else:
             model.provenance["normative_contrast"] = {

@@ -190,10 +190,6 @@ def add_normative_options(parser) -> None:
     parser.add_argument("--normative-blob-mm", default=DEFAULT_NORMATIVE_BLOB_MM,
                         help="blob sizes of the normative contrast model: inner Gaussian SDs "
                              "in mm, comma-separated (default %(default)s)")
-    parser.add_argument("--normative-search-vox", type=int, default=None,
-                        help="compare each voxel's contrast with the healthy model within "
-                             "this many model-grid voxels (0-3; the smallest distance counts); "
-                             "default 0, or the reused model's setting")
 
 
 def normative_config(args, spacing_mm: float | None = None) -> NormativeContrastConfig:
@@ -203,17 +199,11 @@ def normative_config(args, spacing_mm: float | None = None) -> NormativeContrast
         sizes_mm = [float(part) for part in str(args.normative_blob_mm).split(",")]
         if not all(np.isfinite(sizes_mm)) or min(sizes_mm) <= 0:
             raise ValueError("sizes must be positive")
+        return NormativeContrastConfig(
+            sigmas_vox=tuple(mm / (spacing_mm or 1.0) for mm in sizes_mm))
     except ValueError as e:
         raise InputError(f"--normative-blob-mm '{args.normative_blob_mm}': expected "
                          f"positive sizes in mm such as 2,4 ({e})") from None
-    search = getattr(args, "normative_search_vox", None)
-    try:
-        return NormativeContrastConfig(
-            sigmas_vox=tuple(mm / (spacing_mm or 1.0) for mm in sizes_mm),
-            search_radius_vox=0 if search is None else search)
-    except ValueError as e:
-        raise InputError(f"--normative-search-vox {search}: expected an integer in 0..3 "
-                         f"({e})") from None
 
 
 def flow_dir(work: Path, member: int) -> Path:

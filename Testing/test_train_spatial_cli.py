@@ -188,3 +188,43 @@ def test_train_spatial_end_to_end_with_two_flows_and_the_normative_model(tmp_pat
                                                            rel=1e-4)
     assert standardised.calibration.scores != pytest.approx(model.calibration.scores)
     assert standardised.calibration.notes["scan_standardization"]["normative"]["rule"] == "ratio"
+
+
+def test_an_intensity_flow_trains_without_caching_local_score_norms(tmp_path):
+    """A flow that reads intensities only never needs the local score-norm maps (41 MB per
+    1 mm-cohort scan at 2 mm): the cache keeps only the whole-brain vectors the typicality
+    model is fitted on, and training and calibration run from the images."""
+    sys.path.insert(0, str(ROOT / "training"))
+    import torch
+    import train_spatial
+
+    from SpatialMSMALib.cohort import CohortSizes, make_benchmark
+    from SpatialMSMALib.model import AnomalyModel
+    from SpatialMSMALib.score import GeometricNoiseSchedule, ScoreUNet
+    from SpatialMSMALib.synthesis import SubjectConfig
+
+    sizes = CohortSizes(n_train=3, n_val=2, n_test_healthy=0, n_test_lesioned=0,
+                        n_loao_healthy=0, n_loao_lesioned=0)
+    manifest = make_benchmark(tmp_path / "cohort", sizes=sizes, seed=6, progress=False,
+                              subject_config=SubjectConfig(spacing_mm=4.0))
+    torch.manual_seed(0)
+    source = AnomalyModel(ScoreUNet(3, 2, (4, 8), 8).eval(),
+                          GeometricNoiseSchedule(0.05, 1.0, 4), spacing_mm=4.0,
+                          shape=(48, 56, 48)).save(tmp_path / "score_source.pt")
+    work, out = tmp_path / "work", tmp_path / "model.pt"
+    assert train_spatial.main([
+        "--manifest", str(manifest), "--score-checkpoint", str(source), "--work", str(work),
+        "--out", str(out), "--flow-score-features", "false", "--flow-intensity-features",
+        "true", "--aux-models", "knn", "--steps", "12", "--warmup-steps", "2",
+        "--validate-every", "6", "--checkpoint-every", "6", "--scans-per-batch", "2",
+        "--locations-per-scan", "64", "--val-locations-per-scan", "256",
+        "--flow-flow-layers", "1", "--flow-hidden", "8", "--flow-global-features", "2",
+        "--flow-position-frequencies", "2"]) == 0
+    cached = sorted(work.glob("cache/features_*/*.npz"))
+    assert len(cached) == 5
+    for path in cached:
+        with np.load(path) as arrays:
+            assert set(arrays.files) == {"whole"} and arrays["whole"].shape == (4,)
+    model = AnomalyModel.load(out)
+    assert not model.spatial.config.score_features and model.spatial.config.intensity_features
+    assert model.typicality is not None and np.isfinite(model.calibration.default_threshold)

@@ -396,7 +396,10 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
         share = rows[rank::world_size]
         scans = model_space(share, cache, model.spacing_mm, demons=model.demons, progress=rank == 0,
                             channels=n_channels, refused=[])
-        cached_features(model, scans, feature_dir, device, save_local=True,
+        # the local maps (41 MB per scan) are kept only for a flow that reads them; the
+        # whole-brain vectors (the typicality model's) are always needed
+        keep_local = flow_config.score_features
+        cached_features(model, scans, feature_dir, device, save_local=keep_local,
                         progress_bar=rank == 0)
         if distributed:
             dist.barrier()
@@ -409,9 +412,9 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
         if not train_scans or not val_scans:
             raise InputError("no training or no validation scan left after registration")
         train_whole, train_paths = cached_features(model, train_scans, feature_dir, device,
-                                                   save_local=True, progress_bar=False)
+                                                   save_local=keep_local, progress_bar=False)
         val_whole, val_paths = cached_features(model, val_scans, feature_dir, device,
-                                               save_local=True, progress_bar=False)
+                                               save_local=keep_local, progress_bar=False)
         feature_seconds = time.perf_counter() - start
         if rank == 0:
             print(f"score-norm features of {len(rows)} scans ready in {feature_seconds:.0f} s")
@@ -422,17 +425,24 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
         downsample = config.flow["encoder_downsample"]
         levels = flow_config.level_indices()
 
+        def local_norms(path: Path) -> np.ndarray:
+            """``(L, X, Y, Z)`` float32 local score norms of a cached scan; ``(0, X, Y, Z)``
+            for a flow that reads intensities only (nothing is read)."""
+            if not keep_local:
+                return np.zeros((0, *model.shape), np.float32)
+            with np.load(path) as cached:
+                return cached["local"].astype(np.float32)
+
         def locations(scans, paths):
             out = []
             for scan, path in zip(scans, paths, strict=True):
-                with np.load(path) as cached:
-                    out.append(LocationSet.from_arrays(
-                        cached["local"], scan.image, scan.brain_mask, downsample,
-                        intensity_features=config.flow["intensity_features"],
-                        score_features=config.flow["score_features"], score_levels=levels,
-                        intensity_sigmas_vox=flow_config.intensity_sigmas_vox(),
-                        intensity_reference_mask=intensity_reference_mask(
-                            flow_config, scan.brain_mask.shape)))
+                out.append(LocationSet.from_arrays(
+                    local_norms(path), scan.image, scan.brain_mask, downsample,
+                    intensity_features=config.flow["intensity_features"],
+                    score_features=config.flow["score_features"], score_levels=levels,
+                    intensity_sigmas_vox=flow_config.intensity_sigmas_vox(),
+                    intensity_reference_mask=intensity_reference_mask(
+                        flow_config, scan.brain_mask.shape)))
             return out
 
         train_sets = locations(train_scans, train_paths)
@@ -468,11 +478,8 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
                 ((scan.image, scan.brain_mask) for scan in train_scans),
                 normative_config(args, model.spacing_mm))
 
-        def local_of(i):
-            with np.load(val_paths[i]) as cached:
-                return cached["local"].astype(np.float32)
-
-        model.calibration = calibrate(model, val_scans, local_of, device, args)
+        model.calibration = calibrate(model, val_scans, lambda i: local_norms(val_paths[i]),
+                                      device, args)
         calibration_seconds = time.perf_counter() - t0
 
         whole = np.concatenate([train_whole, val_whole])

@@ -86,6 +86,27 @@ def test_bad_normative_blob_sizes_are_refused_before_any_work(tmp_path):
                                         "--normative-blob-mm", sizes)
 
 
+def _tiny_cohort_and_score_model(tmp_path, seed):
+    """A 4 mm cohort of 3 train and 2 val healthy scans and an untrained 4-level score
+    network saved as a model file: ``(manifest, score model path)``."""
+    import torch
+
+    from SpatialMSMALib.cohort import CohortSizes, make_benchmark
+    from SpatialMSMALib.model import AnomalyModel
+    from SpatialMSMALib.score import GeometricNoiseSchedule, ScoreUNet
+    from SpatialMSMALib.synthesis import SubjectConfig
+
+    sizes = CohortSizes(n_train=3, n_val=2, n_test_healthy=0, n_test_lesioned=0,
+                        n_loao_healthy=0, n_loao_lesioned=0)
+    manifest = make_benchmark(tmp_path / "cohort", sizes=sizes, seed=seed, progress=False,
+                              subject_config=SubjectConfig(spacing_mm=4.0))
+    torch.manual_seed(0)
+    source = AnomalyModel(ScoreUNet(3, 2, (4, 8), 8).eval(),
+                          GeometricNoiseSchedule(0.05, 1.0, 4), spacing_mm=4.0,
+                          shape=(48, 56, 48)).save(tmp_path / "score_source.pt")
+    return manifest, source
+
+
 def test_train_spatial_end_to_end_with_two_flows_and_the_normative_model(tmp_path):
     """The whole script on a tiny 4 mm cohort (3 train, 2 val scans; a tiny score network):
     two flows from seeds 0 and 1 in their own folders, their ensemble in the model file, the
@@ -96,20 +117,10 @@ def test_train_spatial_end_to_end_with_two_flows_and_the_normative_model(tmp_pat
     import train_spatial
 
     from SpatialMSMALib.checkpoint import load_checkpoint
-    from SpatialMSMALib.cohort import CohortSizes, make_benchmark
     from SpatialMSMALib.model import AnomalyModel
-    from SpatialMSMALib.score import GeometricNoiseSchedule, ScoreUNet
     from SpatialMSMALib.spatial import FlowEnsemble
-    from SpatialMSMALib.synthesis import SubjectConfig
 
-    sizes = CohortSizes(n_train=3, n_val=2, n_test_healthy=0, n_test_lesioned=0,
-                        n_loao_healthy=0, n_loao_lesioned=0)
-    manifest = make_benchmark(tmp_path / "cohort", sizes=sizes, seed=5, progress=False,
-                              subject_config=SubjectConfig(spacing_mm=4.0))
-    torch.manual_seed(0)
-    source = AnomalyModel(ScoreUNet(3, 2, (4, 8), 8).eval(),
-                          GeometricNoiseSchedule(0.05, 1.0, 4), spacing_mm=4.0,
-                          shape=(48, 56, 48)).save(tmp_path / "score_source.pt")
+    manifest, source = _tiny_cohort_and_score_model(tmp_path, seed=5)
     work, out = tmp_path / "work", tmp_path / "model.pt"
     options = ["--manifest", str(manifest), "--score-checkpoint", str(source),
                "--work", str(work), "--out", str(out), "--flow-members", "2",
@@ -195,22 +206,11 @@ def test_an_intensity_flow_trains_without_caching_local_score_norms(tmp_path):
     1 mm-cohort scan at 2 mm): the cache keeps only the whole-brain vectors the typicality
     model is fitted on, and training and calibration run from the images."""
     sys.path.insert(0, str(ROOT / "training"))
-    import torch
     import train_spatial
 
-    from SpatialMSMALib.cohort import CohortSizes, make_benchmark
     from SpatialMSMALib.model import AnomalyModel
-    from SpatialMSMALib.score import GeometricNoiseSchedule, ScoreUNet
-    from SpatialMSMALib.synthesis import SubjectConfig
 
-    sizes = CohortSizes(n_train=3, n_val=2, n_test_healthy=0, n_test_lesioned=0,
-                        n_loao_healthy=0, n_loao_lesioned=0)
-    manifest = make_benchmark(tmp_path / "cohort", sizes=sizes, seed=6, progress=False,
-                              subject_config=SubjectConfig(spacing_mm=4.0))
-    torch.manual_seed(0)
-    source = AnomalyModel(ScoreUNet(3, 2, (4, 8), 8).eval(),
-                          GeometricNoiseSchedule(0.05, 1.0, 4), spacing_mm=4.0,
-                          shape=(48, 56, 48)).save(tmp_path / "score_source.pt")
+    manifest, source = _tiny_cohort_and_score_model(tmp_path, seed=6)
     work, out = tmp_path / "work", tmp_path / "model.pt"
     assert train_spatial.main([
         "--manifest", str(manifest), "--score-checkpoint", str(source), "--work", str(work),

@@ -48,9 +48,6 @@ class SpatialTrainConfig:
     validate_every: int = 250
     checkpoint_every: int = 250
     seed: int = 0
-    #: SD (model-grid voxels) of Gaussian noise added to each training location's position
-    #: context (0: none), so the flow's per-position model tolerates small misregistration
-    position_jitter_vox: float = 0.0
 
 
 @dataclass
@@ -167,10 +164,6 @@ class SpatialTrainer:
         c = self.config
         norms, positions, lowres, owner = sample_batch(
             self.train, c.scans_per_batch, c.locations_per_scan, self.generator)
-        if c.position_jitter_vox > 0:  # voxels -> normalised [-1, 1] units per axis
-            size = torch.tensor(self.train[0].shape, dtype=torch.float32)
-            positions = positions + torch.randn(positions.shape, generator=self.generator) * (
-                c.position_jitter_vox * 2 / (size - 1).clamp(min=1))
         self.flow.train()
         log_p = self.train_module(norms.to(self.device), positions.to(self.device),
                                   lowres.to(self.device), owner.to(self.device))

@@ -203,8 +203,8 @@ def test_train_spatial_end_to_end_with_two_flows_and_the_normative_model(tmp_pat
 
 def test_an_intensity_flow_trains_without_caching_local_score_norms(tmp_path):
     """A flow that reads intensities only never needs the local score-norm maps (41 MB per
-    1 mm-cohort scan at 2 mm): the cache keeps only the whole-brain vectors the typicality
-    model is fitted on, and training and calibration run from the images."""
+    scan on the 2 mm grid at 20 levels): the cache keeps only the whole-brain vectors the
+    typicality model is fitted on, and training and calibration run from the images."""
     sys.path.insert(0, str(ROOT / "training"))
     import train_spatial
 

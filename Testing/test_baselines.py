@@ -135,9 +135,11 @@ def _flagged_val_fraction(maps_dir, cache, threshold, model) -> float:
     return flagged / total
 
 
+@pytest.mark.slow
 def test_harness_runs_every_method_with_label_free_thresholds(detection_setup, tmp_path):
     """A tiny cohort end to end: every method is trained, calibrated on the healthy val scans
-    only (1 % of their scored voxels flagged), evaluated and timed in its own process."""
+    only (1 % of their scored voxels flagged), evaluated and timed in its own process (about
+    6 minutes on 2 cores, the default run's slowest test, so marked slow)."""
     from SpatialMSMALib.cohort import CohortSizes, make_benchmark
 
     manifest = make_benchmark(tmp_path / "cohort", seed=3, progress=False, sizes=CohortSizes(

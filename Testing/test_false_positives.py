@@ -1,5 +1,5 @@
 """benchmarks/false_positives.py: each false component's driver, tissue and depth, and the
-summary by each."""
+summary by each; it and benchmarks/lesion_evidence.py refuse to replace an output."""
 
 import subprocess
 import sys
@@ -66,10 +66,11 @@ def test_summary_splits_the_flagged_volume_by_driver_tissue_and_depth():
     assert summary["by_depth_ml"] == {f"shallow (< {SHALLOW_MM:g} mm)": 1.0, "deep": 2.5}
 
 
-def test_the_script_refuses_an_existing_output(tmp_path):
+@pytest.mark.parametrize("script", ["false_positives.py", "lesion_evidence.py"])
+def test_the_cohort_scripts_refuse_an_existing_output(tmp_path, script):
     out = tmp_path / "out.json"
     out.write_text("keep")
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "false_positives.py"),
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script),
                              "--manifest", str(tmp_path), "--cache", str(tmp_path), "--out",
                              str(out)], capture_output=True, text=True)
     assert result.returncode == 2 and "exists; pass --overwrite" in result.stderr

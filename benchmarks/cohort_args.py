@@ -1,8 +1,10 @@
 """Command-line pieces shared by the benchmark scripts that read a benchmark cohort through
-the model-space cache (``false_positives.py``, ``feature_precision.py``,
-``groupnorm_precision.py``; ``typicality_levels.py``, ``typicality_reg_covar.py`` and
-``msma_3d.py`` use the output refusal and error exit, ``detect_cost.py`` and
-``cli_start_cost.py`` the output refusal)."""
+the model-space cache (``false_positives.py``, ``lesion_evidence.py``,
+``feature_precision.py``, ``groupnorm_precision.py``; ``typicality_levels.py``,
+``typicality_reg_covar.py`` and ``msma_3d.py`` use the output refusal and error exit,
+``detect_cost.py`` and ``cli_start_cost.py`` the output refusal), and the loop over a
+split's scans with their local score norms (``false_positives.py``,
+``lesion_evidence.py``)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,26 @@ def cohort_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+
+def split_parser(description: str, splits) -> argparse.ArgumentParser:
+    """:func:`cohort_parser` plus ``--splits`` (the names in ``splits``, all by default) and
+    ``--device``."""
+    parser = cohort_parser(description)
+    parser.add_argument("--splits", nargs="+", choices=list(splits), default=list(splits))
+    parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def load_spatial_model(path: Path):
+    """The model file at ``path``; InputError if it has no Spatial-MSMA flow and
+    calibration."""
+    from SpatialMSMALib.model import AnomalyModel
+
+    model = AnomalyModel.load(path)
+    if model.spatial is None or model.calibration is None:
+        raise InputError(f"'{path}' has no Spatial-MSMA flow and calibration")
+    return model
+
 def refuse_existing_output(args: argparse.Namespace) -> None:
     """Raise InputError when ``--out`` exists and ``--overwrite`` was not given."""
     if args.out and args.out.exists() and not args.overwrite:
@@ -37,3 +59,69 @@ def exit_with(error: InputError) -> None:
     """Print ``error: ...`` on stderr and exit with status 2 (no traceback)."""
     print(f"error: {error}", file=sys.stderr)
     raise SystemExit(2) from None
+
+
+def norm_paths(model, scans: list, cache: Path, device: str = "cpu") -> list:
+    """The cached score-norm file of each model-space scan (computed into ``cache`` when
+    missing), or None per scan for a flow that reads intensities only: the score network
+    then does not run."""
+    from SpatialMSMALib.inference import cached_features
+
+    if not model.spatial.config.score_features:
+        return [None] * len(scans)
+    _, paths = cached_features(model, scans, cache / model.feature_cache_name(), device,
+                               save_local=True)
+    return paths
+
+
+def local_norms(path: Path | None, shape):
+    """``(L, X, Y, Z)`` float32 local score norms from a cached file, ``(0, *shape)`` for
+    None (a flow that reads intensities only)."""
+    import numpy as np
+
+    if path is None:
+        return np.zeros((0, *shape), np.float32)
+    with np.load(path) as cached:
+        return cached["local"].astype(np.float32)
+
+
+def scans_with_local_norms(model, rows: list, cache: Path, device: str = "cpu"):
+    """Yield ``(row, model-space scan, local score norms)`` for the manifest ``rows`` of one
+    split, preprocessed through the model-space ``cache`` as ``benchmarks/spatial_3d.py``
+    does (:func:`norm_paths`, :func:`local_norms`)."""
+    from SpatialMSMALib.dataset import model_space
+
+    scans = model_space(rows, cache, model.spacing_mm, demons=model.demons,
+                        version=model.preprocess_version, channels=len(model.channel_names))
+    paths = norm_paths(model, scans, cache, device)
+    for row, scan, path in zip(rows, scans, paths, strict=True):
+        yield row, scan, local_norms(path, scan.brain_mask.shape)
+
+
+def native_evidence_maps(model, row, scan, local, device: str = "cpu"):
+    """The detection of one model-space scan at the model's default operating point (the
+    path of ``benchmarks/spatial_3d.py``), with the flow's part of its heat map:
+    ``(detection, flow part (I, J, K) on the native grid or None for a flow-only model,
+    native brain mask (I, J, K) bool)``. For a model with a normative contrast map the heat
+    map is the fused evidence (``-log10`` healthy voxel FPR) and the flow's part is its
+    evidence."""
+    import numpy as np
+
+    from SpatialMSMALib.detection import component_heat_maps, native_detection
+    from SpatialMSMALib.io import load_volume
+    from SpatialMSMALib.normative import evidence
+
+    flow_heat, normative_heat = component_heat_maps(model, scan.image, scan.brain_mask, local,
+                                                    device)
+    brain = load_volume(row.brain_mask, what="brain mask").data > 0
+    if normative_heat is None:
+        fused_model, flow_model = flow_heat, None
+    else:
+        flow_model = evidence(flow_heat, model.component_calibrations["flow"])
+        fused_model = flow_model + np.nan_to_num(
+            evidence(normative_heat, model.component_calibrations["normative"]))
+    detection = native_detection(model, fused_model.astype(np.float32), scan.mapping, brain)
+    flow_native = (None if flow_model is None else
+                   native_detection(model, flow_model.astype(np.float32), scan.mapping,
+                                    brain).heat)
+    return detection, flow_native, brain

@@ -32,16 +32,19 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cohort_args import cohort_parser, exit_with, refuse_existing_output  # noqa: E402
+from cohort_args import (  # noqa: E402
+    exit_with,
+    load_spatial_model,
+    native_evidence_maps,
+    refuse_existing_output,
+    scans_with_local_norms,
+    split_parser,
+)
 
 from SpatialMSMALib.cohort import load_manifest  # noqa: E402
-from SpatialMSMALib.dataset import manifest_scans, model_space  # noqa: E402
-from SpatialMSMALib.detection import component_heat_maps, native_detection  # noqa: E402
+from SpatialMSMALib.dataset import manifest_scans  # noqa: E402
 from SpatialMSMALib.errors import InputError  # noqa: E402
-from SpatialMSMALib.inference import cached_features  # noqa: E402
 from SpatialMSMALib.io import load_volume, write_text_atomically  # noqa: E402
-from SpatialMSMALib.model import AnomalyModel  # noqa: E402
-from SpatialMSMALib.normative import evidence  # noqa: E402
 
 HEALTHY_SPLITS = {"test": "test_healthy", "loao": "loao_healthy"}
 #: tissue labels of the simulator's tissue map
@@ -117,19 +120,7 @@ def scan_components(model, row, tissue_path, scan, local, device="cpu") -> list[
     """The detection of one model-space healthy scan at the model's default operating point,
     its components described (:func:`describe_components`) with the tissue map at
     ``tissue_path``."""
-    flow_heat, normative_heat = component_heat_maps(model, scan.image, scan.brain_mask, local,
-                                                    device)
-    brain = load_volume(row.brain_mask, what="brain mask").data > 0
-    if normative_heat is None:
-        fused_model, flow_model = flow_heat, None
-    else:
-        flow_model = evidence(flow_heat, model.component_calibrations["flow"])
-        fused_model = flow_model + np.nan_to_num(
-            evidence(normative_heat, model.component_calibrations["normative"]))
-    detection = native_detection(model, fused_model.astype(np.float32), scan.mapping, brain)
-    flow_native = (None if flow_model is None else
-                   native_detection(model, flow_model.astype(np.float32), scan.mapping,
-                                    brain).heat)
+    detection, flow_native, brain = native_evidence_maps(model, row, scan, local, device)
     tissue = load_volume(tissue_path, what="tissue map")
     spacing = np.linalg.norm(detection.affine[:3, :3], axis=0)
     return describe_components(detection.labels, len(detection.components), detection.heat,
@@ -138,16 +129,10 @@ def scan_components(model, row, tissue_path, scan, local, device="cpu") -> list[
 
 
 def main() -> None:
-    parser = cohort_parser(__doc__.splitlines()[0])
-    parser.add_argument("--splits", nargs="+", choices=list(HEALTHY_SPLITS),
-                        default=list(HEALTHY_SPLITS))
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    args = split_parser(__doc__.splitlines()[0], HEALTHY_SPLITS).parse_args()
     try:
         refuse_existing_output(args)
-        model = AnomalyModel.load(args.model)
-        if model.spatial is None or model.calibration is None:
-            raise InputError(f"'{args.model}' has no Spatial-MSMA flow and calibration")
+        model = load_spatial_model(args.model)
         names = [HEALTHY_SPLITS[s] for s in args.splits]
         rows = manifest_scans(args.manifest, names)
         manifest = load_manifest(args.manifest)
@@ -162,28 +147,16 @@ def main() -> None:
               "provenance_sha256": model.provenance.get("score_checkpoint_sha256"),
               "shallow_mm": SHALLOW_MM, "splits": {}}
     for split, name in zip(args.splits, names, strict=True):
-        scans = model_space(rows[name], args.cache, model.spacing_mm, demons=model.demons,
-                            version=model.preprocess_version,
-                            channels=len(model.channel_names))
-        if model.spatial.config.score_features:
-            _, paths = cached_features(model, scans, args.cache / model.feature_cache_name(),
-                                       args.device, save_local=True)
-        else:
-            paths = [None] * len(scans)
         per_scan, everything = {}, []
-        for row, scan, path in zip(rows[name], scans, paths, strict=True):
-            if path is None:
-                local = np.zeros((0, *scan.brain_mask.shape), np.float32)
-            else:
-                with np.load(path) as cached:
-                    local = cached["local"].astype(np.float32)
+        for row, scan, local in scans_with_local_norms(model, rows[name], args.cache,
+                                                       args.device):
             components = scan_components(model, row, tissue_paths[row.id], scan, local,
                                          args.device)
             per_scan[row.id] = components
             everything += components
             print(f"{row.id}: {len(components)} components, "
                   f"{sum(c['volume_ml'] for c in components):.2f} mL", flush=True)
-        summary = summarise(everything, len(scans))
+        summary = summarise(everything, len(rows[name]))
         result["splits"][split] = {"summary": summary, "scans": per_scan}
         print(f"{split}: {json.dumps(summary)}", flush=True)
     if args.out:

@@ -24,18 +24,16 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cohort_args import scans_with_local_norms  # noqa: E402
 from spatial_3d import SPLITS, case_detection, operating_point_row  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from train_spatial import grow_factor  # noqa: E402  (the same parsing as training)
 
-from SpatialMSMALib.dataset import manifest_scans, model_space  # noqa: E402
+from SpatialMSMALib.dataset import manifest_scans  # noqa: E402
 from SpatialMSMALib.detection import relabel  # noqa: E402
 from SpatialMSMALib.errors import InputError  # noqa: E402
-from SpatialMSMALib.inference import cached_features  # noqa: E402
 from SpatialMSMALib.metrics import evaluate_operating_point  # noqa: E402
 from SpatialMSMALib.model import AnomalyModel  # noqa: E402
 
@@ -47,20 +45,8 @@ def sweep_split(model: AnomalyModel, rows, cache: Path, rates, factors) -> dict:
     """``{"RATE|FACTOR": operating_point_row}`` over the scans ``rows``."""
     variants = {f: dataclasses.replace(model, calibration=dataclasses.replace(
         model.calibration, grow_rate_factor=f)) for f in factors}
-    scans = model_space(rows, cache, model.spacing_mm, demons=model.demons,
-                        version=model.preprocess_version, channels=len(model.channel_names))
-    if model.spatial.config.score_features:
-        _, paths = cached_features(model, scans, cache / model.feature_cache_name(),
-                                   save_local=True)
-    else:  # the flow reads intensities only
-        paths = [None] * len(scans)
     cases: dict = {}
-    for row, scan, path in zip(rows, scans, paths, strict=True):
-        if path is None:
-            local = np.zeros((0, *scan.brain_mask.shape), np.float32)
-        else:
-            with np.load(path) as cached:
-                local = cached["local"].astype(np.float32)
+    for row, scan, local in scans_with_local_norms(model, rows, cache):
         detection, _, truth, _ = case_detection(model, row, scan, local)
         for rate, factor in itertools.product(rates, factors):
             moved = relabel(detection, variants[factor], fpr=rate)

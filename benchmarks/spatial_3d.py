@@ -23,15 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cohort_args import local_norms, norm_paths  # noqa: E402
+
 from SpatialMSMALib.dataset import manifest_scans, model_space
 from SpatialMSMALib.detection import model_heat_map, native_detection, relabel
-from SpatialMSMALib.inference import cached_features, select_device
+from SpatialMSMALib.inference import select_device
 from SpatialMSMALib.io import load_volume
 from SpatialMSMALib.metrics import (
     detection_metrics,
@@ -52,19 +56,11 @@ def evaluate_split(model, rows, cache: Path, device, fpr=None, sweep_fprs=()) ->
                         version=model.preprocess_version,
                         channels=len(model.channel_names))
     start = time.perf_counter()
-    if model.spatial.config.score_features:
-        _, paths = cached_features(model, scans, cache / model.feature_cache_name(), device,
-                                   save_local=True)
-    else:  # the flow reads intensities only: no score-network passes are needed
-        paths = [None] * len(scans)
+    paths = norm_paths(model, scans, cache, device)  # None each for an intensity flow
     feature_seconds = time.perf_counter() - start
     cases, seconds, sweep = [], {"flow": [], "post_process": []}, {}
     for row, scan, path in zip(rows, scans, paths, strict=True):
-        if path is None:
-            local = np.zeros((0, *scan.brain_mask.shape), np.float32)
-        else:
-            with np.load(path) as cached:
-                local = cached["local"].astype(np.float32)
+        local = local_norms(path, scan.brain_mask.shape)
         detection, brain, truth, timing = case_detection(model, row, scan, local, device, fpr)
         for stage, value in timing.items():
             seconds[stage].append(value)

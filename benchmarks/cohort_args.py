@@ -3,8 +3,8 @@ the model-space cache (``false_positives.py``, ``lesion_evidence.py``,
 ``feature_precision.py``, ``groupnorm_precision.py``; ``typicality_levels.py``,
 ``typicality_reg_covar.py`` and ``msma_3d.py`` use the output refusal and error exit,
 ``detect_cost.py`` and ``cli_start_cost.py`` the output refusal), and the loop over a
-split's scans with their local score norms (``false_positives.py``,
-``lesion_evidence.py``)."""
+split's scans with their local score norms (``false_positives.py``, ``lesion_evidence.py``
+and ``post_processing_sweep.py``; ``spatial_3d.py`` its two steps, to time the features)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ def cohort_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-
 def split_parser(description: str, splits) -> argparse.ArgumentParser:
     """:func:`cohort_parser` plus ``--splits`` (the names in ``splits``, all by default) and
     ``--device``."""
@@ -48,6 +47,7 @@ def load_spatial_model(path: Path):
     if model.spatial is None or model.calibration is None:
         raise InputError(f"'{path}' has no Spatial-MSMA flow and calibration")
     return model
+
 
 def refuse_existing_output(args: argparse.Namespace) -> None:
     """Raise InputError when ``--out`` exists and ``--overwrite`` was not given."""

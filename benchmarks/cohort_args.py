@@ -4,7 +4,8 @@ the model-space cache (``false_positives.py``, ``lesion_evidence.py``,
 ``typicality_reg_covar.py`` and ``msma_3d.py`` use the output refusal and error exit,
 ``detect_cost.py`` and ``cli_start_cost.py`` the output refusal), and the loop over a
 split's scans with their local score norms (``false_positives.py``, ``lesion_evidence.py``
-and ``post_processing_sweep.py``; ``spatial_3d.py`` its two steps, to time the features)."""
+and ``post_processing_sweep.py``; ``spatial_3d.py`` its two steps, to time the features),
+with the records built per scan (``false_positives.py``, ``lesion_evidence.py``)."""
 
 from __future__ import annotations
 
@@ -125,3 +126,14 @@ def native_evidence_maps(model, row, scan, local, device: str = "cpu"):
                    native_detection(model, flow_model.astype(np.float32), scan.mapping,
                                     brain).heat)
     return detection, flow_native, brain
+
+
+def records_per_scan(model, rows: list, cache: Path, device: str, describe, line) -> dict:
+    """``{scan id: describe(row, scan, local)}`` over the scans of one split
+    (:func:`scans_with_local_norms`); ``line(records)`` is printed after each scan's id as
+    it comes."""
+    per_scan = {}
+    for row, scan, local in scans_with_local_norms(model, rows, cache, device):
+        per_scan[row.id] = describe(row, scan, local)
+        print(f"{row.id}: {line(per_scan[row.id])}", flush=True)
+    return per_scan

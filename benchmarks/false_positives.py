@@ -36,8 +36,8 @@ from cohort_args import (  # noqa: E402
     exit_with,
     load_spatial_model,
     native_evidence_maps,
+    records_per_scan,
     refuse_existing_output,
-    scans_with_local_norms,
     split_parser,
 )
 
@@ -147,16 +147,14 @@ def main() -> None:
               "provenance_sha256": model.provenance.get("score_checkpoint_sha256"),
               "shallow_mm": SHALLOW_MM, "splits": {}}
     for split, name in zip(args.splits, names, strict=True):
-        per_scan, everything = {}, []
-        for row, scan, local in scans_with_local_norms(model, rows[name], args.cache,
-                                                       args.device):
-            components = scan_components(model, row, tissue_paths[row.id], scan, local,
-                                         args.device)
-            per_scan[row.id] = components
-            everything += components
-            print(f"{row.id}: {len(components)} components, "
-                  f"{sum(c['volume_ml'] for c in components):.2f} mL", flush=True)
-        summary = summarise(everything, len(rows[name]))
+        per_scan = records_per_scan(
+            model, rows[name], args.cache, args.device,
+            lambda row, scan, local: scan_components(model, row, tissue_paths[row.id], scan,
+                                                     local, args.device),
+            lambda found: (f"{len(found)} components, "
+                           f"{sum(c['volume_ml'] for c in found):.2f} mL"))
+        summary = summarise([c for found in per_scan.values() for c in found],
+                            len(rows[name]))
         result["splits"][split] = {"summary": summary, "scans": per_scan}
         print(f"{split}: {json.dumps(summary)}", flush=True)
     if args.out:

@@ -41,8 +41,8 @@ from cohort_args import (  # noqa: E402
     exit_with,
     load_spatial_model,
     native_evidence_maps,
+    records_per_scan,
     refuse_existing_output,
-    scans_with_local_norms,
     split_parser,
 )
 
@@ -148,16 +148,12 @@ def main() -> None:
     result = {"command": " ".join(sys.argv), "model": str(args.model),
               "min_lesion_mm3": MIN_LESION_MM3, "splits": {}}
     for split, name in zip(args.splits, names, strict=True):
-        per_scan, everything = {}, []
-        for row, scan, local in scans_with_local_norms(model, rows[name], args.cache,
-                                                       args.device):
-            records = scan_lesions(model, row, scan, local, args.device)
-            per_scan[row.id] = records
-            everything += records
-            print(f"{row.id}: " + ", ".join(f"{r['volume_ml']:.2f} mL {r['reason']} "
-                                            f"(peak {r['peak']:.2f})" for r in records),
-                  flush=True)
-        summary = summarise(everything)
+        per_scan = records_per_scan(
+            model, rows[name], args.cache, args.device,
+            lambda row, scan, local: scan_lesions(model, row, scan, local, args.device),
+            lambda found: ", ".join(f"{r['volume_ml']:.2f} mL {r['reason']} "
+                                    f"(peak {r['peak']:.2f})" for r in found))
+        summary = summarise([r for found in per_scan.values() for r in found])
         result["splits"][split] = {"summary": summary, "scans": per_scan}
         print(f"{split}: {json.dumps(summary)}", flush=True)
     if args.out:

@@ -11,6 +11,7 @@ import torch
 from SpatialMSMALib.checkpoint import load_checkpoint
 from SpatialMSMALib.cohort import CohortSizes, make_benchmark
 from SpatialMSMALib.score.training import ScoreTrainConfig
+from SpatialMSMALib.synthesis import SubjectConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "train_score.py"
@@ -32,6 +33,8 @@ TINY = [
     "2",
     "--checkpoint-every",
     "2",
+    "--spacing",  # a 4 mm model grid and 4 mm scans: the same path, an eighth of the voxels
+    "4",
 ]
 
 
@@ -45,7 +48,8 @@ def cohort(tmp_path_factory):
     sizes = CohortSizes(
         n_train=2, n_val=1, n_test_healthy=0, n_test_lesioned=0, n_loao_healthy=0, n_loao_lesioned=0
     )
-    make_benchmark(root, sizes=sizes, seed=3, progress=False)
+    make_benchmark(root, sizes=sizes, seed=3, progress=False,
+                   subject_config=SubjectConfig(spacing_mm=4.0))
     return root
 
 

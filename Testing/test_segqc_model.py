@@ -211,6 +211,22 @@ def test_seg_qc_cli_on_a_cohort_subject(tmp_path, toy_model):
                  str(model_path)]) == 2
     assert main(["seg-qc", "--labels", str(tmp_path / "nope.nii.gz"), "--image", str(t1),
                  "--model", str(model_path)]) == 2
+    # several maps of one scan share its preprocessing: the first map's score and map are
+    # those of the single-map run above, bit for bit; a list report names each map's file
+    shifted = save_volume(tmp_path / "shifted.nii.gz", np.roll(native.data, 2, axis=0),
+                          native.affine)
+    several = tmp_path / "qc_several"
+    assert main([*args[:2], str(tissue), str(shifted), *args[3:], "--out", str(several)]) == 0
+    reports = json.loads((several / "qc_report.json").read_text())
+    assert [r["labels"] for r in reports] == [str(tissue), str(shifted)]
+    assert [r["qc_map"] for r in reports] == ["qc_map_1.nii.gz", "qc_map_2.nii.gz"]
+    assert reports[0]["qc_score"] == report["qc_score"]
+    assert reports[1]["qc_score"] != report["qc_score"]
+    np.testing.assert_array_equal(load_volume(several / "qc_map_1.nii.gz").data, qc_map.data)
+    # a bad map among several: refused before any work, nothing written
+    refused = tmp_path / "qc_refused"
+    assert main([*args[:2], str(tissue), str(bad), *args[3:], "--out", str(refused)]) == 2
+    assert not refused.exists()
 
 
 def test_bundled_qc_model_is_registered_and_flags_a_shifted_map(tmp_path, capsys):
@@ -239,16 +255,13 @@ def test_bundled_qc_model_is_registered_and_flags_a_shifted_map(tmp_path, capsys
     mask = next(cohort.glob("*_brainmask.nii.gz"))
     tissue = next(cohort.glob("*_tissue.nii.gz"))
     native = load_volume(tissue, what="labels")
-    reports = []
-    for voxels in (0, 1, 2):
-        labels = tissue if voxels == 0 else save_volume(
-            tmp_path / f"shifted{voxels}.nii.gz", np.roll(native.data, voxels, axis=0),
-            native.affine)
-        capsys.readouterr()
-        assert main(["seg-qc", "--labels", str(labels), "--image", str(t1), "--mask",
-                     str(mask), "--json", "--device", "cpu"]) == 0
-        reports.append(json.loads(capsys.readouterr().out))
-    clean, one, two = reports
+    labels = [tissue] + [save_volume(tmp_path / f"shifted{voxels}.nii.gz",
+                                     np.roll(native.data, voxels, axis=0), native.affine)
+                         for voxels in (1, 2)]
+    capsys.readouterr()
+    assert main(["seg-qc", "--labels", *map(str, labels), "--image", str(t1), "--mask",
+                 str(mask), "--json", "--device", "cpu"]) == 0
+    clean, one, two = json.loads(capsys.readouterr().out)
     assert clean["qc_score"] < one["qc_score"] < two["qc_score"]
     assert not clean["flagged"]
     assert one["flagged"] and two["flagged"] and one["percentile_among_good"] == 100.0

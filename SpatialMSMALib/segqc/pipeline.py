@@ -76,39 +76,61 @@ def z_among_good(model: SegQCModel, score: float) -> float:
     return float((score - good.mean()) / (good.std(ddof=1) + 1e-12))
 
 
-def qc_native(model: SegQCModel, labels: Volume, image: Volume, brain_mask: Volume | None = None,
-              *, names: dict | None = None, device: str = "cpu", progress=None) -> NativeQC:
-    """QC of a native label map ``labels`` made from ``image`` (both with RAS affines);
-    ``brain_mask`` (on the image grid) helps registration, else the atlas mask is used."""
+def qc_image(model: SegQCModel, image: Volume, brain_mask: Volume | None = None, *,
+             names: dict | None = None):
+    """The image a segmentation was made from, preprocessed into the QC model's space (T1
+    only); ``brain_mask`` (on the image grid) helps registration, else the atlas mask is
+    used. Returns a :class:`~SpatialMSMALib.preprocessing.PreprocessedScan` that
+    :func:`qc_labels` scores any number of label maps of this image against."""
     from ..preprocessing import PreprocessConfig, preprocess_scan
 
     names = names or {}
+    config = PreprocessConfig(spacing_mm=model.config.spacing_mm, shape=model.config.shape)
+    return preprocess_scan(image, None, brain_mask, config,
+                           names={"t1": names.get("image"), "mask": names.get("mask")})
+
+
+def qc_labels(model: SegQCModel, labels: Volume, prepared, *, names: dict | None = None,
+              device: str = "cpu") -> NativeQC:
+    """QC of a native label map ``labels`` (RAS affine, any grid) of the image ``prepared``
+    by :func:`qc_image`: carried to the model grid (nearest neighbour), scored, and the
+    per-voxel map carried back to the label map's grid (linear)."""
+    names = names or {}
     label_name = names.get("labels", "labels")
     data = check_label_values(labels, model.config.classes, label_name)
-    if progress:
-        progress("preprocess image", 0.0)
-    config = PreprocessConfig(spacing_mm=model.config.spacing_mm, shape=model.config.shape)
-    pre = preprocess_scan(image, None, brain_mask, config,
-                          names={"t1": names.get("image"), "mask": names.get("mask")})
-    mapping = pre.mapping
+    mapping = prepared.mapping
     labels_model = resample(data, labels.affine, mapping.model_grid, mapping.model_to_native,
                             order=0)
     if not (labels_model > 0).any():
         raise InputError(f"label map '{label_name}' does not overlap the image "
                          f"'{names.get('image', 'image')}' after registration; are they from "
                          "the same scan?")
-    if progress:
-        progress("score label map", 0.5)
-    result = model.score_map(labels_model, pre.image[: model.config.image_channels],
-                             pre.brain_mask, device=device)
+    result = model.score_map(labels_model, prepared.image[: model.config.image_channels],
+                             prepared.brain_mask, device=device)
     native_grid = Grid(tuple(data.shape), np.asarray(labels.affine, float))
     voxel_map = resample(result.voxel_map, mapping.model_grid.affine, native_grid,
                          np.linalg.inv(mapping.model_to_native), order=1)
     z = z_among_good(model, result.score)
-    if progress:
-        progress("done", 1.0)
     return NativeQC(result, voxel_map.astype(np.float32), np.asarray(labels.affine, float), z,
                     bool(np.isfinite(z) and z > FLAG_Z), float(mapping.registration_ncc))
+
+
+def qc_native(model: SegQCModel, labels: Volume, image: Volume, brain_mask: Volume | None = None,
+              *, names: dict | None = None, device: str = "cpu", progress=None) -> NativeQC:
+    """QC of a native label map ``labels`` made from ``image`` (both with RAS affines):
+    :func:`qc_image`, then :func:`qc_labels`."""
+    names = names or {}
+    # refuse a bad label map before the preprocessing's minutes of work
+    check_label_values(labels, model.config.classes, names.get("labels", "labels"))
+    if progress:
+        progress("preprocess image", 0.0)
+    prepared = qc_image(model, image, brain_mask, names=names)
+    if progress:
+        progress("score label map", 0.5)
+    qc = qc_labels(model, labels, prepared, names=names, device=device)
+    if progress:
+        progress("done", 1.0)
+    return qc
 
 
 def calibrate_native(model: SegQCModel, pairs: list[tuple], progress: bool = True) -> np.ndarray:
@@ -133,4 +155,5 @@ def calibrate_native(model: SegQCModel, pairs: list[tuple], progress: bool = Tru
     return model.good_scores
 
 
-__all__ = ["MODEL_KIND", "NativeQC", "bundled_seg_qc_model", "calibrate_native", "qc_native"]
+__all__ = ["MODEL_KIND", "NativeQC", "bundled_seg_qc_model", "calibrate_native", "qc_image",
+           "qc_labels", "qc_native"]

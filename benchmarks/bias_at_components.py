@@ -1,0 +1,116 @@
+"""The simulated bias field under each detected component of one benchmark scan.
+
+    python benchmarks/bias_at_components.py --manifest benchmark --subject test_healthy_004 \\
+        --labels DETECT_OUT/labels.nii.gz [--anatomy-dir ../shared/data/anatomy] [--out F]
+
+A benchmark scan is regenerated from the manifest (its anatomy, seed and subject settings),
+with the generator's two multiplicative bias fields (T1, T2) captured as they are drawn; the
+regenerated T1 must equal the stored one (else the script refuses). For each component of
+``--labels`` (a ``spatial-msma detect`` label volume on the scan's grid) it reports the mean
+bias factor of each channel inside the component, against the brain's median and the white
+matter's 5th percentile. Ground truth is only read to explain a result, never to set one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cohort_args import exit_with, refuse_existing_output  # noqa: E402
+
+from SpatialMSMALib.errors import InputError  # noqa: E402
+
+
+def regenerate_with_bias(entry: dict, manifest: dict, anatomy_dir: Path | None):
+    """``(subject, [t1_bias, t2_bias])``: the scan rebuilt from its manifest entry, and the
+    multiplicative bias factor arrays ``exp(amplitude * field)`` on its grid."""
+    import SpatialMSMALib.synthesis as synthesis
+    from SpatialMSMALib.anatomy import load_anatomy
+
+    names = {f.name for f in fields(synthesis.SubjectConfig)}
+    config = synthesis.SubjectConfig(**{
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in manifest["subject_config"].items() if k in names})
+    drawn = []
+    original = synthesis.smooth_random_field
+
+    def capture(shape, control, rng):
+        field = original(shape, control, rng)
+        drawn.append(field)
+        return field
+
+    synthesis.smooth_random_field = capture
+    try:
+        subject = synthesis.synthesize_subject(load_anatomy(entry["anatomy"], anatomy_dir),
+                                               entry["seed"], config)
+    finally:
+        synthesis.smooth_random_field = original
+    # the generator draws the T1 and then the T2 bias field last
+    return subject, [np.exp(config.bias_amplitude * f) for f in drawn[-2:]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", type=Path, required=True)
+    parser.add_argument("--subject", required=True)
+    parser.add_argument("--labels", type=Path, required=True)
+    parser.add_argument("--anatomy-dir", type=Path)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = parser.parse_args()
+    try:
+        refuse_existing_output(args)
+        from SpatialMSMALib.cohort import load_manifest
+        from SpatialMSMALib.io import load_volume
+
+        manifest = load_manifest(args.manifest)
+        root = args.manifest if args.manifest.is_dir() else args.manifest.parent
+        entry = {s["id"]: s for s in manifest["subjects"]}.get(args.subject)
+        if entry is None:
+            raise InputError(f"subject '{args.subject}' is not in '{args.manifest}'")
+        if entry.get("lesioned"):
+            raise InputError(f"'{args.subject}' is lesioned; lesions change the draws")
+        labels = load_volume(args.labels, what="label volume", allow_empty=True)
+        stored = load_volume(root / entry["t1"], what="T1")
+        if labels.shape != stored.shape or not np.allclose(labels.affine, stored.affine):
+            raise InputError(f"'{args.labels}' is not on the grid of {args.subject}'s T1")
+        subject, bias = regenerate_with_bias(entry, manifest, args.anatomy_dir)
+        if subject.t1.shape != stored.shape or np.abs(subject.t1 - stored.data).max() > 1.0:
+            raise InputError(f"regenerating {args.subject} did not give its stored T1 (another "
+                             "generator version or anatomy folder?)")
+    except InputError as e:
+        exit_with(e)
+    brain = subject.brain_mask > 0
+    white = subject.tissue_labels == 3
+    components = []
+    for label in sorted(int(v) for v in np.unique(labels.data) if v > 0):
+        inside = labels.data == label
+        row = {"label": label, "voxels": int(inside.sum())}
+        for name, factor in zip(("t1", "t2"), bias, strict=True):
+            row[name] = {"mean_in_component": float(factor[inside].mean()),
+                         "brain_median": float(np.median(factor[brain])),
+                         "white_matter_p5": float(np.percentile(factor[white], 5)),
+                         "brain_min": float(factor[brain].min())}
+        components.append(row)
+        print(f"component {label} ({row['voxels']} voxels): " + "; ".join(
+            f"{n.upper()} bias {row[n]['mean_in_component']:.3f} (brain median "
+            f"{row[n]['brain_median']:.3f}, WM 5th percentile {row[n]['white_matter_p5']:.3f}, "
+            f"brain min {row[n]['brain_min']:.3f})" for n in ("t1", "t2")))
+    if args.out:
+        from SpatialMSMALib.io import write_text_atomically
+
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(args.out, json.dumps(
+            {"subject": args.subject, "labels": str(args.labels), "components": components},
+            indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,10 @@ with the generator's two multiplicative bias fields (T1, T2) captured as they ar
 regenerated T1 must equal the stored one (else the script refuses). For each component of
 ``--labels`` (a ``spatial-msma detect`` label volume on the scan's grid) it reports the mean
 bias factor of each channel inside the component, against the brain's median and the white
-matter's 5th percentile. Ground truth is only read to explain a result, never to set one.
+matter's 5th percentile, and what preprocessing's N4 leaves of it (the true factor divided
+by N4's estimate, made with the brain mask, both relative to the brain median); per scan,
+the SD of the log bias in the brain before and after N4. Ground truth is only read to
+explain a result, never to set one.
 """
 
 from __future__ import annotations
@@ -89,26 +92,48 @@ def main() -> None:
         exit_with(e)
     brain = subject.brain_mask > 0
     white = subject.tissue_labels == 3
+    # what preprocessing's N4 (with the brain mask, as detection with --mask runs it) leaves
+    # of each channel's field: true factor / N4's estimate, both relative to the brain median
+    from SpatialMSMALib.registration import n4_bias_correction
+
+    relative = [factor / np.median(factor[brain]) for factor in bias]
+    residual = []
+    for name, factor in zip(("t1", "t2"), bias, strict=True):
+        channel = load_volume(root / entry[name], what=name.upper())
+        _, estimate = n4_bias_correction(channel.data, channel.affine, brain)
+        left = factor / estimate
+        residual.append(left / np.median(left[brain]))
+    scan = {name: {"sd_log_bias_in_brain": float(np.log(r[brain]).std()),
+                   "sd_log_after_n4": float(np.log(left[brain]).std())}
+            for name, r, left in zip(("t1", "t2"), relative, residual, strict=True)}
+    for name, row in scan.items():
+        print(f"{name.upper()}: SD of the log bias in the brain {row['sd_log_bias_in_brain']:.4f}, "
+              f"after N4 {row['sd_log_after_n4']:.4f}")
     components = []
     for label in sorted(int(v) for v in np.unique(labels.data) if v > 0):
         inside = labels.data == label
         row = {"label": label, "voxels": int(inside.sum())}
-        for name, factor in zip(("t1", "t2"), bias, strict=True):
+        for name, factor, r, left in zip(("t1", "t2"), bias, relative, residual, strict=True):
             row[name] = {"mean_in_component": float(factor[inside].mean()),
                          "brain_median": float(np.median(factor[brain])),
                          "white_matter_p5": float(np.percentile(factor[white], 5)),
-                         "brain_min": float(factor[brain].min())}
+                         "brain_min": float(factor[brain].min()),
+                         "relative_in_component": float(r[inside].mean()),
+                         "relative_after_n4": float(left[inside].mean())}
         components.append(row)
         print(f"component {label} ({row['voxels']} voxels): " + "; ".join(
             f"{n.upper()} bias {row[n]['mean_in_component']:.3f} (brain median "
             f"{row[n]['brain_median']:.3f}, WM 5th percentile {row[n]['white_matter_p5']:.3f}, "
-            f"brain min {row[n]['brain_min']:.3f})" for n in ("t1", "t2")))
+            f"brain min {row[n]['brain_min']:.3f}; relative to the median "
+            f"{row[n]['relative_in_component']:.3f}, after N4 {row[n]['relative_after_n4']:.3f})"
+            for n in ("t1", "t2")))
     if args.out:
         from SpatialMSMALib.io import write_text_atomically
 
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomically(args.out, json.dumps(
-            {"subject": args.subject, "labels": str(args.labels), "components": components},
+            {"subject": args.subject, "labels": str(args.labels), "scan": scan,
+             "components": components},
             indent=1) + "\n")
 
 

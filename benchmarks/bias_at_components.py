@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cohort_args import exit_with, refuse_existing_output  # noqa: E402
+from cohort_args import exit_with, manifest_subject, refuse_existing_output  # noqa: E402
 
 from SpatialMSMALib.errors import InputError  # noqa: E402
 
@@ -70,14 +70,9 @@ def main() -> None:
     args = parser.parse_args()
     try:
         refuse_existing_output(args)
-        from SpatialMSMALib.cohort import load_manifest
         from SpatialMSMALib.io import load_volume
 
-        manifest = load_manifest(args.manifest)
-        root = args.manifest if args.manifest.is_dir() else args.manifest.parent
-        entry = {s["id"]: s for s in manifest["subjects"]}.get(args.subject)
-        if entry is None:
-            raise InputError(f"subject '{args.subject}' is not in '{args.manifest}'")
+        manifest, root, entry = manifest_subject(args.manifest, args.subject)
         if entry.get("lesioned"):
             raise InputError(f"'{args.subject}' is lesioned; lesions change the draws")
         labels = load_volume(args.labels, what="label volume", allow_empty=True)
@@ -98,8 +93,9 @@ def main() -> None:
 
     relative = [factor / np.median(factor[brain]) for factor in bias]
     residual = []
+    channels = {"t1": stored, "t2": load_volume(root / entry["t2"], what="T2")}
     for name, factor in zip(("t1", "t2"), bias, strict=True):
-        channel = load_volume(root / entry[name], what=name.upper())
+        channel = channels[name]
         _, estimate = n4_bias_correction(channel.data, channel.affine, brain)
         left = factor / estimate
         residual.append(left / np.median(left[brain]))

@@ -56,6 +56,18 @@ def refuse_existing_output(args: argparse.Namespace) -> None:
         raise InputError(f"'{args.out}' exists; pass --overwrite to replace it")
 
 
+def manifest_subject(manifest_path: Path, subject_id: str) -> tuple[dict, Path, dict]:
+    """``(manifest, cohort folder, subject entry)`` of one subject of a benchmark manifest
+    (the file or its folder); InputError when the subject is not in it."""
+    from SpatialMSMALib.cohort import load_manifest
+
+    manifest = load_manifest(manifest_path)
+    entry = {s["id"]: s for s in manifest["subjects"]}.get(subject_id)
+    if entry is None:
+        raise InputError(f"subject '{subject_id}' is not in '{manifest_path}'")
+    return manifest, Path(manifest["root"]), entry
+
+
 def exit_with(error: InputError) -> None:
     """Print ``error: ...`` on stderr and exit with status 2 (no traceback)."""
     print(f"error: {error}", file=sys.stderr)

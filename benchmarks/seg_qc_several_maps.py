@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cohort_args import exit_with, refuse_existing_output  # noqa: E402
+from cohort_args import exit_with, manifest_subject, refuse_existing_output  # noqa: E402
 
 from SpatialMSMALib.errors import InputError  # noqa: E402
 
@@ -61,15 +61,9 @@ def main() -> None:
         parser.error("--maps must be at least 2 and --repeats at least 1")
     try:
         refuse_existing_output(args)
-        from SpatialMSMALib.cohort import load_manifest
         from SpatialMSMALib.io import load_volume, save_volume
 
-        manifest = load_manifest(args.manifest)
-        root = Path(args.manifest)
-        root = root if root.is_dir() else root.parent
-        entry = {s["id"]: s for s in manifest["subjects"]}.get(args.subject)
-        if entry is None:
-            raise InputError(f"subject '{args.subject}' is not in '{args.manifest}'")
+        _, root, entry = manifest_subject(args.manifest, args.subject)
         tissue = load_volume(root / entry["tissue"], what="tissue map")
         with tempfile.TemporaryDirectory() as folder:
             labels = [root / entry["tissue"]] + [

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError
+from .registry import bundled_operating_points
 
 
 def _add_make_benchmark(sub) -> None:
@@ -164,7 +165,7 @@ def _add_preprocess(sub) -> None:
 def _run_preprocess(args) -> int:
     from tqdm import tqdm
 
-    from .io import load_volume, save_volume
+    from .io import check_output_folder, load_volume, save_volume
     from .preprocessing import DemonsConfig, PreprocessConfig, preprocess_scan
     from .template import DEFAULT_SHAPE, DEFAULT_SPACING_MM
 
@@ -182,6 +183,7 @@ def _run_preprocess(args) -> int:
         brain_extraction=args.brain_extraction,
         demons=demons,
     )
+    check_output_folder(args.out)
     t1 = load_volume(args.t1, what="T1")
     t2 = load_volume(args.t2, what="T2") if args.t2 else None
     mask = load_volume(args.mask, what="brain mask") if args.mask else None
@@ -299,10 +301,11 @@ def _add_detect(sub) -> None:
     p.add_argument("--model", type=Path, help="model file (default: the bundled model)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     operating = p.add_mutually_exclusive_group()
+    bundled = bundled_operating_points()
     operating.add_argument("--fpr", type=float,
                            help="voxel false-positive rate on healthy brains (default: the "
-                                "model's; the bundled T1 + T2 model's is 0.005, its "
-                                "components grown to 3x that rate)")
+                                "model's" + (f"; bundled models: {bundled}" if bundled else "")
+                                + ")")
     operating.add_argument("--threshold", type=float,
                            help="raw heat-map threshold, in the model's heat-map units (flow "
                                 "NLL nats, or -log10 FPR with the normative contrast map)")

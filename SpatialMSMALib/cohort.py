@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import __version__
 from .anatomy import Anatomy, available_anatomies, load_anatomy
 from .errors import InputError
-from .io import save_volume
+from .io import check_output_folder, save_volume
 from .lesions import LesionConfig
 from .synthesis import SubjectConfig, synthesize_subject
 
@@ -121,6 +121,7 @@ def make_benchmark(
     sizes = sizes or CohortSizes()
     subject_config = subject_config or SubjectConfig()
     lesion_config = lesion_config or LesionConfig()
+    check_output_folder(out_dir, "cohort folder")
     manifest_path = out_dir / MANIFEST_NAME
     if manifest_path.exists() and not overwrite:
         raise InputError(

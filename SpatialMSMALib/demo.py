@@ -85,11 +85,11 @@ def cached_sample(seed: int = 7, spacing: float = 1.0, cache_dir: Path | None = 
 def run_demo(out_dir: str | Path, *, model_path=None, seed: int = 7, spacing: float = 1.0,
              device="cpu", overwrite: bool = False, progress: Progress | None = None) -> dict:
     from .detection import OUTPUT_NAMES, detect, save_figure, write_outputs
-    from .io import load_volume
+    from .io import check_output_folder, load_volume
     from .metrics import evaluate_case
     from .model import resolve_model
 
-    out_dir = Path(out_dir)
+    out_dir = check_output_folder(out_dir)
     existing = [out_dir / n for n in OUTPUT_NAMES.values() if (out_dir / n).exists()]
     if existing and not overwrite:
         raise InputError(f"'{out_dir}' already holds demo outputs; pass --overwrite or "

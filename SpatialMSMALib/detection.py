@@ -16,6 +16,7 @@ RAS mm); component centroids are RAS mm; volumes are mL.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from .inference import (
     prepare,
     typicality_report,
 )
-from .io import Volume, save_volume
+from .io import Volume, check_output_folder, save_volume
 from .model import AnomalyModel
 from .normative import fused_heat
 from .spatial import component_statistics, label_anomalies, scored_region, smooth_in_region
@@ -133,6 +134,8 @@ def resolve_threshold(model: AnomalyModel, fpr: float | None = None,
     if fpr is not None and threshold is not None:
         raise InputError("give either a false-positive rate or a threshold, not both")
     if threshold is not None:
+        if not math.isfinite(float(threshold)):
+            raise InputError(f"threshold must be a finite number, not {threshold}")
         return float(threshold), float(calibration.fpr_of_score(threshold))
     fpr = calibration.default_fpr if fpr is None else float(fpr)
     try:
@@ -325,7 +328,9 @@ OUTPUT_NAMES = {"heat": "heatmap.nii.gz", "labels": "labels.nii.gz",
 
 
 def check_outputs_free(out_dir: str | Path, overwrite: bool = False) -> None:
-    """Refuse early (before any computation) when outputs would be overwritten."""
+    """Refuse early (before any computation) when outputs would be overwritten or the
+    folder cannot be made or written (:func:`io.check_output_folder`)."""
+    check_output_folder(out_dir)
     existing = [str(Path(out_dir) / n) for n in OUTPUT_NAMES.values()
                 if (Path(out_dir) / n).exists()]
     if existing and not overwrite:

@@ -30,11 +30,21 @@ class Cancelled(Exception):
 
 
 def select_device(device: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
+    """``auto`` -> CUDA when available, else CPU; also ``cpu``, ``cuda`` and ``cuda:N``.
+    Anything else, or a CUDA device this machine lacks, is refused with a clear message."""
+    device = str(device).strip().lower()
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA device is available")
+    if device == "cpu":
+        return torch.device("cpu")
+    index = device.removeprefix("cuda:") if device.startswith("cuda:") else None
+    if device != "cuda" and not (index is not None and index.isdigit()):
+        raise InputError(f"--device must be auto, cpu, cuda or cuda:N, not '{device}'")
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {device} was asked for but no CUDA device is available")
+    if index is not None and int(index) >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s), numbered from 0")
     return torch.device(device)
 
 

@@ -11,6 +11,7 @@ Conventions used everywhere in the package:
 from __future__ import annotations
 
 import gzip
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,6 +227,38 @@ def save_volume(
     else:
         raise InputError(f"'{path}': unsupported output type (use .nii, .nii.gz or .nrrd)")
     tmp.replace(path)
+    return path
+
+
+def check_output_folder(path: str | Path, what: str = "output folder") -> Path:
+    """Refuse, before any work, an output folder that cannot be made or written: ``path``
+    is an existing file, a component of it is a file, or the deepest existing folder on
+    the way is not writable. Creates nothing; returns ``Path(path)``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} '{path}' is an existing file, not a folder")
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise InputError(f"{what} '{path}' cannot be made: '{existing}' is a file")
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{what} '{path}': no permission to write in '{existing}'")
+    return path
+
+
+def check_output_file(path: str | Path, what: str = "output file") -> Path:
+    """Like :func:`check_output_folder` for a file to be written: refuses ``path`` when it
+    is an existing folder or its folder cannot be made or written. Creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} '{path}' is an existing folder, not a file")
+    try:
+        check_output_folder(path.parent)
+    except InputError as e:
+        raise InputError(f"{what} '{path}' cannot be written: {e}") from None
     return path
 
 

@@ -18,6 +18,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import InputError
 from .normative import NormativeContrast
 from .preprocessing import PREPROCESS_VERSION, DemonsConfig, PreprocessConfig
+from .registry import MODEL_DIR, REGISTRY, bundled_models  # noqa: F401 - re-exported
 from .scan_standardization import ScanStandardization
 from .score.features import FEATURE_VERSION
 from .score.network import ScoreUNet
@@ -32,10 +33,7 @@ from .spatial import (
 from .typicality import TypicalityModel
 
 MODEL_KIND = "spatial-msma-model"
-MODEL_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 BUNDLED_MODEL = MODEL_DIR / "spatial_msma.pt"
-#: describes the bundled models: file, sha256, channels, resolution, training data, costs
-REGISTRY = MODEL_DIR / "registry.json"
 
 
 @dataclass
@@ -305,15 +303,6 @@ class AnomalyModel:
         if self.spatial is not None:
             self.spatial.to(device)
         return self
-
-
-def bundled_models() -> list[dict]:
-    """Entries of the bundled model registry (empty when none is installed)."""
-    import json
-
-    if not REGISTRY.exists():
-        return []
-    return json.loads(REGISTRY.read_text())["models"]
 
 
 def resolve_model(path: str | Path | None, has_t2: bool, t1_name=None) -> AnomalyModel:

@@ -33,13 +33,16 @@ def parse_boolean(text: str) -> bool:
 
 def training_device(device: str = "auto") -> str:
     """``auto`` -> CUDA when available; under torchrun each process takes the GPU of its
-    ``LOCAL_RANK`` (and makes it current)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    return device
+    ``LOCAL_RANK`` (and makes it current). ``cpu`` and ``cuda:N`` are taken as given; any
+    other name, or CUDA on a machine without it, is an ``InputError``
+    (:func:`inference.select_device`)."""
+    from .inference import select_device
+
+    chosen = select_device(device)
+    if chosen.type == "cuda" and chosen.index is None:
+        chosen = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        torch.cuda.set_device(chosen)
+    return str(chosen)
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict, dict]:

@@ -99,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    device = training_device(args.device)
+    try:
+        device = training_device(args.device)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     import torch.distributed as dist
 
     if world_size > 1:

@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    device = training_device(args.device)
     work = args.work or args.out.with_name(args.out.name + ".work")
     try:
+        device = training_device(args.device)
         if args.flow_members < 1:
             raise InputError(f"--flow-members {args.flow_members}: needs at least one flow")
         if not (args.flow_score_features or args.flow_intensity_features):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..io import check_output_file
 
 
 def add_gnsm(sub) -> None:
@@ -49,6 +50,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     from .suite import split_labels
     from .table import read_table
 
+    check_output_file(args.out)
     if args.out.exists() and not args.overwrite:
         raise FileExistsError(f"'{args.out}' already exists; pass --overwrite to replace it")
     frame = read_table(args.table)
@@ -94,6 +96,7 @@ def _run_score(args: argparse.Namespace) -> int:
     from .suite import split_labels
     from .table import read_table
 
+    check_output_file(args.out)
     if args.out.exists() and not args.overwrite:
         raise FileExistsError(f"'{args.out}' already exists; pass --overwrite to replace it")
     detector = GNSM.load(args.model)

@@ -33,7 +33,7 @@ def add_seg_qc(sub) -> None:
 
 def run_seg_qc(args: argparse.Namespace) -> int:
     from ..inference import select_device
-    from ..io import load_volume, save_volume
+    from ..io import check_output_folder, load_volume, save_volume
     from .model import SegQCModel
     from .pipeline import bundled_seg_qc_model, check_label_values, qc_image, qc_labels
 
@@ -45,12 +45,14 @@ def run_seg_qc(args: argparse.Namespace) -> int:
     several = len(label_paths) > 1
     outputs = {}
     if args.out is not None:
+        check_output_folder(args.out)
         outputs = {"report": args.out / "qc_report.json"} | {
             k: args.out / (f"qc_map_{k + 1}.nii.gz" if several else "qc_map.nii.gz")
             for k in range(len(label_paths))}
         for path in outputs.values():
             if path.exists() and not args.overwrite:
                 raise FileExistsError(f"'{path}' already exists; pass --overwrite to replace it")
+    device = select_device(args.device)
     model = SegQCModel.load(args.model) if args.model else bundled_seg_qc_model()
     # every label map is read and checked before the preprocessing's minutes of work
     label_volumes = [load_volume(p, what="label map") for p in label_paths]
@@ -60,7 +62,6 @@ def run_seg_qc(args: argparse.Namespace) -> int:
     mask = load_volume(args.mask, what="brain mask") if args.mask else None
     names = {"image": str(args.image), "mask": str(args.mask) if args.mask else None}
     prepared = qc_image(model, image, mask, names=names)
-    device = select_device(args.device)
     # every map is scored before anything is written: a map that fails leaves no outputs
     results = [qc_labels(model, volume, prepared, names=names | {"labels": str(path)},
                          device=device)

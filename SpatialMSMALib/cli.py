@@ -322,6 +322,11 @@ def _detect_rows(args) -> list[dict]:
         if args.t1 is None:
             raise InputError("give --t1 (and --t2), or --list CSV")
         return [{"id": None, "t1": args.t1, "t2": args.t2, "mask": args.mask}]
+    given = [flag for flag, value in (("--t1", args.t1), ("--t2", args.t2),
+                                      ("--mask", args.mask)) if value is not None]
+    if given:
+        raise InputError(f"give the scans either with --list or with {'/'.join(given)}, "
+                         "not both")
     if not args.scan_list.exists():
         raise InputError(f"scan list '{args.scan_list}' does not exist")
     with open(args.scan_list, newline="") as f:
@@ -329,10 +334,24 @@ def _detect_rows(args) -> list[dict]:
     if not rows or "t1" not in rows[0] or "id" not in rows[0]:
         raise InputError(f"'{args.scan_list}': needs a header with at least 'id' and 't1'")
     base = args.scan_list.parent
-    out = []
-    for row in rows:
-        out.append({key: (base / row[key] if row.get(key) else None)
-                    for key in ("t1", "t2", "mask")} | {"id": row["id"]})
+    out, seen = [], {}
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        where = f"'{args.scan_list}' line {line}"
+        scan_id = (row.get("id") or "").strip()
+        # each id names a folder under --out: a plain name, and each once (a repeated id
+        # would overwrite the earlier scan's outputs)
+        if not scan_id or scan_id in (".", "..") or Path(scan_id).name != scan_id \
+                or "\\" in scan_id:
+            raise InputError(f"{where}: id '{scan_id}' must be a plain folder name (no "
+                             "slashes, not empty, not '.' or '..')")
+        if scan_id in seen:
+            raise InputError(f"{where}: id '{scan_id}' repeats line {seen[scan_id]}; each "
+                             "scan needs its own id (its outputs go to OUT/<id>/)")
+        seen[scan_id] = line
+        if not (row.get("t1") or "").strip():
+            raise InputError(f"{where}: scan '{scan_id}' has no t1")
+        out.append({key: (base / row[key].strip() if (row.get(key) or "").strip() else None)
+                    for key in ("t1", "t2", "mask")} | {"id": scan_id})
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     return out[rank::world]
 

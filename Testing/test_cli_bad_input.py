@@ -146,3 +146,50 @@ def test_detect_help_states_the_bundled_models_default_rates(capsys):
     two_channel = next(c for ch, c in rates if ch == ["T1", "T2"])
     assert (f"T1 + T2: {two_channel['default_voxel_fpr']:g}, components grown to "
             f"{two_channel['grow_rate_factor']:g}x that rate") in help_text
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("id,t1\na,{scan}\na,{scan}\n", r"line 3: id 'a' repeats line 2; each scan needs its own id"),
+    ("id,t1\n../up,{scan}\n", r"line 2: id '\.\./up' must be a plain folder name"),
+    ("id,t1\nsub/dir,{scan}\n", r"line 2: id 'sub/dir' must be a plain folder name"),
+    ("id,t1\n,{scan}\n", r"line 2: id '' must be a plain folder name"),
+    ("id,t1\n..,{scan}\n", r"line 2: id '\.\.' must be a plain folder name"),
+    ("id,t1\na,{scan}\nb,\n", r"line 3: scan 'b' has no t1"),
+    ("name,t1\na,{scan}\n", r"needs a header with at least 'id' and 't1'"),
+])
+def test_detect_list_rows_are_checked_before_any_work(files, rows, message, capsys):
+    scans = files.root / "scans.csv"
+    scans.write_text(rows.format(scan=files.scan))
+    assert main(["detect", "--list", str(scans), "--out", str(files.root / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(scans) in err or "header" in err
+    assert __import__("re").search(message, err), err
+    assert not (files.root / "out").exists()
+
+
+def test_detect_list_and_single_scan_flags_are_exclusive(files, capsys):
+    scans = files.root / "scans.csv"
+    scans.write_text(f"id,t1\na,{files.scan}\n")
+    assert main(["detect", "--list", str(scans), "--t1", str(files.scan), "--out",
+                 str(files.root / "out")]) == 2
+    assert "either with --list or with --t1, not both" in capsys.readouterr().err
+
+
+def test_detect_list_rows_split_across_ranks(files, monkeypatch):
+    """Every row is checked on every rank (so all ranks refuse alike), then rank r of
+    WORLD_SIZE w takes rows r, r + w, ...; together the ranks take each row once."""
+    from SpatialMSMALib.cli import _detect_rows
+
+    scans = files.root / "scans.csv"
+    scans.write_text("id,t1,t2\n" + "".join(f"s{k},t1_{k}.nii.gz,\n" for k in range(5)))
+    args = build_parser().parse_args(["detect", "--list", str(scans), "--out", "o"])
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    taken = []
+    for rank in range(3):
+        monkeypatch.setenv("RANK", str(rank))
+        rows = _detect_rows(args)
+        assert [r["id"] for r in rows] == [f"s{k}" for k in range(rank, 5, 3)]
+        assert all(r["t1"] == files.root / f"t1_{r['id'][1:]}.nii.gz" and r["t2"] is None
+                   for r in rows)
+        taken += [r["id"] for r in rows]
+    assert sorted(taken) == [f"s{k}" for k in range(5)]

@@ -648,3 +648,38 @@ def test_detect_names_a_missing_input_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "T1 file" in err and "absent_t1.nii.gz" in err and "does not exist" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_detect_list_writes_each_scan_to_its_folder_and_shards_by_rank(
+        detection_setup, tmp_path, monkeypatch, capsys):
+    """``detect --list``: paths relative to the CSV's folder, outputs in OUT/<id>/, and under
+    torchrun each rank takes every WORLD_SIZE-th row (RANK 1 of 2: the second row only; the
+    row split itself is tested in test_cli_bad_input.py)."""
+    from SpatialMSMALib.cli import main
+    from SpatialMSMALib.io import load_volume
+
+    paths = detection_setup["paths"]
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    for name in ("t1", "t2"):
+        (cohort / f"s_{name}.nii.gz").symlink_to(paths[name])
+    scans = cohort / "scans.csv"
+    scans.write_text("id,t1,t2\n"
+                     f"first,{paths['t1']},{paths['t2']}\n"  # absolute paths
+                     "second,s_t1.nii.gz,s_t2.nii.gz\n")  # relative to the CSV
+    out = tmp_path / "out"
+    args = ["detect", "--list", str(scans), "--model", str(detection_setup["path"]),
+            "--out", str(out), "--device", "cpu"]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(args) == 0
+    assert not (out / "first").exists() and not (out / "report.json").exists()
+    report = json.loads((out / "second" / "report.json").read_text())
+    labels = load_volume(out / "second" / "labels.nii.gz", allow_empty=True)
+    assert labels.shape == load_volume(paths["t1"]).shape
+    assert report["n_components"] == int(labels.data.max()) >= 1
+    assert report["inputs"]["t1"].endswith("s_t1.nii.gz")
+    # a rank's rerun refuses to overwrite its scans' outputs, before computing anything
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err

@@ -128,6 +128,13 @@ def _run_evaluate(args) -> int:
                 f"the grid of the truth mask '{args.truth}' (shape {volume.shape} "
                 f"vs {truth.shape}); resample it first"
             )
+    for name, volume, path in (("truth mask", truth, args.truth),
+                               ("prediction", pred, args.pred)):
+        data = np.asarray(volume.data)
+        if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
+            raise InputError(f"{name} '{path}' holds non-integer values (a heat map or an "
+                             "image?); give a label volume (nonzero = lesion); a heat map "
+                             "goes to --scores")
     result = evaluate_case(pred.data > 0, truth.data > 0, truth.spacing, scores, mask)
     if args.json:
         print(json.dumps(result, indent=1))

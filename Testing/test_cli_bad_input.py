@@ -193,3 +193,22 @@ def test_detect_list_rows_split_across_ranks(files, monkeypatch):
                    for r in rows)
         taken += [r["id"] for r in rows]
     assert sorted(taken) == [f"s{k}" for k in range(5)]
+
+
+def test_evaluate_refuses_an_image_given_as_a_label_volume(files, capsys):
+    from SpatialMSMALib.io import save_volume
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    labels = np.zeros((8, 8, 8), np.float32)
+    labels[2:4, 2:4, 2:4] = 1
+    heat = np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32)
+    truth = save_volume(files.root / "truth.nii.gz", labels, affine)
+    heat_path = save_volume(files.root / "heat.nii.gz", heat, affine)
+    for pred, truth_path, name in ((heat_path, truth, "prediction"),
+                                   (truth, heat_path, "truth mask")):
+        assert main(["evaluate", "--pred", str(pred), "--truth", str(truth_path)]) == 2
+        err = capsys.readouterr().err
+        assert f"{name} '{heat_path}' holds non-integer values" in err, err
+    # label volumes stored as floats (whole numbers) are fine
+    assert main(["evaluate", "--pred", str(truth), "--truth", str(truth), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dice"] == 1.0

@@ -190,7 +190,7 @@ def save_volume(
     temporary name and renamed, so an interrupted write never leaves a truncated file.
     Refuses to replace an existing file unless ``overwrite`` is true.
     """
-    path = Path(path)
+    path = check_output_file(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"'{path}' already exists; refusing to overwrite (pass overwrite)")
     path.parent.mkdir(parents=True, exist_ok=True)

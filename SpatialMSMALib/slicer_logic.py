@@ -447,11 +447,11 @@ class SpatialMSMALogic:
     def export_segmentation(self, path: str | Path, overwrite: bool = False) -> Path:
         """The current segmentation as .seg.nrrd (MRML segmentation file), or the label
         volume as .nii.gz / .nii / .nrrd (components 1..n on the T1 grid, as the CLI writes)."""
-        from .io import save_volume
+        from .io import check_output_file, save_volume
 
         if self.detection is None:
             raise InputError("run detection first")
-        path = Path(path)
+        path = check_output_file(path, "export file")
         if path.exists() and not overwrite:
             raise FileExistsError(f"'{path}' already exists; refusing to overwrite")
         name = path.name.lower()
@@ -473,12 +473,12 @@ class SpatialMSMALogic:
         raise InputError(f"'{path}': export as .seg.nrrd, .nii.gz, .nii or .nrrd")
 
     def export_heat_map(self, path: str | Path, overwrite: bool = False) -> Path:
-        from .io import save_volume
+        from .io import check_output_file, save_volume
 
         if self.detection is None:
             raise InputError("run detection first")
-        return save_volume(path, self.detection.heat, self.detection.affine,
-                           overwrite=overwrite)
+        return save_volume(check_output_file(path, "export file"), self.detection.heat,
+                           self.detection.affine, overwrite=overwrite)
 
     # -- scene persistence ---------------------------------------------------------------
     def restore(self):

@@ -128,3 +128,12 @@ def _bad_nrrd(p):
     path = p / "bad.nrrd"
     path.write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 4 4\n\n" + b"\x00" * 10)
     return path
+
+
+def test_refuses_to_write_over_a_folder(tmp_path):
+    (tmp_path / "a.nii.gz").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(InputError, match="is an existing folder, not a file"):
+            save_volume(tmp_path / "a.nii.gz", np.ones((2, 2, 2)), np.eye(4),
+                        overwrite=overwrite)
+    assert (tmp_path / "a.nii.gz").is_dir()

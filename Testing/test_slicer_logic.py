@@ -180,6 +180,14 @@ def test_export_matches_the_cli_and_never_overwrites(shown, detection_setup, tmp
                                   load_volume(out / "heatmap.nii.gz").data)
     with pytest.raises(InputError, match="export as"):
         logic.export_segmentation(tmp_path / "labels.png")
+    # a folder where the file should go is refused, even with overwrite, and kept
+    (tmp_path / "taken.seg.nrrd").mkdir()
+    (tmp_path / "taken.seg.nrrd" / "keep.txt").write_text("kept")
+    for export in (logic.export_segmentation, logic.export_heat_map):
+        with pytest.raises(InputError, match="export file '.*taken.seg.nrrd' is an existing "
+                                             "folder"):
+            export(tmp_path / "taken.seg.nrrd", overwrite=True)
+    assert (tmp_path / "taken.seg.nrrd" / "keep.txt").read_text() == "kept"
 
 
 def test_state_is_restored_from_the_scene(shown):

@@ -486,6 +486,18 @@ def _each_in_parallel(function: Callable, items: list) -> list:
         return list(pool.map(function, items))
 
 
+def itk_reason(error: BaseException) -> str:
+    """The one sentence of an ITK exception worth showing a user (ITK's messages carry the
+    source file, line and object address first): e.g. ``All samples map outside moving
+    image buffer``."""
+    text = " ".join(str(error).split())
+    reason = text.split("ITK ERROR:", 1)[-1]
+    if "): " in reason:
+        reason = reason.split("): ", 1)[1]
+    reason = reason.split(". ")[0].strip().rstrip(".")
+    return reason[:160] or "SimpleITK error"
+
+
 def preprocess_scan(
     t1: Volume,
     t2: Volume | None = None,
@@ -579,10 +591,15 @@ def preprocess_scan(
         transform = np.eye(4)
         timed({"step": "registration", "method": "none (scan already in MNI space)"}, t0)
     else:
-        transform = register_to_template(
-            template, channels[0], native_grid.affine, mask_native, config.registration, steps,
-            version=config.version,
-        )
+        try:
+            transform = register_to_template(
+                template, channels[0], native_grid.affine, mask_native, config.registration,
+                steps, version=config.version,
+            )
+        except RuntimeError as e:  # SimpleITK's optimiser gave up: say so, not its traceback
+            raise RegistrationError(
+                f"{label('t1', 'T1')}: registration to the MNI template failed "
+                f"({itk_reason(e)}); is this a whole-head T1-weighted brain MRI?") from None
     mapping = SpaceMapping(native_grid, template.grid, transform,
                            preprocess_version=int(config.version))
 

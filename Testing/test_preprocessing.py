@@ -603,3 +603,31 @@ def test_a_refused_training_scan_is_left_out_and_remembered(tmp_path, subject, m
     assert "1 of 10 scans left out" in capsys.readouterr().out
     with pytest.raises(InputError, match="1 of 2 scans could not be registered"):
         check_refused(refused, 2)
+
+
+def test_a_scan_registration_cannot_handle_is_a_clear_error():
+    """A small patch of noise far from the template (no head in it): SimpleITK's metric
+    finds no overlap; the user gets the file and the reason, not ITK's traceback."""
+    from SpatialMSMALib.errors import RegistrationError
+    from SpatialMSMALib.io import Volume
+    from SpatialMSMALib.preprocessing import preprocess_scan
+
+    affine = np.eye(4)
+    affine[:3, 3] = 500.0
+    noise = np.random.default_rng(0).random((32, 32, 32)).astype(np.float32)
+    with pytest.raises(RegistrationError, match=r"T1 'patch\.nii\.gz': registration to the "
+                                                r"MNI template failed \(All samples map "
+                                                r"outside moving image buffer\)"):
+        preprocess_scan(Volume(noise, affine), names={"t1": "patch.nii.gz"})
+
+
+def test_itk_reason_keeps_the_sentence_a_user_can_read():
+    from SpatialMSMALib.preprocessing import itk_reason
+
+    error = RuntimeError(
+        "Exception thrown in SimpleITK ImageRegistrationMethod_Execute: /tmp/ITK/include/"
+        "itkMattesMutualInformationImageToImageMetricv4.hxx:307:\nITK ERROR: "
+        "MattesMutualInformationImageToImageMetricv4(0x7f81680517e0): All samples map outside "
+        "moving image buffer. The images do not sufficiently overlap.")
+    assert itk_reason(error) == "All samples map outside moving image buffer"
+    assert itk_reason(RuntimeError("")) == "SimpleITK error"

@@ -224,7 +224,7 @@ class TabularEncoder:
         raise InputError(
             f"training table: column '{name}' has {what} in every training row; pass "
             "constant_columns='keep' to flag other values of it at scoring time, or 'drop' "
-            "to ignore it"
+            "to ignore it (on the command line: --constant-columns keep or drop)"
         )
 
     def transform(self, table, what: str = "table") -> tuple[np.ndarray, np.ndarray]:

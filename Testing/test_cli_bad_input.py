@@ -212,3 +212,29 @@ def test_evaluate_refuses_an_image_given_as_a_label_volume(files, capsys):
     # label volumes stored as floats (whole numbers) are fine
     assert main(["evaluate", "--pred", str(truth), "--truth", str(truth), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["dice"] == 1.0
+
+
+def test_training_scripts_refuse_an_unusable_out_before_any_work(files, capsys):
+    sys.path.insert(0, str(ROOT / "training"))
+    import add_normative
+    import fit_msma
+    import train_score
+    import train_spatial
+
+    under_a_file = files.a_file / "model"
+    runs = [
+        (train_spatial, ["--data-dir", str(files.root), "--out", str(under_a_file),
+                         "--score-checkpoint", str(files.scan)]),
+        (train_score, ["--data-dir", str(files.root), "--out", str(under_a_file)]),
+        (fit_msma, ["--score-checkpoint", str(files.scan), "--data-dir", str(files.root),
+                    "--out", str(under_a_file)]),
+        (add_normative, ["--model", str(files.scan), "--manifest", str(files.root), "--work",
+                         str(files.root / "w"),
+                         "--out", str(files.root)]),
+    ]
+    for script, argv in runs:
+        assert script.main(argv) == 2, script.__name__
+        err = capsys.readouterr().err
+        assert "--out '" in err and ("results.txt" in err or "existing folder" in err), err
+        assert "Traceback" not in err
+    assert files.a_file.read_text() == "a user's notes\n"

@@ -41,6 +41,7 @@ from train_spatial import (  # noqa: E402
 
 from SpatialMSMALib.dataset import check_refused, model_space  # noqa: E402
 from SpatialMSMALib.errors import InputError  # noqa: E402
+from SpatialMSMALib.io import check_output_file  # noqa: E402
 from SpatialMSMALib.model import AnomalyModel  # noqa: E402
 from SpatialMSMALib.normative import NormativeContrast  # noqa: E402
 from SpatialMSMALib.training_utils import training_device  # noqa: E402
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_output_file(args.out, "--out")
         if args.out.exists() and not args.overwrite:
             raise InputError(f"'{args.out}' exists; pass --overwrite to replace it")
         normative_config(args)  # a bad setting fails before any work

@@ -31,6 +31,7 @@ import numpy as np
 from SpatialMSMALib.dataset import check_refused, folder_scans, manifest_scans, model_space
 from SpatialMSMALib.errors import InputError
 from SpatialMSMALib.inference import cached_features, select_device
+from SpatialMSMALib.io import check_output_file
 from SpatialMSMALib.model import AnomalyModel
 from SpatialMSMALib.score.features import FEATURE_VERSION
 from SpatialMSMALib.spatial import parse_levels
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
+        check_output_file(args.out, "--out")
         if args.out.exists() and not args.overwrite:
             raise InputError(f"'{args.out}' exists; use --overwrite to replace it")
         if args.manifest:

@@ -28,6 +28,7 @@ from SpatialMSMALib.dataset import (
     pooled_manifest_scans,
 )
 from SpatialMSMALib.errors import InputError
+from SpatialMSMALib.io import check_output_folder
 from SpatialMSMALib.score.training import ScoreTrainConfig, ScoreTrainer
 from SpatialMSMALib.training_utils import parse_boolean, training_device
 
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if world_size > 1:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
+        check_output_folder(args.out, "--out")
         splits = scan_lists(args)
         cache = args.out / "cache"
         if world_size > 1 and rank != 0:

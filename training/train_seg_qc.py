@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from SpatialMSMALib.errors import InputError
+from SpatialMSMALib.io import check_output_folder
 from SpatialMSMALib.segqc.data import (
     cohort_label_maps,
     folder_label_maps,
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = SegQCConfig(**{f.name: getattr(args, f.name)
                                 for f in dataclasses.fields(SegQCConfig)})
+        check_output_folder(args.out, "--out")
         model_path = args.out / "seg_qc.pt"
         if model_path.exists() and not args.overwrite:
             raise InputError(f"'{model_path}' already exists; pass --overwrite to replace it")

@@ -43,6 +43,7 @@ from SpatialMSMALib.dataset import check_refused, model_space  # noqa: E402
 from SpatialMSMALib.detection import component_heat_maps  # noqa: E402
 from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.inference import cached_features  # noqa: E402
+from SpatialMSMALib.io import check_output_file  # noqa: E402
 from SpatialMSMALib.model import AnomalyModel  # noqa: E402
 from SpatialMSMALib.normative import (  # noqa: E402
     NormativeContrast,
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             parse_levels(args.flow_score_levels, 10**6)
         except ValueError as e:
             raise InputError(f"--flow-score-levels: {e}") from None
+        check_output_file(args.out, "--out")
         if args.out.exists() and not args.overwrite:
             raise InputError(f"'{args.out}' exists; pass --overwrite to replace it")
         demons_config(args)  # a bad setting fails before any work

@@ -252,6 +252,9 @@ class SpatialMSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = (f"{len(detection.components)} components at voxel "
                                     f"false-positive rate {detection.fpr:.2g}. {summary}")
         self.showResult()
+        if detection.warnings:
+            slicer.util.warningDisplay("\n\n".join(detection.warnings),
+                                       windowTitle="Spatial-MSMA")
 
     def onCancel(self):
         if self.process is not None:

@@ -269,6 +269,16 @@ def native_detection(model: AnomalyModel, heat_model: np.ndarray, mapping,
     return relabel(detection, model, fpr=fpr, threshold=threshold)
 
 
+#: shown with every detection run without a brain mask (measured in
+#: benchmarks/without_mask.py; README "Without a brain mask")
+NO_BRAIN_MASK_WARNING = (
+    "no brain mask was given, so the brain was taken from the template's mask after affine "
+    "registration. The models were trained and calibrated on scans with brain masks; "
+    "without one, intensities are normalised over a mask that includes some skull and "
+    "background, and far more healthy tissue is flagged. Give a brain mask for reliable "
+    "results.")
+
+
 def detect(
     model: AnomalyModel,
     t1: Volume,
@@ -314,6 +324,8 @@ def detect(
         detection.warnings = list(report.warnings)
     else:
         detection.warnings = problems
+    if brain_mask is None:
+        detection.warnings.append(NO_BRAIN_MASK_WARNING)
     timings["post_process"] = round(time.perf_counter() - t0, 2)
     detection.timings = timings
     if progress:

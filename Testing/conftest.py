@@ -90,7 +90,8 @@ def detection_setup(tmp_path_factory):
     paths = {}
     for name, data in (("t1", np.where(ball, subject.t1 * 0.5, subject.t1)),
                        ("t2", np.where(ball, subject.t2 * 2.0, subject.t2)),
-                       ("lesion", ball.astype(np.uint8))):
+                       ("lesion", ball.astype(np.uint8)),
+                       ("brain_mask", (subject.brain_mask > 0).astype(np.uint8))):
         paths[name] = save_volume(folder / f"les_{name}.nii.gz", data.astype(np.float32),
                                   subject.grid.affine)
     return {"model": model, "path": path, "paths": paths, "centre_ras": centre_ras,

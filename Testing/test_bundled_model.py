@@ -139,6 +139,7 @@ def test_detect_with_t1_alone_uses_the_bundled_t1_only_model(tmp_path):
                  str(sample["paths"]["brain_mask"]), "--out", str(out), "--device", "cpu"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["channels"] == ["T1"]
+    assert not any("no brain mask" in w for w in report["warnings"])  # a mask was given
     heat = np.asarray(nib.load(out / "heatmap.nii.gz").dataobj)
     brain = np.asarray(nib.load(sample["paths"]["brain_mask"]).dataobj) > 0
     auroc, _ = voxel_auroc_auprc(heat, sample["lesion_mask"], brain)

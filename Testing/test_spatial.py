@@ -523,6 +523,11 @@ def test_detect_cli_finds_the_lesion_and_writes_every_output(detection_setup, ca
     assert top["peak_score"] == pytest.approx(float(heat.data[labels.data == 1].max()), rel=1e-5)
     assert report["voxel_false_positive_rate"] == pytest.approx(0.01)
     assert report["typicality"]["scores"]["knn"]["percentile"] >= 0
+    # no --mask: the report and the command's output say what that costs
+    from SpatialMSMALib.detection import NO_BRAIN_MASK_WARNING
+
+    assert report["warnings"][-1] == NO_BRAIN_MASK_WARNING
+    assert "warning: no brain mask was given" in capsys.readouterr().out
     # outputs are never overwritten silently (refused before any computation)
     capsys.readouterr()
     assert main(args) == 2

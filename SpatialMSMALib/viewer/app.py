@@ -136,6 +136,7 @@ class AnomalyViewer(_trame()):
         s.progress = 0
         s.status = "Choose a T1 scan (and T2), then Detect anomalies."
         s.error = ""
+        s.warnings = ""
         s.has_result = False
         s.opacity = 0.5
         s.fpr_log10 = -2.0
@@ -339,7 +340,7 @@ class AnomalyViewer(_trame()):
             return
         self.cancelled = False
         with state:
-            state.busy, state.progress, state.error = True, 0, ""
+            state.busy, state.progress, state.error, state.warnings = True, 0, "", ""
             state.status = "Starting detection..."
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.process = await asyncio.create_subprocess_exec(
@@ -380,6 +381,7 @@ class AnomalyViewer(_trame()):
                 self._show_error(f"could not show the result: {e}")
                 return
             state.progress = 100
+            state.warnings = " ".join(f"Warning: {w}" for w in self.logic.detection.warnings)
             self._publish_result()
             summary = stdout.decode(errors="replace").strip().splitlines()
             if summary:
@@ -529,6 +531,9 @@ class AnomalyViewer(_trame()):
                     html.Div("{{ result_version }}", id="result-version", style="display: none;")
                     v3.VAlert(text=("error",), type="error", density="compact",
                               v_show=("error",), closable=True, id="error",
+                              classes="mb-2 text-caption")
+                    v3.VAlert(text=("warnings",), type="warning", density="compact",
+                              v_show=("warnings",), closable=True, id="warnings",
                               classes="mb-2 text-caption")
                     with html.Div(v_show=("has_result",), id="result-panel"):
                         v3.VDivider(classes="mb-2")

@@ -1,0 +1,51 @@
+"""benchmarks/without_mask.py: one scan through detection with and without its brain mask,
+scored inside the true brain; the summary counts refusals and skips their scans."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def test_a_scan_is_detected_with_and_without_its_mask(detection_setup):
+    from without_mask import scan_pair
+
+    from SpatialMSMALib.detection import NO_BRAIN_MASK_WARNING
+    from SpatialMSMALib.io import load_volume
+
+    paths = detection_setup["paths"]
+    files = {"t1": paths["t1"], "t2": paths["t2"], "brain_mask": paths["brain_mask"],
+             "lesion_mask": paths["lesion"]}
+    pair = scan_pair(detection_setup["model"], files, "cpu")
+    true_ml = float((load_volume(paths["brain_mask"]).data > 0).sum()) * 8 / 1000
+    given, atlas = pair["with_mask"], pair["without_mask"]
+    # with its mask the detection's brain is that mask, and nothing outside it is flagged
+    assert given["brain_mask_ml"] == pytest.approx(true_ml)
+    assert given["flagged_outside_true_brain_ml"] == 0
+    assert NO_BRAIN_MASK_WARNING not in given["warnings"]
+    # without it the atlas mask is used, and the report says so
+    assert atlas["brain_mask_ml"] != pytest.approx(true_ml, rel=1e-3)
+    assert atlas["warnings"][-1] == NO_BRAIN_MASK_WARNING
+    for record in (given, atlas):
+        assert record["n_truth"] == 1 and not record["healthy"]
+        assert 0 <= record["tpr"] <= 1 and record["flagged_ml"] >= 0
+
+
+def test_summaries_leave_out_scans_refused_in_either_variant():
+    from without_mask import summaries
+
+    def case(flagged, healthy=True):
+        return {"flagged_ml": flagged, "fp_volume_ml": flagged, "fp_components": 1,
+                "healthy": healthy, "truth_sizes_mm3": [], "truth_detected": []}
+
+    cases = [{"with_mask": case(0.0), "without_mask": case(10.0)},
+             {"with_mask": case(1.0), "without_mask": {"refused": "NCC 0.4 < 0.5"}},
+             {"with_mask": case(2.0), "without_mask": case(30.0)}]
+    result = summaries(cases)
+    assert result["with_mask"]["n_scans"] == result["without_mask"]["n_scans"] == 2
+    assert result["without_mask"]["n_refused"] == 1 and result["with_mask"]["n_refused"] == 0
+    assert result["with_mask"]["healthy"]["median_flagged_ml"] == 1.0  # of 0 and 2
+    assert result["without_mask"]["healthy"]["median_flagged_ml"] == 20.0  # of 10 and 30

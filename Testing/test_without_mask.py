@@ -4,6 +4,7 @@ scored inside the true brain; the summary counts refusals and skips their scans.
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,15 +38,32 @@ def test_a_scan_is_detected_with_and_without_its_mask(detection_setup):
 def test_summaries_leave_out_scans_refused_in_either_variant():
     from without_mask import summaries
 
-    def case(flagged, healthy=True):
-        return {"flagged_ml": flagged, "fp_volume_ml": flagged, "fp_components": 1,
-                "healthy": healthy, "truth_sizes_mm3": [], "truth_detected": []}
+    from SpatialMSMALib.metrics import evaluate_case
 
-    cases = [{"with_mask": case(0.0), "without_mask": case(10.0)},
-             {"with_mask": case(1.0), "without_mask": {"refused": "NCC 0.4 < 0.5"}},
-             {"with_mask": case(2.0), "without_mask": case(30.0)}]
+    truth = np.zeros((20, 20, 20), bool)
+    truth[2:10, 2:10, 2:10] = True  # 4.1 mL at 2 mm
+    brain = np.ones_like(truth)
+
+    def case(flagged_voxels, lesioned=False):
+        pred = np.zeros_like(truth)
+        pred[12:20, 12:20, 12:20] = True
+        pred.flat[np.flatnonzero(pred)[flagged_voxels:]] = False
+        if lesioned:
+            pred[3:5, 3:5, 3:5] = True  # touches the lesion
+        return evaluate_case(pred, truth if lesioned else np.zeros_like(truth),
+                             (2.0, 2.0, 2.0), pred.astype(np.float32), brain)
+
+    cases = [{"with_mask": case(0), "without_mask": case(125)},
+             {"with_mask": case(125), "without_mask": {"refused": "NCC 0.4 < 0.5"}},
+             {"with_mask": case(250), "without_mask": case(375)},
+             {"with_mask": case(0, True), "without_mask": case(125, True)}]
     result = summaries(cases)
-    assert result["with_mask"]["n_scans"] == result["without_mask"]["n_scans"] == 2
+    assert result["with_mask"]["n_scans"] == result["without_mask"]["n_scans"] == 3
+    # the lesioned scan: found in both; the second variant adds a false component
+    assert result["with_mask"]["pooled_tpr_lesions_ge_0.5ml"] == 1.0
+    assert result["with_mask"]["lesioned"]["pooled_ppv"] == 1.0
+    assert result["without_mask"]["lesioned"]["pooled_ppv"] == 0.5
     assert result["without_mask"]["n_refused"] == 1 and result["with_mask"]["n_refused"] == 0
-    assert result["with_mask"]["healthy"]["median_flagged_ml"] == 1.0  # of 0 and 2
-    assert result["without_mask"]["healthy"]["median_flagged_ml"] == 20.0  # of 10 and 30
+    # healthy scans 1 and 3 (scan 2 refused without its mask): 0 and 2 mL, 1 and 3 mL
+    assert result["with_mask"]["healthy"]["median_flagged_ml"] == 1.0
+    assert result["without_mask"]["healthy"]["median_flagged_ml"] == 2.0

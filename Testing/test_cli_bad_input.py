@@ -238,3 +238,26 @@ def test_training_scripts_refuse_an_unusable_out_before_any_work(files, capsys):
         assert "--out '" in err and ("results.txt" in err or "existing folder" in err), err
         assert "Traceback" not in err
     assert files.a_file.read_text() == "a user's notes\n"
+
+
+def test_benchmark_scripts_refuse_an_unusable_out_before_their_work(files, capsys):
+    """Every benchmark script checks --out through cohort_args.refuse_existing_output before
+    its minutes of work (without_mask.py runs about 20), not when it writes at the end."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from cohort_args import refuse_existing_output
+    from without_mask import main as without_mask_main
+
+    for out, message in ((files.a_file / "r.json", "is an existing file, not a folder"),
+                         (files.root, "is an existing folder, not a file"),
+                         (files.a_file, "exists; pass --overwrite")):
+        with pytest.raises(InputError, match=message):
+            refuse_existing_output(argparse.Namespace(out=out, overwrite=False))
+    refuse_existing_output(argparse.Namespace(out=files.a_file, overwrite=True))  # allowed
+    with pytest.raises(SystemExit) as exit_info:
+        without_mask_main(["--manifest", str(files.root), "--out",
+                           str(files.a_file / "r.json"), "--device", "gpu"])
+    assert exit_info.value.code == 2
+    assert "is an existing file, not a folder" in capsys.readouterr().err
+    assert files.a_file.read_text() == "a user's notes\n"

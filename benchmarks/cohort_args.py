@@ -51,7 +51,13 @@ def load_spatial_model(path: Path):
 
 
 def refuse_existing_output(args: argparse.Namespace) -> None:
-    """Raise InputError when ``--out`` exists and ``--overwrite`` was not given."""
+    """Raise InputError when ``--out`` exists and ``--overwrite`` was not given, or cannot be
+    written at all (a folder, or under a file; :func:`io.check_output_file`): before the
+    script's minutes of work, not at its end."""
+    from SpatialMSMALib.io import check_output_file
+
+    if args.out:
+        check_output_file(args.out, "--out")
     if args.out and args.out.exists() and not args.overwrite:
         raise InputError(f"'{args.out}' exists; pass --overwrite to replace it")
 

@@ -101,9 +101,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         from SpatialMSMALib.demo import make_sample
+        from SpatialMSMALib.inference import select_device
         from SpatialMSMALib.model import resolve_model
 
         refuse_existing_output(args)
+        device = select_device(args.device)
         if args.limit is not None and args.limit < 1:
             raise InputError(f"--limit must be at least 1, not {args.limit}")
         manifest = load_manifest(args.manifest)
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                 jobs.append(("demo_sample", "sample_seed7_1mm",
                              dict(sample["paths"])))
             for split, scan_id, files in jobs:
-                pair = scan_pair(model, files, args.device)
+                pair = scan_pair(model, files, device)
                 pair["id"] = scan_id
                 result["splits"].setdefault(split, {"cases": []})["cases"].append(pair)
                 if args.out:  # each scan's records as they come: minutes of work each

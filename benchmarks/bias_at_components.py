@@ -126,7 +126,6 @@ def main() -> None:
     if args.out:
         from SpatialMSMALib.io import write_text_atomically
 
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomically(args.out, json.dumps(
             {"subject": args.subject, "labels": str(args.labels), "scan": scan,
              "components": components},

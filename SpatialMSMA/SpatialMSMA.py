@@ -189,7 +189,7 @@ class SpatialMSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             t2 = self.ui.t2Selector.currentNode()
             mask = self.ui.maskSelector.currentNode()
             modelPath = self.selectedModelPath()
-            logic.load_model(modelPath, has_t2=t2 is not None)
+            logic.load_model(modelPath, has_t2=t2 is not None, has_mask=mask is not None)
             self.outputDir = tempfile.mkdtemp(prefix="SpatialMSMA_")
             paths = {}
             for role, node in (("t1", t1), ("t2", t2), ("mask", mask)):

@@ -193,6 +193,7 @@ def _probe(request: dict) -> dict:
     rows = [ScanFiles(**{k: Path(v) if v and k != "id" else v for k, v in r.items()})
             for r in request["rows"]]
     scans = model_space(rows, request["cache"], model.spacing_mm, demons=model.demons,
+                        brain_masks=model.brain_masks,
                         progress=False, version=model.preprocess_version,
                         channels=len(model.channel_names))
     name = request["name"]

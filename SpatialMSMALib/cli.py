@@ -378,7 +378,8 @@ def _run_detect(args) -> int:
                                  f"'{row[key]}' does not exist")
         check_outputs_free(args.out / row["id"] if row["id"] else args.out, args.overwrite)
     for row in rows:
-        model = resolve_model(args.model, has_t2=row["t2"] is not None, t1_name=row["t1"])
+        model = resolve_model(args.model, has_t2=row["t2"] is not None, t1_name=row["t1"],
+                              has_mask=row["mask"] is not None)
         names = {"t1": row["t1"], "t2": row["t2"], "mask": row["mask"]}
         out_dir = args.out / row["id"] if row["id"] else args.out
         t1 = load_volume(row["t1"], what="T1")

@@ -101,6 +101,7 @@ def model_space(
     demons=None,
     version: int | None = None,
     refused: list | None = None,
+    brain_masks: str = "given",
 ) -> list[ModelSpaceScan]:
     """Preprocess (or read from the cache) each scan onto the model grid at ``spacing`` mm.
     ``version`` is the preprocessing version to run (default the latest,
@@ -119,11 +120,16 @@ def model_space(
     and ``(id, reason)`` appended to it; the refusal is cached too
     (``<id>_<spacing>mm.refused.json``, per preprocessing version), so DDP ranks and reruns
     agree without registering it again. Training scripts pass a list and report it
-    (:func:`check_refused`)."""
+    (:func:`check_refused`).
+
+    ``brain_masks="atlas"`` (a model's ``brain_masks``): each row's brain mask is set aside
+    and the atlas mask taken, as ``detect`` does for such a model; these entries are cached
+    under ``<id>_atlasmask`` (and the scans carry that id), apart from the given-mask ones."""
     from tqdm import tqdm
 
     from .io import load_volume
     from .preprocessing import (
+        BRAIN_MASK_SOURCES,
         PREPROCESS_VERSION,
         PreprocessConfig,
         SpaceMapping,
@@ -134,6 +140,10 @@ def model_space(
 
     shape = tuple(int(round(s * DEFAULT_SPACING_MM / spacing)) for s in DEFAULT_SHAPE)
     version = PREPROCESS_VERSION if version is None else int(version)
+    if brain_masks not in BRAIN_MASK_SOURCES:
+        raise ValueError(f"brain_masks must be one of {BRAIN_MASK_SOURCES}, not {brain_masks!r}")
+    if brain_masks == "atlas":
+        rows = [without_brain_mask(row) for row in rows]
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     if demons is not None:
@@ -207,6 +217,15 @@ def model_space(
     return out
 
 
+#: suffix of the cache ids of scans preprocessed with their brain mask set aside
+ATLAS_MASK_SUFFIX = "_atlasmask"
+
+
+def without_brain_mask(row: ScanFiles) -> ScanFiles:
+    """``row`` with its brain mask set aside, under its own cache id (``<id>_atlasmask``)."""
+    return dataclasses.replace(row, id=row.id + ATLAS_MASK_SUFFIX, brain_mask=None)
+
+
 def _refusal_note_path(cache_dir: Path, scan_id: str, spacing: float) -> Path:
     return Path(cache_dir) / f"{scan_id}_{spacing:g}mm.refused.json"
 
@@ -223,6 +242,19 @@ def refusal_reason(cache_dir: str | Path, scan_id: str, spacing: float,
     if version is not None and note.get("preprocess_version") != version:
         return None
     return note["reason"]
+
+
+def refusable_fraction(text: str) -> float:
+    """argparse type of ``--max-refused-fraction``: a number in [0, 1)."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), not '{text}'")
+    return value
 
 
 def check_refused(refused: list, n_scans: int, max_fraction: float = 0.1,

@@ -113,6 +113,7 @@ class Detection:
         if model is not None:
             out["model"] = {"channels": list(model.channel_names),
                             "spacing_mm": model.spacing_mm,
+                            "brain_masks": model.brain_masks,
                             "provenance": model.provenance,
                             "post_processing": {
                                 "smoothing_mm": model.calibration.smoothing_mm,
@@ -279,6 +280,14 @@ NO_BRAIN_MASK_WARNING = (
     "results.")
 
 
+#: shown when a model trained with every brain mask set aside (``brain_masks == "atlas"``)
+#: is given one: it is not used, as in training
+GIVEN_MASK_SET_ASIDE_WARNING = (
+    "this model was trained with the template's brain mask on every scan, so the given "
+    "brain mask was not used; the model for scans with a brain mask is the better choice "
+    "when you have one.")
+
+
 def detect(
     model: AnomalyModel,
     t1: Volume,
@@ -324,8 +333,10 @@ def detect(
         detection.warnings = list(report.warnings)
     else:
         detection.warnings = problems
-    if brain_mask is None:
+    if brain_mask is None and model.brain_masks == "given":
         detection.warnings.append(NO_BRAIN_MASK_WARNING)
+    if brain_mask is not None and model.brain_masks == "atlas":
+        detection.warnings.append(GIVEN_MASK_SET_ASIDE_WARNING)
     timings["post_process"] = round(time.perf_counter() - t0, 2)
     detection.timings = timings
     if progress:

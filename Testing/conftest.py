@@ -17,6 +17,20 @@ def load_benchmark_script(name: str):
     return module
 
 
+def two_scan_test_cohort(folder):
+    """A benchmark cohort of one healthy and one lesioned test subject (4 mm, seed 2):
+    ``{"test_healthy": [ScanFiles], "test_lesioned": [ScanFiles]}``."""
+    from SpatialMSMALib.cohort import CohortSizes, make_benchmark
+    from SpatialMSMALib.dataset import manifest_scans
+    from SpatialMSMALib.synthesis import SubjectConfig
+
+    sizes = CohortSizes(n_train=0, n_val=0, n_test_healthy=1, n_test_lesioned=1,
+                        n_loao_healthy=0, n_loao_lesioned=0)
+    manifest = make_benchmark(folder, sizes=sizes, seed=2, progress=False,
+                              subject_config=SubjectConfig(spacing_mm=4.0))
+    return manifest_scans(manifest, ("test_healthy", "test_lesioned"))
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

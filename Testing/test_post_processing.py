@@ -158,17 +158,9 @@ def test_post_processing_sweep_matches_the_benchmark_and_growth_only_adds(detect
     """benchmarks/post_processing_sweep.py on a two-scan cohort: its no-growth row is the
     figure spatial_3d.py computes at that rate, and growing components never loses a lesion
     nor flags less healthy tissue."""
-    from conftest import load_benchmark_script
+    from conftest import load_benchmark_script, two_scan_test_cohort
 
-    from SpatialMSMALib.cohort import CohortSizes, make_benchmark
-    from SpatialMSMALib.dataset import manifest_scans
-    from SpatialMSMALib.synthesis import SubjectConfig
-
-    sizes = CohortSizes(n_train=0, n_val=0, n_test_healthy=1, n_test_lesioned=1,
-                        n_loao_healthy=0, n_loao_lesioned=0)
-    manifest = make_benchmark(tmp_path / "cohort", sizes=sizes, seed=2, progress=False,
-                              subject_config=SubjectConfig(spacing_mm=4.0))
-    by_name = manifest_scans(manifest, ("test_healthy", "test_lesioned"))
+    by_name = two_scan_test_cohort(tmp_path / "cohort")
     rows = by_name["test_healthy"] + by_name["test_lesioned"]
     import dataclasses
 

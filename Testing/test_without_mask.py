@@ -20,7 +20,8 @@ def test_a_scan_is_detected_with_and_without_its_mask(detection_setup):
     paths = detection_setup["paths"]
     files = {"t1": paths["t1"], "t2": paths["t2"], "brain_mask": paths["brain_mask"],
              "lesion_mask": paths["lesion"]}
-    pair = scan_pair(detection_setup["model"], files, "cpu")
+    model = detection_setup["model"]
+    pair = scan_pair({"with_mask": model, "without_mask": model}, files, "cpu")
     true_ml = float((load_volume(paths["brain_mask"]).data > 0).sum()) * 8 / 1000
     given, atlas = pair["with_mask"], pair["without_mask"]
     # with its mask the detection's brain is that mask, and nothing outside it is flagged

@@ -111,6 +111,7 @@ def scans_with_local_norms(model, rows: list, cache: Path, device: str = "cpu"):
     from SpatialMSMALib.dataset import model_space
 
     scans = model_space(rows, cache, model.spacing_mm, demons=model.demons,
+                        brain_masks=model.brain_masks,
                         version=model.preprocess_version, channels=len(model.channel_names))
     paths = norm_paths(model, scans, cache, device)
     for row, scan, path in zip(rows, scans, paths, strict=True):
@@ -127,12 +128,11 @@ def native_evidence_maps(model, row, scan, local, device: str = "cpu"):
     import numpy as np
 
     from SpatialMSMALib.detection import component_heat_maps, native_detection
-    from SpatialMSMALib.io import load_volume
     from SpatialMSMALib.normative import evidence
 
     flow_heat, normative_heat = component_heat_maps(model, scan.image, scan.brain_mask, local,
                                                     device)
-    brain = load_volume(row.brain_mask, what="brain mask").data > 0
+    brain = native_brain_mask(model, row, scan)
     if normative_heat is None:
         fused_model, flow_model = flow_heat, None
     else:
@@ -144,6 +144,18 @@ def native_evidence_maps(model, row, scan, local, device: str = "cpu"):
                    native_detection(model, flow_model.astype(np.float32), scan.mapping,
                                     brain).heat)
     return detection, flow_native, brain
+
+
+def native_brain_mask(model, row, scan):
+    """The native-grid brain mask ``(I, J, K)`` bool that detection scores for the benchmark
+    ``row``: its own mask, or for a model that sets masks aside (``brain_masks == "atlas"``)
+    the atlas mask through the scan's registration, as ``detect`` takes it."""
+    from SpatialMSMALib.io import load_volume
+    from SpatialMSMALib.preprocessing import atlas_native_brain_mask
+
+    if model.brain_masks == "atlas":
+        return atlas_native_brain_mask(scan.mapping)
+    return load_volume(row.brain_mask, what="brain mask").data > 0
 
 
 def records_per_scan(model, rows: list, cache: Path, device: str, describe, line) -> dict:

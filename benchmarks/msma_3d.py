@@ -70,6 +70,7 @@ def main() -> None:
     labels = np.r_[np.zeros(min(args.n_healthy, len(splits["test_healthy"]))),
                    np.ones(min(args.n_lesioned, len(splits["test_lesioned"])))]
     scans = model_space(rows, args.cache, model.spacing_mm, demons=model.demons,
+                        brain_masks=model.brain_masks,
                         version=model.preprocess_version)
     feature_dir = args.cache / model.feature_cache_name()
     start = time.perf_counter()

@@ -31,13 +31,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cohort_args import local_norms, norm_paths  # noqa: E402
+from cohort_args import local_norms, native_brain_mask, norm_paths  # noqa: E402
 
-from SpatialMSMALib.dataset import manifest_scans, model_space
+from SpatialMSMALib.dataset import manifest_scans, model_space, without_brain_mask
 from SpatialMSMALib.detection import model_heat_map, native_detection, relabel
 from SpatialMSMALib.inference import select_device
 from SpatialMSMALib.io import load_volume
 from SpatialMSMALib.metrics import (
+    LARGE_LESION_MM3,
+    component_detection,
     detection_metrics,
     evaluate_case,
     evaluate_operating_point,
@@ -52,9 +54,22 @@ SWEEP_FPRS = (0.01, 0.003, 0.001, 0.0003)
 
 
 def evaluate_split(model, rows, cache: Path, device, fpr=None, sweep_fprs=()) -> dict:
+    """Every scan of ``rows`` through the detection path. A scan whose registration is
+    refused (``RegistrationError``; without its brain mask, for a model with
+    ``brain_masks == "atlas"``, some anatomies are) is listed under ``refused`` with the
+    reason, with its lesions (``refused_lesions``), and left out of ``cases``."""
+    refused: list = []
     scans = model_space(rows, cache, model.spacing_mm, demons=model.demons,
+                        brain_masks=model.brain_masks,
                         version=model.preprocess_version,
-                        channels=len(model.channel_names))
+                        channels=len(model.channel_names), refused=refused)
+    reasons = dict(refused)
+    cache_ids = [without_brain_mask(r).id if model.brain_masks == "atlas" else r.id
+                 for r in rows]
+    refused_rows = [r for r, i in zip(rows, cache_ids, strict=True) if i in reasons]
+    rows = [r for r, i in zip(rows, cache_ids, strict=True) if i not in reasons]
+    for row in refused_rows:
+        print(f"{row.id}: refused", flush=True)
     start = time.perf_counter()
     paths = norm_paths(model, scans, cache, device)  # None each for an intensity flow
     feature_seconds = time.perf_counter() - start
@@ -78,7 +93,17 @@ def evaluate_split(model, rows, cache: Path, device, fpr=None, sweep_fprs=()) ->
               f"flagged {case['flagged_ml']:.2f} mL, truth {case['n_truth']} lesions, "
               f"TPR {case['tpr']:.2f} PPV {case['ppv']:.2f} Dice {case['dice']:.3f} "
               f"AUROC {case.get('auroc', float('nan')):.3f}", flush=True)
-    return {"cases": cases, "seconds": {k: float(np.median(v)) for k, v in seconds.items()},
+    refused_records = []
+    for row, cache_id in ((r, without_brain_mask(r).id if model.brain_masks == "atlas"
+                           else r.id) for r in refused_rows):
+        truth = load_volume(row.lesion_mask, what="lesion mask", allow_empty=True)
+        lesions = truth.data > 0
+        sizes = component_detection(np.zeros_like(lesions), lesions,
+                                    truth.spacing)["truth_sizes_mm3"] if lesions.any() else []
+        refused_records.append({"id": row.id, "reason": reasons[cache_id],
+                                "lesions_mm3": sizes})
+    return {"cases": cases, "refused": refused_records,
+            "seconds": {k: float(np.median(v)) for k, v in seconds.items()},
             "feature_seconds_total": feature_seconds,
             "operating_points": [operating_point_row(rate, sweep[rate]) for rate in sweep_fprs]}
 
@@ -92,7 +117,7 @@ def case_detection(model, row, scan, local, device="cpu", fpr=None):
     heat_model = model_heat_map(model, scan.image, scan.brain_mask, local, device)
     timing = {"flow": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    brain = load_volume(row.brain_mask, what="brain mask").data > 0
+    brain = native_brain_mask(model, row, scan)
     detection = native_detection(model, heat_model, scan.mapping, brain, fpr=fpr)
     timing["post_process"] = time.perf_counter() - t0
     truth = load_volume(row.lesion_mask, what="lesion mask", allow_empty=True)
@@ -126,6 +151,20 @@ def split_summary_with_scan_level(cases: list[dict]) -> dict:
             for name, key in (("heat map 99.9th percentile", "heat_p999"),
                               ("flagged volume", "flagged_ml"))}
     return out
+
+
+def refused_summary(cases: list[dict], refused: list[dict]) -> dict:
+    """How many scans registration refused, and the pooled TPR for lesions >= 0.5 mL with
+    every lesion of a refused scan counted as missed (the figures above leave those scans
+    out; a user gets no result for them)."""
+    sizes = [s for c in cases for s in c["truth_sizes_mm3"]]
+    found = [d for c in cases for d in c["truth_detected"]]
+    large_found = sum(d for s, d in zip(sizes, found, strict=True) if s >= LARGE_LESION_MM3)
+    missed = [s for r in refused for s in r["lesions_mm3"]]
+    large = sum(s >= LARGE_LESION_MM3 for s in sizes + missed)
+    return {"n_refused": len(refused),
+            "pooled_tpr_lesions_ge_0.5ml_refused_as_missed":
+                large_found / large if large else None}
 
 
 def print_table(results: dict) -> None:
@@ -187,6 +226,7 @@ def main() -> None:
     model = AnomalyModel.load(args.model)
     device = select_device(args.device)
     results = {"model": str(args.model), "provenance": model.provenance,
+               "brain_masks": model.brain_masks,
                "calibration": {"default_fpr": model.calibration.default_fpr,
                                "threshold": model.calibration.default_threshold,
                                "smoothing_mm": model.calibration.smoothing_mm,
@@ -202,6 +242,7 @@ def main() -> None:
         rows = [r for name in names for r in rows_by_split[name][: args.limit]]
         r = evaluate_split(model, rows, args.cache, device, args.fpr, args.sweep_fprs)
         r["summary"] = split_summary_with_scan_level(r["cases"])
+        r["summary"].update(refused_summary(r["cases"], r["refused"]))
         results["splits"][split] = r
     print_table(results)
     if args.out:

@@ -50,6 +50,7 @@ def features_of(model: AnomalyModel, rows, cache: Path) -> np.ndarray:
     left out and named)."""
     refused: list = []
     scans = model_space(rows, cache, model.spacing_mm, demons=model.demons,
+                        brain_masks=model.brain_masks,
                         version=model.preprocess_version, channels=len(model.channel_names),
                         refused=refused)
     check_refused(refused, len(rows))

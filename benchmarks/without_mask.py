@@ -1,6 +1,7 @@
 """What detection gives without a brain mask: the same scans with and without theirs.
 
     python benchmarks/without_mask.py --manifest benchmark/manifest.json [--model MODEL] \\
+        [--model-without-mask MODEL] \\
         [--splits test_healthy test_lesioned] [--limit 3] [--sample] \\
         [--out results/without_mask.json] [--overwrite]
 
@@ -43,14 +44,16 @@ SPLITS = ("test_healthy", "test_lesioned", "loao_healthy", "loao_lesioned")
 VARIANTS = ("with_mask", "without_mask")
 
 
-def scan_pair(model, files: dict, device: str) -> dict:
-    """Detection of one scan with and without its brain mask, each scored against its
-    lesions inside the true brain mask. ``files``: ``t1``, ``t2``, ``brain_mask``,
-    ``lesion_mask`` paths. Returns ``{variant: {metrics..., "seconds"} or {"refused"}}``."""
+def scan_pair(models: dict, files: dict, device: str) -> dict:
+    """Detection of one scan with and without its brain mask (``models``: the model of each
+    variant, ``{"with_mask": m1, "without_mask": m2}``, the same T1 + T2 channels), each
+    scored against its lesions inside the true brain mask. ``files``: ``t1``, ``t2``,
+    ``brain_mask``, ``lesion_mask`` paths. Returns ``{variant: {metrics..., "seconds"} or
+    {"refused"}}``."""
     from SpatialMSMALib.detection import detect
 
     t1 = load_volume(files["t1"], what="T1")
-    t2 = load_volume(files["t2"], what="T2") if len(model.channel_names) == 2 else None
+    t2 = load_volume(files["t2"], what="T2")
     mask = load_volume(files["brain_mask"], what="brain mask")
     truth = load_volume(files["lesion_mask"], what="lesion mask", allow_empty=True)
     true_brain = mask.data > 0
@@ -58,8 +61,8 @@ def scan_pair(model, files: dict, device: str) -> dict:
     for variant in VARIANTS:
         start = time.perf_counter()
         try:
-            detection = detect(model, t1, t2, mask if variant == "with_mask" else None,
-                               device=device)
+            detection = detect(models[variant], t1, t2,
+                               mask if variant == "with_mask" else None, device=device)
         except RegistrationError as e:
             out[variant] = {"refused": str(e)}
             continue
@@ -96,7 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, help="first N scans of each split")
     parser.add_argument("--sample", action="store_true",
                         help="also the demo's sample subject (1 mm, seed 7)")
-    parser.add_argument("--model", type=Path, help="model file (default: the bundled one)")
+    parser.add_argument("--model", type=Path,
+                        help="model file for both variants (default: the bundled model for "
+                             "scans with a brain mask, and the one for scans without)")
+    parser.add_argument("--model-without-mask", type=Path,
+                        help="model file for the variant without a mask (default: --model, or "
+                             "the bundled one for scans without a brain mask)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     try:
@@ -110,7 +118,11 @@ def main(argv: list[str] | None = None) -> None:
             raise InputError(f"--limit must be at least 1, not {args.limit}")
         manifest = load_manifest(args.manifest)
         root = Path(manifest["root"])
-        model = resolve_model(args.model, has_t2=True)
+        models = {"with_mask": resolve_model(args.model, has_t2=True, has_mask=True),
+                  "without_mask": resolve_model(args.model_without_mask or args.model,
+                                                has_t2=True, has_mask=False)}
+        if any(len(m.channel_names) != 2 for m in models.values()):
+            raise InputError("both models must be T1 + T2 models")
         jobs = []
         for split in args.splits:
             subjects = [s for s in manifest["subjects"] if s["split"] == split]
@@ -118,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
                 jobs.append((split, s["id"], {k: root / s[k] for k in
                                               ("t1", "t2", "brain_mask", "lesion_mask")}))
         result = {"model": str(args.model or "bundled default"),
+                  "model_without_mask": str(args.model_without_mask or args.model
+                                            or "bundled default for scans without a mask"),
+                  "brain_masks": {v: m.brain_masks for v, m in models.items()},
                   "manifest": str(args.manifest), "splits": {}}
         with tempfile.TemporaryDirectory() as folder:
             if args.sample:
@@ -125,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                 jobs.append(("demo_sample", "sample_seed7_1mm",
                              dict(sample["paths"])))
             for split, scan_id, files in jobs:
-                pair = scan_pair(model, files, device)
+                pair = scan_pair(models, files, device)
                 pair["id"] = scan_id
                 result["splits"].setdefault(split, {"cases": []})["cases"].append(pair)
                 if args.out:  # each scan's records as they come: minutes of work each

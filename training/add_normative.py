@@ -39,7 +39,7 @@ from train_spatial import (  # noqa: E402
     scan_standardization_rules,
 )
 
-from SpatialMSMALib.dataset import check_refused, model_space  # noqa: E402
+from SpatialMSMALib.dataset import check_refused, model_space, refusable_fraction  # noqa: E402
 from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.io import check_output_file  # noqa: E402
 from SpatialMSMALib.model import AnomalyModel  # noqa: E402
@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the model's normative contrast model and redo only the "
                              "calibrations (for instance with --scan-standardization); only "
                              "the validation scans are read")
+    parser.add_argument("--max-refused-fraction", type=refusable_fraction, default=0.1,
+                        help="stop when more than this fraction of the cohort's scans is refused "
+                             "by registration quality (default 0.1); the ones left out are "
+                             "listed and recorded in the model file either way")
     add_standardization_option(parser)
     add_normative_options(parser)
     return parser
@@ -95,10 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         refused: list = []
         needed = ("val",) if args.reuse_normative else ("train", "val")
         scans = {name: model_space(splits[name], args.work / "cache", model.spacing_mm,
-                                   demons=model.demons, channels=len(model.channel_names),
+                                   demons=model.demons,
+                                   brain_masks=model.brain_masks, channels=len(model.channel_names),
                                    refused=refused)
                  for name in needed}
-        check_refused(refused, sum(len(splits[name]) for name in needed))
+        check_refused(refused, sum(len(splits[name]) for name in needed),
+                      max_fraction=args.max_refused_fraction)
         if any(not scans[name] for name in needed):
             raise InputError("no training or no validation scan left after registration")
         preprocess_seconds = time.perf_counter() - start
@@ -123,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 "from": {"name": args.model.name},
                 "cohort": cohort_record(args.manifest) if args.manifest else str(args.data_dir),
                 "n_val": len(scans["val"]), "scan_standardization": args.scan_standardization,
+                "refused_scans": [{"id": i, "reason": r} for i, r in refused],
                 "seconds": seconds}
         else:
             model.provenance["normative_contrast"] = {
@@ -130,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                 "cohort": cohort_record(args.manifest) if args.manifest else str(args.data_dir),
                 "n_train": len(scans["train"]), "n_val": len(scans["val"]),
                 "train_ids": [s.id for s in scans["train"]],
-                "scan_standardization": args.scan_standardization, "seconds": seconds}
+                "scan_standardization": args.scan_standardization,
+                "refused_scans": [{"id": i, "reason": r} for i, r in refused],
+                "seconds": seconds}
         model.save(args.out, overwrite=args.overwrite)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

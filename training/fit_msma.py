@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         levels = typicality_levels(args.levels, len(model.sigmas))  # checked before the work
         refused: list = []
         scans = model_space(rows, cache, model.spacing_mm, demons=model.demons,
+                            brain_masks=model.brain_masks,
                             version=model.preprocess_version,
                             channels=len(model.channel_names), refused=refused)
         check_refused(refused, len(rows))

@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from SpatialMSMALib.dataset import check_refused, model_space  # noqa: E402
+from SpatialMSMALib.dataset import check_refused, model_space, refusable_fraction  # noqa: E402
 from SpatialMSMALib.detection import component_heat_maps  # noqa: E402
 from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.inference import cached_features  # noqa: E402
@@ -50,7 +50,7 @@ from SpatialMSMALib.normative import (  # noqa: E402
     NormativeContrastConfig,
     fused_heat,
 )
-from SpatialMSMALib.preprocessing import DemonsConfig  # noqa: E402
+from SpatialMSMALib.preprocessing import BRAIN_MASK_SOURCES, DemonsConfig  # noqa: E402
 from SpatialMSMALib.scan_standardization import ScanStandardization, parse_rules  # noqa: E402
 from SpatialMSMALib.spatial import (  # noqa: E402
     Calibration,
@@ -132,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "features and flow (preprocessing step 7; the model file records "
                              "it, and detection repeats it): demons iterations, 0 = affine "
                              "only. The bundled T1 + T2 model uses 50")
+    parser.add_argument("--max-refused-fraction", type=refusable_fraction, default=0.1,
+                        help="stop when more than this fraction of the cohort's scans is refused "
+                             "by registration quality (default 0.1); the ones left out are "
+                             "listed and recorded in the model file either way")
+    parser.add_argument("--brain-masks", choices=BRAIN_MASK_SOURCES, default="given",
+                        help="given: preprocess each scan with its brain mask (a scan without "
+                             "one takes the atlas mask); atlas: set every mask aside, so the "
+                             "model sees scans as detect sees them without a mask (the "
+                             "bundled model for scans without a mask)")
     parser.add_argument("--demons-smoothing-vox", type=float, default=2.0,
                         help="SD (model-grid voxels) of the demons field smoothing")
     parser.add_argument("--normative-contrast", type=parse_boolean, default=False,
@@ -381,6 +390,7 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
         rows = splits["train"] + splits["val"]
         model = AnomalyModel.from_score_source(score_checkpoint)
         model.demons = demons_config(args)
+        model.brain_masks = args.brain_masks
         n_channels = len(model.channel_names)
         flow_config = {f.name: getattr(args, "flow_" + f.name) for f in FLOW_FIELDS}
         flow_config.update(num_features=len(model.sigmas), in_channels=len(model.channel_names),
@@ -396,7 +406,8 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
         start = time.perf_counter()
         # every rank computes a share of the features, then all read the full cache
         share = rows[rank::world_size]
-        scans = model_space(share, cache, model.spacing_mm, demons=model.demons, progress=rank == 0,
+        scans = model_space(share, cache, model.spacing_mm, demons=model.demons,
+                            brain_masks=model.brain_masks, progress=rank == 0,
                             channels=n_channels, refused=[])
         # the local maps (41 MB per scan) are kept only for a flow that reads them; the
         # whole-brain vectors (the typicality model's) are always needed
@@ -407,10 +418,13 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
             dist.barrier()
         refused: list = []  # read back from the cache's refusal notes, the same on every rank
         train_scans = model_space(splits["train"], cache, model.spacing_mm, demons=model.demons,
+                                  brain_masks=model.brain_masks,
                                   progress=False, channels=n_channels, refused=refused)
         val_scans = model_space(splits["val"], cache, model.spacing_mm, demons=model.demons,
+                                brain_masks=model.brain_masks,
                                 progress=False, channels=n_channels, refused=refused)
-        check_refused(refused, len(rows), report=rank == 0)
+        check_refused(refused, len(rows), max_fraction=args.max_refused_fraction,
+                      report=rank == 0)
         if not train_scans or not val_scans:
             raise InputError("no training or no validation scan left after registration")
         train_whole, train_paths = cached_features(model, train_scans, feature_dir, device,

@@ -374,7 +374,8 @@ class AnomalyViewer(_trame()):
                 self._show_error(cli_error_message("".join(stderr_text)))
                 return
             try:
-                self.logic.load_model(self.model_path, has_t2="t2" in paths)
+                self.logic.load_model(self.model_path, has_t2="t2" in paths,
+                                      has_mask="mask" in paths)
                 self.logic.load_outputs(out_dir / "out", reference_node=self.nodes["t1"])
                 self.logic.set_heat_opacity(state.opacity)
             except InputError as e:

@@ -142,7 +142,8 @@ class SpatialMSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         candidates = [os.path.join(folder, "Resources", "Models", "registry.json")
                       for folder in LIBRARY_DIRS]
         registry = next((c for c in candidates if os.path.exists(c)), candidates[0])
-        self.ui.modelComboBox.addItem("bundled (matches the inputs)", "")
+        self.ui.modelComboBox.addItem(
+            "bundled (matches the inputs: channels, with or without a brain mask)", "")
         if os.path.exists(registry):
             with open(registry) as f:
                 for entry in json.load(f).get("models", []):
@@ -151,8 +152,10 @@ class SpatialMSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                    cost.get("detect_1mm_t1_cpu_2_cores_s", "?"))
                     gpu = cost.get("gpu", "?")
                     gpu = f"{gpu} s" if isinstance(gpu, (int, float)) else "not measured"
-                    label = (f"{entry['file']} ({'+'.join(entry['channels'])}; 1 mm scan: "
-                             f"CPU (2 cores) ~{cpu} s, GPU {gpu})")
+                    masks = ("scans without a brain mask"
+                             if entry.get("brain_masks") == "atlas" else "scans with a brain mask")
+                    label = (f"{entry['file']} ({'+'.join(entry['channels'])}, {masks}; 1 mm "
+                             f"scan: CPU (2 cores) ~{cpu} s, GPU {gpu})")
                     self.ui.modelComboBox.addItem(
                         label, os.path.join(os.path.dirname(registry), entry["file"]))
         self.ui.modelComboBox.addItem("other model file...", "browse")

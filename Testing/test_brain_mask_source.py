@@ -40,10 +40,7 @@ def test_an_atlas_model_detects_the_same_with_or_without_the_mask(detection_setu
     assert NO_BRAIN_MASK_WARNING not in without.warnings
     assert GIVEN_MASK_SET_ASIDE_WARNING not in without.warnings
     assert with_mask.report(model)["model"]["brain_masks"] == "atlas"
-    # the given-mask model does use it (the brain is the given mask)
-    given = detect(detection_setup["model"], t1, t2, mask)
-    np.testing.assert_array_equal(given.brain_mask, mask.data > 0)
-    assert GIVEN_MASK_SET_ASIDE_WARNING not in given.warnings
+    # (the given-mask model's brain is the given mask: test_without_mask.py)
 
 
 def test_the_model_file_records_the_mask_source(detection_setup, tmp_path):
@@ -162,7 +159,3 @@ def test_the_benchmark_lists_refused_scans_and_counts_their_lesions_as_missed(
     has_large = any(s >= 500 for s in expected)
     assert summary["pooled_tpr_lesions_ge_0.5ml_refused_as_missed"] == (0.0 if has_large
                                                                         else None)
-    # the model that uses the given masks has its own cache entries: nothing refused
-    given = benchmark.evaluate_split(dataclasses.replace(model, brain_masks="given"),
-                                     rows[:1], cache, "cpu")
-    assert given["refused"] == [] and len(given["cases"]) == 1

@@ -18,6 +18,7 @@ def test_registry_describes_the_installed_files():
         assert hashlib.sha256(file.read_bytes()).hexdigest() == entry["sha256"]
         model = AnomalyModel.load(file)
         assert model.channel_names == entry["channels"]
+        assert model.brain_masks == entry.get("brain_masks", "given")
         assert model.spatial is not None and model.typicality is not None
         assert model.calibration.default_threshold == pytest.approx(
             entry["calibration"]["default_threshold"])

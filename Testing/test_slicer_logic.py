@@ -195,6 +195,9 @@ def test_state_is_restored_from_the_scene(shown):
     and the parameters, and its sliders work without recomputation."""
     logic = shown["logic"]
     logic.rethreshold(fpr=1e-3)
+    # the run had no brain mask: the scene remembers it, so a restore without a model file
+    # picks the bundled model for scans without one (model.resolve_model)
+    assert logic.parameter_node.GetParameter("has_mask") == "0"
     fresh = SpatialMSMALogic(shown["scene"])
     fresh.load_model(logic.model_path or None)
     restored = fresh.restore()

@@ -198,6 +198,12 @@ def entry_for(model: AnomalyModel, file: Path, benchmark: dict | None,
         "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
         "size_bytes": file.stat().st_size,
         "channels": list(model.channel_names),
+        "brain_masks": model.brain_masks,
+        "for_scans": ("without a brain mask (trained and calibrated with every scan's mask set "
+                      "aside: the template's mask after affine registration)"
+                      if model.brain_masks == "atlas" else
+                      "with a brain mask (and the fallback without one when no model for "
+                      "that is installed)"),
         "grid": {"spacing_mm": model.spacing_mm, "shape": list(model.shape),
                  "space": "MNI152 2009a (RAS), affine registration" + (
                      f" + demons ({model.demons.iterations} iterations, field smoothed by "
@@ -272,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         previous = next((m for m in registry["models"] if m["file"] == target.name), None)
         if args.refresh and (previous is None or not target.exists()):
             raise InputError(f"--refresh: '{target.name}' is not a bundled model yet")
+        if args.refresh and previous.get("brain_masks", "given") != model.brain_masks:
+            raise InputError(f"--refresh: '{args.model}' is for brain masks "
+                             f"'{model.brain_masks}', the bundled '{target.name}' for "
+                             f"'{previous.get('brain_masks', 'given')}'")
         if args.refresh and previous["channels"] != list(model.channel_names):
             raise InputError(f"--refresh: '{args.model}' has channels "
                              f"{list(model.channel_names)}, the bundled "
@@ -291,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         fresh = entry
         entry = dict(previous)
         for key in ("sha256", "size_bytes", "msma_auxiliary_models", "msma_typicality",
-                    "package_version") + (("expected_time",) if cost else ()):
+                    "package_version", "brain_masks", "for_scans") + (
+                        ("expected_time",) if cost else ()):
             entry[key] = fresh[key]
     registry["models"] = [m for m in registry["models"] if m["file"] != target.name]
     registry["models"].append(entry)

@@ -148,8 +148,9 @@ class SpatialMSMAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with open(registry) as f:
                 for entry in json.load(f).get("models", []):
                     cost = entry.get("expected_time", {})
-                    cpu = cost.get("detect_1mm_t1_t2_cpu_2_cores_s",
-                                   cost.get("detect_1mm_t1_cpu_2_cores_s", "?"))
+                    # the registry holds benchmarks/detect_cost.py's result
+                    cpu = cost.get("median_wall_s")
+                    cpu = f"{cpu:.0f}" if isinstance(cpu, (int, float)) else "?"
                     gpu = cost.get("gpu", "?")
                     gpu = f"{gpu} s" if isinstance(gpu, (int, float)) else "not measured"
                     masks = ("scans without a brain mask"

@@ -1,6 +1,7 @@
 """Cost of `spatial-msma detect` end to end on one 1 mm T1 + T2 pair (or T1 alone).
 
     python benchmarks/detect_cost.py [--model MODEL] [--baseline MODEL] [--t1-only] \\
+        [--without-mask] \\
         [--baseline-code DIR] [--repeats 3] [--out results/detect_cost.json] [--overwrite]
 
 Builds the demo's sample subject (MNI152 2009a, 1 mm, simulated lesions) once, then runs
@@ -52,6 +53,9 @@ def main() -> None:
                              "code (and --baseline's model, else --model's)")
     parser.add_argument("--t1-only", action="store_true",
                         help="give detect the T1 alone (for a T1-only model)")
+    parser.add_argument("--without-mask", action="store_true",
+                        help="run detect without --mask (the atlas brain mask path, and the "
+                             "bundled model for scans without a mask)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args()
@@ -80,7 +84,7 @@ def main() -> None:
     command = [sys.executable, "-m", "SpatialMSMALib.cli", "detect",
                "--t1", str(sample["paths"]["t1"]),
                *([] if args.t1_only else ["--t2", str(sample["paths"]["t2"])]),
-               "--mask", str(sample["paths"]["brain_mask"]),
+               *([] if args.without_mask else ["--mask", str(sample["paths"]["brain_mask"])]),
                "--device", args.device, "--overwrite"]
 
     def detect_once(model: Path | None, out: Path, code_dir: Path | None = None
@@ -121,8 +125,9 @@ def main() -> None:
         }
 
     result = {
-        "input": "1 mm MNI152 2009a sample, {}, {}".format(
+        "input": "1 mm MNI152 2009a sample, {}{}, {}".format(
             "T1" if args.t1_only else "T1 + T2",
+            ", no brain mask" if args.without_mask else "",
             "x".join(str(s) for s in sample["lesion_mask"].shape)),
         **summary(runs["model"]),
         "code": code["model"],

@@ -301,11 +301,16 @@ def _add_detect(sub) -> None:
     p = sub.add_parser("detect", help="Spatial-MSMA: anomaly heat map and labels for a scan")
     p.add_argument("--t1", type=Path, help="T1-weighted scan (NIfTI or NRRD)")
     p.add_argument("--t2", type=Path, help="T2-weighted scan of the same session")
-    p.add_argument("--mask", type=Path, help="brain mask on the T1 grid (default: atlas)")
+    p.add_argument("--mask", type=Path,
+                   help="brain mask on the T1 grid (default: the template's, after "
+                        "registration; the bundled model is then the one for scans without "
+                        "a mask, where one is installed)")
     p.add_argument("--list", type=Path, dest="scan_list",
                    help="CSV with columns id,t1[,t2][,mask] for a cohort run (outputs in "
                         "OUT/<id>/; split across torchrun ranks)")
-    p.add_argument("--model", type=Path, help="model file (default: the bundled model)")
+    p.add_argument("--model", type=Path,
+                   help="model file (default: the bundled model for the inputs: T1 + T2 or "
+                        "T1, with or without a brain mask)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     operating = p.add_mutually_exclusive_group()
     bundled = bundled_operating_points()

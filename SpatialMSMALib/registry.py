@@ -27,7 +27,9 @@ def bundled_operating_points() -> str:
         calibration = entry.get("calibration") or {}
         if "default_voxel_fpr" not in calibration:
             continue
-        point = f"{' + '.join(entry['channels'])}: {calibration['default_voxel_fpr']:g}"
+        name = " + ".join(entry["channels"])
+        name += " (no mask)" if entry.get("brain_masks") == "atlas" else ""
+        point = f"{name}: {calibration['default_voxel_fpr']:g}"
         if calibration.get("grow_rate_factor"):
             point += f", components grown to {calibration['grow_rate_factor']:g}x that rate"
         points.append(point)

@@ -139,11 +139,13 @@ def test_detect_help_states_the_bundled_models_default_rates(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["detect", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    rates = [(e["channels"], e["calibration"]) for e in entries if "calibration" in e]
+    rates = [(e["channels"], e["calibration"], e.get("brain_masks", "given"))
+             for e in entries if "calibration" in e]
     assert rates, "the registry lists no detection model"
-    for channels, calibration in rates:
-        assert f"{' + '.join(channels)}: {calibration['default_voxel_fpr']:g}" in help_text
-    two_channel = next(c for ch, c in rates if ch == ["T1", "T2"])
+    for channels, calibration, masks in rates:
+        name = " + ".join(channels) + (" (no mask)" if masks == "atlas" else "")
+        assert f"{name}: {calibration['default_voxel_fpr']:g}" in help_text
+    two_channel = next(c for ch, c, masks in rates if ch == ["T1", "T2"] and masks == "given")
     assert (f"T1 + T2: {two_channel['default_voxel_fpr']:g}, components grown to "
             f"{two_channel['grow_rate_factor']:g}x that rate") in help_text
 

@@ -455,6 +455,19 @@ def register_to_template(template, t1, affine, brain_mask, dof: str, steps: list
     return transform
 
 
+def _without_mask_hint(registered_whole_head: bool, mask_set_aside: bool) -> str:
+    """What to add to a registration refusal of a scan registered without a brain mask: the
+    whole-head registration fails on some anatomies where the brain alone registers (the
+    ROBEX reference head's subjects: README, "Without a brain mask")."""
+    if mask_set_aside:
+        return (" This model sets brain masks aside; the model for scans with a brain mask "
+                "registers the brain alone and may succeed.")
+    if registered_whole_head:
+        return (" It was registered without a brain mask (the whole head); with one (--mask, "
+                "or the brain mask input) the brain alone is registered and may succeed.")
+    return ""
+
+
 def atlas_native_brain_mask(mapping: SpaceMapping) -> np.ndarray:
     """The template's brain mask on the scan's native grid ``(I, J, K)`` bool, through the
     affine part of ``mapping`` (a deformable mapping's fields are not used): the brain mask
@@ -567,7 +580,8 @@ def preprocess_scan(
         return entry
 
     native_grid = Grid(t1.shape, np.asarray(t1.affine, float))
-    if brain_mask is not None and config.brain_masks == "atlas":
+    mask_set_aside = brain_mask is not None and config.brain_masks == "atlas"
+    if mask_set_aside:
         brain_mask = None  # the model was trained on the atlas path: take it here too
         steps.append({"step": "brain mask", "method": "given mask not used (the model's "
                       "scans all take the atlas mask)"})
@@ -668,6 +682,8 @@ def preprocess_scan(
             raise RegistrationError(
                 f"{label('t1', 'T1')}: registration to the MNI template failed "
                 f"(NCC {ncc:.3f} < {config.refuse_ncc}); is this a T1-weighted brain MRI?"
+                + _without_mask_hint(brain_mask is None and config.brain_extraction == "atlas",
+                                     mask_set_aside)
             )
         if ncc < config.warn_ncc:
             warnings.warn(

@@ -159,3 +159,23 @@ def test_the_benchmark_lists_refused_scans_and_counts_their_lesions_as_missed(
     has_large = any(s >= 500 for s in expected)
     assert summary["pooled_tpr_lesions_ge_0.5ml_refused_as_missed"] == (0.0 if has_large
                                                                         else None)
+
+
+def test_a_refusal_without_a_mask_says_a_mask_may_help(detection_setup):
+    """Registration of the whole head fails on some anatomies where the brain alone
+    registers: a refusal of a scan registered without a mask says so, and one of a scan
+    whose mask an atlas model set aside names the other model. (The quality gate is raised
+    above any NCC here, so every registration is refused.)"""
+    from SpatialMSMALib.errors import RegistrationError
+    from SpatialMSMALib.io import load_volume
+    from SpatialMSMALib.preprocessing import PreprocessConfig, preprocess_scan
+
+    paths = detection_setup["paths"]
+    t1, mask = load_volume(paths["t1"]), load_volume(paths["brain_mask"])
+    strict = {"refuse_ncc": 0.999, "warn_ncc": 0.999}
+    with pytest.raises(RegistrationError, match=r"NCC .* < 0\.999.* registered without a "
+                                                r"brain mask \(the whole head\); with one"):
+        preprocess_scan(t1, None, None, PreprocessConfig(**strict))
+    with pytest.raises(RegistrationError, match="This model sets brain masks aside; the model "
+                                                "for scans with a brain mask"):
+        preprocess_scan(t1, None, mask, PreprocessConfig(brain_masks="atlas", **strict))

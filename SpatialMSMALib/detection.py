@@ -274,7 +274,7 @@ def native_detection(model: AnomalyModel, heat_model: np.ndarray, mapping,
 #: benchmarks/without_mask.py; README "Without a brain mask")
 NO_BRAIN_MASK_WARNING = (
     "no brain mask was given, so the brain was taken from the template's mask after affine "
-    "registration. The models were trained and calibrated on scans with brain masks; "
+    "registration. This model was trained and calibrated on scans with brain masks; "
     "without one, intensities are normalised over a mask that includes some skull and "
     "background, and far more healthy tissue is flagged. Give a brain mask for reliable "
     "results.")

@@ -69,6 +69,10 @@ def split_figures(split: dict) -> dict:
     }
     if split.get("operating_points"):
         out["operating_points"] = split["operating_points"]
+    if "n_refused" in s:  # scans registration refused (spatial_3d.py lists them)
+        out["n_refused"] = s["n_refused"]
+        out["pooled_tpr_lesions_ge_0.5ml_refused_as_missed"] = s[
+            "pooled_tpr_lesions_ge_0.5ml_refused_as_missed"]
     return out
 
 

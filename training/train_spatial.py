@@ -52,6 +52,7 @@ from SpatialMSMALib.normative import (  # noqa: E402
 )
 from SpatialMSMALib.preprocessing import BRAIN_MASK_SOURCES, DemonsConfig  # noqa: E402
 from SpatialMSMALib.scan_standardization import ScanStandardization, parse_rules  # noqa: E402
+from SpatialMSMALib.score.features import FEATURE_VERSION  # noqa: E402
 from SpatialMSMALib.spatial import (  # noqa: E402
     Calibration,
     FlowEnsemble,
@@ -505,6 +506,8 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
             "cohort": ({"manifest": cohort_record(args.manifest), "splits": ["train", "val"]}
                        if args.manifest else {"data_dir": str(args.data_dir)}),
             "n_healthy": len(ids), "n_flow_train": len(train_scans),
+            # the typicality model's whole-brain norms come from this version's feature cache
+            "typicality_feature_version": FEATURE_VERSION,
             "refused_scans": [{"id": i, "reason": r} for i, r in refused],
             "n_flow_val": len(val_scans),
             "healthy_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),

@@ -144,8 +144,14 @@ def test_a_level_subset_reads_only_its_columns_and_survives_the_round_trip(tmp_p
 
     rng = np.random.default_rng(6)
     healthy = np.exp(rng.normal([0, 1, 2, 3, 4], 0.2, size=(80, 5)))
-    subset = TypicalityModel.fit(healthy, models=("gmm", "knn"), levels=[0, 2, 4])
-    columns = TypicalityModel.fit(healthy[:, [0, 2, 4]], models=("gmm", "knn"))
+    # held-out reference inputs (not cross-fitting: one GMM selection per fit, not six)
+    reference = np.exp(rng.normal([0, 1, 2, 3, 4], 0.2, size=(40, 5)))
+    reference_holes = reference.copy()
+    reference_holes[:, [1, 3]] = np.nan
+    subset = TypicalityModel.fit(healthy, reference_holes, models=("gmm", "knn"),
+                                 levels=[0, 2, 4])
+    columns = TypicalityModel.fit(healthy[:, [0, 2, 4]], reference[:, [0, 2, 4]],
+                                  models=("gmm", "knn"))
     probe = np.exp(rng.normal([0, 1, 2, 3, 4], 0.4, size=(30, 5)))
     holes = probe.copy()
     holes[:, [1, 3]] = np.nan

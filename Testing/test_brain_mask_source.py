@@ -132,7 +132,7 @@ def test_the_benchmark_lists_refused_scans_and_counts_their_lesions_as_missed(
     from conftest import load_benchmark_script, two_scan_test_cohort
 
     from SpatialMSMALib.metrics import component_detection
-    from SpatialMSMALib.preprocessing import PREPROCESS_VERSION, REGISTRATION_RETRY
+    from SpatialMSMALib.preprocessing import PREPROCESS_VERSION
 
     by_name = two_scan_test_cohort(tmp_path / "cohort")
     rows = by_name["test_healthy"] + by_name["test_lesioned"]
@@ -142,8 +142,7 @@ def test_the_benchmark_lists_refused_scans_and_counts_their_lesions_as_missed(
     cache.mkdir()
     lesioned = by_name["test_lesioned"][0]
     (cache / f"{lesioned.id}_atlasmask_2mm.refused.json").write_text(json.dumps(
-        {"preprocess_version": PREPROCESS_VERSION, "reason": "NCC 0.40 < 0.5",
-         "registration_retry": REGISTRATION_RETRY}))
+        {"preprocess_version": PREPROCESS_VERSION, "reason": "NCC 0.40 < 0.5"}))
     benchmark = load_benchmark_script("spatial_3d")
     result = benchmark.evaluate_split(model, rows, cache, "cpu")
     assert [c["id"] for c in result["cases"]] == [by_name["test_healthy"][0].id]

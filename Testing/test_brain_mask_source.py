@@ -161,17 +161,22 @@ def test_the_benchmark_lists_refused_scans_and_counts_their_lesions_as_missed(
                                                                         else None)
 
 
-def test_a_refusal_without_a_mask_says_a_mask_may_help(detection_setup):
+def test_a_refusal_without_a_mask_says_a_mask_may_help(detection_setup, monkeypatch):
     """Registration of the whole head fails on some anatomies where the brain alone
     registers: a refusal of a scan registered without a mask says so, and one of a scan
-    whose mask an atlas model set aside names the other model. (The quality gate is raised
-    above any NCC here, so every registration is refused.)"""
+    whose mask an atlas model set aside names the other model. (The registration is replaced
+    by a transform 40 mm off and the quality gate raised above any NCC, so every scan is
+    refused by the gate, without the cost of registering.)"""
+    import SpatialMSMALib.preprocessing as preprocessing
     from SpatialMSMALib.errors import RegistrationError
     from SpatialMSMALib.io import load_volume
     from SpatialMSMALib.preprocessing import PreprocessConfig, preprocess_scan
 
     paths = detection_setup["paths"]
     t1, mask = load_volume(paths["t1"]), load_volume(paths["brain_mask"])
+    off = np.eye(4)
+    off[:3, 3] = [0.0, 40.0, 0.0]
+    monkeypatch.setattr(preprocessing, "register_to_template", lambda *a, **k: off.copy())
     strict = {"refuse_ncc": 0.999, "warn_ncc": 0.999}
     with pytest.raises(RegistrationError, match=r"NCC .* < 0\.999.* registered without a "
                                                 r"brain mask \(the whole head\); with one"):

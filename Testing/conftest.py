@@ -1,8 +1,34 @@
+import os
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist (``pytest -n 2``) two test processes share the cores: one compute
+    # thread each, also in the CLI subprocesses the tests start (they inherit the variables).
+    torch.set_num_threads(1)
+    for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[_variable] = "1"
+
+
+# The test files that take longest (seconds of one pytest-xdist worker on 2 cores,
+# 2026-12-02), run first: the default run deals whole files to two workers
+# (``-n 2 --dist loadfile``, pyproject.toml), and starting with the long ones lets the two
+# finish together instead of one waiting for the other's last long file.
+LONGEST_FILES_FIRST = ("test_spatial.py", "test_brain_mask_source.py", "test_viewer_browser.py",
+                       "test_preprocessing.py", "test_segqc_model.py", "test_bundled_model.py",
+                       "test_slicer_logic.py", "test_normative.py",
+                       "test_model_and_typicality_cli.py", "test_without_mask.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Collection order: the files of :data:`LONGEST_FILES_FIRST` first, in that order,
+    then the rest; the order within a file is kept."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def load_benchmark_script(name: str):
@@ -29,6 +55,52 @@ def two_scan_test_cohort(folder):
     manifest = make_benchmark(folder, sizes=sizes, seed=2, progress=False,
                               subject_config=SubjectConfig(spacing_mm=4.0))
     return manifest_scans(manifest, ("test_healthy", "test_lesioned"))
+
+
+_REGISTRATIONS: dict[str, tuple[np.ndarray, list]] = {}
+
+
+@contextmanager
+def remembered_registrations():
+    """While active, ``preprocessing.register_to_template`` returns the transform it found
+    before when it is given the same registration again in this test process (the same
+    template, T1 voxels, affine, brain mask, degrees of freedom and version) instead of
+    repeating it (about 30 s for a 1 mm scan on 2 cores); the step records it appended to
+    ``steps`` then are appended again. For tests of what detection does after registration;
+    registration itself, and that a repeated detection is the same bit for bit, are tested
+    where this is not active."""
+    import copy
+    import hashlib
+
+    from SpatialMSMALib import preprocessing
+
+    register = preprocessing.register_to_template
+
+    def remembered(template, t1, affine, brain_mask, dof, steps, **options):
+        digest = hashlib.sha256(repr((dof, sorted(options.items()))).encode())
+        for array in (template.t1, template.grid.affine, t1, affine, brain_mask):
+            array = np.ascontiguousarray(array if array is not None else np.empty(0))
+            digest.update(repr((array.shape, array.dtype.str)).encode())
+            digest.update(array.tobytes())
+        key = digest.hexdigest()
+        if key not in _REGISTRATIONS:
+            before = len(steps)
+            transform = register(template, t1, affine, brain_mask, dof, steps, **options)
+            _REGISTRATIONS[key] = (transform, copy.deepcopy(steps[before:]))
+        else:
+            steps.extend(copy.deepcopy(_REGISTRATIONS[key][1]))
+        return _REGISTRATIONS[key][0].copy()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(preprocessing, "register_to_template", remembered)
+        yield
+
+
+@pytest.fixture
+def reuse_registrations():
+    """:func:`remembered_registrations` for one test."""
+    with remembered_registrations():
+        yield
 
 
 @pytest.fixture

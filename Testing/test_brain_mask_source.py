@@ -17,6 +17,7 @@ def atlas_copy(model):
     return twin
 
 
+@pytest.mark.usefixtures("reuse_registrations")
 def test_an_atlas_model_detects_the_same_with_or_without_the_mask(detection_setup):
     from SpatialMSMALib.detection import (
         GIVEN_MASK_SET_ASIDE_WARNING,
@@ -66,6 +67,7 @@ def test_the_model_file_records_the_mask_source(detection_setup, tmp_path):
         AnomalyModel.load(tmp_path / "bad.pt")
 
 
+@pytest.mark.usefixtures("reuse_registrations")
 def test_model_space_keeps_atlas_scans_apart_in_the_cache(detection_setup, tmp_path):
     from SpatialMSMALib.dataset import ScanFiles, model_space
     from SpatialMSMALib.inference import prepare
@@ -92,6 +94,7 @@ def test_model_space_keeps_atlas_scans_apart_in_the_cache(detection_setup, tmp_p
         model_space([row], cache, progress=False, brain_masks="none")
 
 
+@pytest.mark.usefixtures("reuse_registrations")
 def test_the_bundled_model_is_chosen_by_whether_a_mask_is_given(detection_setup, tmp_path,
                                                                  monkeypatch):
     import SpatialMSMALib.model as model_module
@@ -122,6 +125,7 @@ def test_preprocess_config_refuses_an_unknown_mask_source():
         PreprocessConfig(brain_masks="robex")
 
 
+@pytest.mark.usefixtures("reuse_registrations")
 def test_the_benchmark_lists_refused_scans_and_counts_their_lesions_as_missed(
         detection_setup, tmp_path):
     """benchmarks/spatial_3d.py with an atlas model: a scan whose registration is refused

@@ -109,6 +109,7 @@ def test_fused_heat_adds_the_two_maps_healthy_evidence(rng):
     assert evidence(np.array([1e9]), flow)[0] == pytest.approx(6.0)  # capped at 1e-6
 
 
+@pytest.mark.usefixtures("reuse_registrations")
 def test_a_model_with_the_normative_map_saves_loads_and_detects_the_lesion(
         detection_setup, tmp_path):
     from SpatialMSMALib.detection import component_heat_maps, detect, model_heat_map

@@ -49,10 +49,14 @@ TOY_CONFIG = SegQCConfig(channels=(8, 16), embed_dim=16, num_levels=4, shape=TOY
 
 @pytest.fixture(scope="module")
 def toy_model() -> SegQCModel:
-    torch.set_num_threads(2)
-    train = [_toy_subject(s) for s in range(6)]
-    val = [_toy_subject(s) for s in (100, 101, 102)]
-    return train_seg_qc(train, val, TOY_CONFIG, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the same reductions on every machine
+    try:
+        train = [_toy_subject(s) for s in range(6)]
+        val = [_toy_subject(s) for s in (100, 101, 102)]
+        return train_seg_qc(train, val, TOY_CONFIG, progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_noise_target_is_the_exp_concrete_score_direction():

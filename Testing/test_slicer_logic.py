@@ -13,6 +13,8 @@ else:
     slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install "
                                  "-e '.[dev]' installs trame-slicer[standalone])")
 
+from conftest import remembered_registrations  # noqa: E402
+
 from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.io import load_volume, save_volume  # noqa: E402
 from SpatialMSMALib.slicer_logic import (  # noqa: E402
@@ -83,8 +85,9 @@ def shown(detection_setup, tmp_path_factory):
         path = save_volume(folder / f"{name}.nrrd", native.data, native.affine)
         nodes[name] = _read_with_mrml(scene, path, name.upper())
     logic = SpatialMSMALogic(scene)
-    detection = logic.detect(nodes["t1"], nodes["t2"], model_path=detection_setup["path"],
-                             device="cpu")
+    with remembered_registrations():
+        detection = logic.detect(nodes["t1"], nodes["t2"], model_path=detection_setup["path"],
+                                 device="cpu")
     return {"scene": scene, "logic": logic, "nodes": nodes, "detection": detection,
             "folder": folder}
 
@@ -150,6 +153,7 @@ def test_rethresholding_changes_segments_without_recomputing(shown):
     assert logic.parameter_node.GetParameter("fpr") == repr(float(default.fpr))
 
 
+@pytest.mark.usefixtures("reuse_registrations")
 def test_export_matches_the_cli_and_never_overwrites(shown, detection_setup, tmp_path):
     from SpatialMSMALib.cli import main
 

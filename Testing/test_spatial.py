@@ -431,6 +431,7 @@ def test_mixture_base_flow_has_a_normalised_density():
 
 
 # -- model file, detection and the CLI ---------------------------------------------------
+@pytest.mark.usefixtures("reuse_registrations")
 def test_model_file_round_trip_with_flow_and_calibration(detection_setup):
     from SpatialMSMALib.model import AnomalyModel
 
@@ -494,6 +495,7 @@ def test_flow_ensemble_is_the_mean_of_its_members_and_survives_the_model_file(
         AnomalyModel.load(tmp_path / "bad.pt")
 
 
+@pytest.mark.usefixtures("reuse_registrations")
 def test_detect_cli_finds_the_lesion_and_writes_every_output(detection_setup, capsys):
     from SpatialMSMALib.cli import main
     from SpatialMSMALib.io import load_volume
@@ -556,6 +558,7 @@ def test_detect_cli_finds_the_lesion_and_writes_every_output(detection_setup, ca
     assert len(moved.components) == strict["n_components"]
 
 
+@pytest.mark.usefixtures("reuse_registrations")
 def test_a_deformable_model_file_repeats_its_step_at_detection(
         detection_setup, tmp_path):
     """The demons step recorded in the model file is repeated at detection, and the heat map
@@ -655,6 +658,7 @@ def test_detect_names_a_missing_input_file(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.usefixtures("reuse_registrations")
 def test_detect_list_writes_each_scan_to_its_folder_and_shards_by_rank(
         detection_setup, tmp_path, monkeypatch, capsys):
     """``detect --list``: paths relative to the CSV's folder, outputs in OUT/<id>/, and under

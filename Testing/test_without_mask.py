@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
+@pytest.mark.usefixtures("reuse_registrations")
 def test_a_scan_is_detected_with_and_without_its_mask(detection_setup):
     from without_mask import scan_pair
 

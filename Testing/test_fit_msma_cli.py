@@ -84,3 +84,55 @@ def test_levels_option():
     for bad in ("every:0", "every:x", "20", "3-1"):
         with pytest.raises(InputError, match="--levels"):
             typicality_levels(bad, 20)
+
+
+def test_max_refused_fraction_lets_a_refit_leave_out_more_scans(tmp_path, monkeypatch, capsys):
+    """``--max-refused-fraction``: with 3 of 10 healthy scans refused by registration the
+    default (0.1) stops with the refused scans named, 0.4 refits on the other 7, and a value
+    outside [0, 1) is refused by the parser. Scan preparation and features are replaced (the
+    end-to-end run is the slow test above): only what the option decides is under test."""
+    sys.path.insert(0, str(ROOT / "training"))
+    import fit_msma
+
+    from SpatialMSMALib.dataset import ScanFiles
+    from SpatialMSMALib.score import GeometricNoiseSchedule, ScoreUNet
+
+    torch.manual_seed(0)
+    model = AnomalyModel(ScoreUNet(2, 2, (4, 8), 8).eval(), GeometricNoiseSchedule(0.05, 1.0, 4))
+    model.provenance["score_checkpoint_sha256"] = "0" * 64  # names its feature cache
+    model_path = model.save(tmp_path / "model.pt")
+    rows = [ScanFiles(f"train_{i:03d}", tmp_path / f"{i}.nii.gz") for i in range(10)]
+    refused_ids = {"train_001", "train_004", "train_007"}
+    features = np.random.default_rng(0).uniform(1.0, 2.0, size=(10, 4)).astype(np.float32)
+
+    def prepared(rows_in, *args, refused, **kwargs):
+        refused.extend((r.id, "registration NCC 0.41 < 0.5") for r in rows_in
+                       if r.id in refused_ids)
+        return [r for r in rows_in if r.id not in refused_ids]
+
+    def scan_features(model, scans, *args, **kwargs):
+        return features[[int(s.id[-3:]) for s in scans]], []
+
+    monkeypatch.setattr(fit_msma, "manifest_scans", lambda path, splits: {
+        "train": rows[:8], "val": rows[8:]})
+    monkeypatch.setattr(fit_msma, "model_space", prepared)
+    monkeypatch.setattr(fit_msma, "cached_features", scan_features)
+    command = ["--model", str(model_path), "--manifest", str(tmp_path / "cohort"),
+               "--models", "knn", "--device", "cpu"]
+
+    assert fit_msma.main([*command, "--out", str(tmp_path / "a.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "3 of 10 scans" in err and all(scan_id in err for scan_id in refused_ids)
+    assert not (tmp_path / "a.pt").exists()
+
+    assert fit_msma.main([*command, "--out", str(tmp_path / "b.pt"),
+                          "--max-refused-fraction", "0.4"]) == 0
+    refit = AnomalyModel.load(tmp_path / "b.pt")
+    assert refit.provenance["n_healthy"] == 7
+    assert len(refit.typicality.reference_scores["knn"]) == 7
+
+    with pytest.raises(SystemExit) as exit_info:
+        fit_msma.main([*command, "--out", str(tmp_path / "c.pt"),
+                       "--max-refused-fraction", "1.5"])
+    assert exit_info.value.code == 2
+    assert "--max-refused-fraction" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
     python benchmarks/typicality_levels.py --model MODEL --fit-manifest train_cohort \\
         --fit-cache W/cache --eval dev=dev/manifest.json=DEV_CACHE [--eval ...] \\
-        [--levels every:2] [--lesioned 12] [--out results/typicality_levels.json]
+        [--levels every:2] [--lesioned 12] [--max-refused-fraction F] \\
+        [--out results/typicality_levels.json]
 
 Fits the model's kind of typicality model (GMM, k-NN; healthy references by 5-fold
 cross-fitting, as ``training/fit_msma.py``) on the whole-brain score norms of the fit
@@ -12,7 +13,9 @@ cohort's healthy ``train`` + ``val`` scans twice: on all L levels and on ``--lev
 verdict should see) and its first ``--lesioned`` ``test_lesioned`` scans. Per variant and
 cohort: how many scans of each group are called atypical (percentile >= 99) and borderline
 or worse (>= 95), and the AUROC of healthy against lesioned test scans. Features are read
-from or written to each cache's feature folder (``inference.cached_features``).
+from or written to each cache's feature folder (``inference.cached_features``). Scans the
+registration gate refuses are left out and named; more than ``--max-refused-fraction`` of a
+group (default 0.1; a model without brain masks refuses more) stops the run.
 """
 
 from __future__ import annotations
@@ -33,7 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from cohort_args import BUNDLED_MODEL, exit_with, refuse_existing_output  # noqa: E402
 from fit_msma import typicality_levels  # noqa: E402
 
-from SpatialMSMALib.dataset import check_refused, manifest_scans, model_space  # noqa: E402
+from SpatialMSMALib.dataset import (  # noqa: E402
+    check_refused,
+    manifest_scans,
+    model_space,
+    refusable_fraction,
+)
 from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.inference import cached_features  # noqa: E402
 from SpatialMSMALib.io import write_text_atomically  # noqa: E402
@@ -45,15 +53,16 @@ AUX_MODELS = ("gmm", "knn")
 GROUPS = ("test_healthy", "loao_healthy", "test_lesioned")
 
 
-def features_of(model: AnomalyModel, rows, cache: Path) -> np.ndarray:
+def features_of(model: AnomalyModel, rows, cache: Path,
+                max_refused_fraction: float = 0.1) -> np.ndarray:
     """``(N, L)`` whole-brain norms of ``rows`` (scans whose registration is refused are
-    left out and named)."""
+    left out and named; more than ``max_refused_fraction`` of them stops the run)."""
     refused: list = []
     scans = model_space(rows, cache, model.spacing_mm, demons=model.demons,
                         brain_masks=model.brain_masks,
                         version=model.preprocess_version, channels=len(model.channel_names),
                         refused=refused)
-    check_refused(refused, len(rows))
+    check_refused(refused, len(rows), max_fraction=max_refused_fraction)
     features, _ = cached_features(model, scans, cache / model.feature_cache_name(), "cpu")
     return features
 
@@ -89,6 +98,10 @@ def main() -> None:
                         help="name=manifest=cache of a cohort to score (repeatable)")
     parser.add_argument("--levels", default="every:2")
     parser.add_argument("--lesioned", type=int, default=12)
+    parser.add_argument("--max-refused-fraction", type=refusable_fraction, default=0.1,
+                        help="per group of scans: stop when more than this fraction is refused "
+                             "by registration quality (default 0.1; a model without brain "
+                             "masks needs more)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
@@ -111,7 +124,8 @@ def main() -> None:
             eval_rows[name] = {"test_healthy": splits["test_healthy"],
                                "loao_healthy": splits["loao_healthy"],
                                "test_lesioned": splits["test_lesioned"][: args.lesioned]}
-        healthy = features_of(model, fit_splits["train"] + fit_splits["val"], args.fit_cache)
+        healthy = features_of(model, fit_splits["train"] + fit_splits["val"], args.fit_cache,
+                              args.max_refused_fraction)
     except InputError as e:
         exit_with(e)
     variants = {"all": TypicalityModel.fit(healthy, models=AUX_MODELS),
@@ -122,8 +136,11 @@ def main() -> None:
               "n_fit_healthy": len(healthy), "levels": {"all": "all", args.levels: levels},
               "cohorts": {}}
     for name, _, cache in cohorts:
-        features = {group: features_of(model, rows, cache)
-                    for group, rows in eval_rows[name].items()}
+        try:
+            features = {group: features_of(model, rows, cache, args.max_refused_fraction)
+                        for group, rows in eval_rows[name].items()}
+        except InputError as e:
+            exit_with(e)
         result["cohorts"][name] = {variant: group_figures(typ, features)
                                    for variant, typ in variants.items()}
         print(name, json.dumps(result["cohorts"][name]), flush=True)

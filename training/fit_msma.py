@@ -28,7 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from SpatialMSMALib.dataset import check_refused, folder_scans, manifest_scans, model_space
+from SpatialMSMALib.dataset import (
+    check_refused,
+    folder_scans,
+    manifest_scans,
+    model_space,
+    refusable_fraction,
+)
 from SpatialMSMALib.errors import InputError
 from SpatialMSMALib.inference import cached_features, select_device
 from SpatialMSMALib.io import check_output_file
@@ -76,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="noise levels the typicality model reads: 'all', 'a-b', 'i,j,k' "
                              "or 'every:K' (every K-th level from the first); detection then "
                              "evaluates only these when its flow reads no score norms")
+    parser.add_argument("--max-refused-fraction", type=refusable_fraction, default=0.1,
+                        help="stop when more than this fraction of the healthy scans is refused "
+                             "by registration quality (default 0.1; as train_spatial.py: a "
+                             "model without brain masks needs more); the ones left out are "
+                             "listed either way")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -107,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                             brain_masks=model.brain_masks,
                             version=model.preprocess_version,
                             channels=len(model.channel_names), refused=refused)
-        check_refused(refused, len(rows))
+        check_refused(refused, len(rows), max_fraction=args.max_refused_fraction)
         rows = [r for r in rows if r.id not in {scan_id for scan_id, _ in refused}]
         device = select_device(args.device)
         start = time.perf_counter()

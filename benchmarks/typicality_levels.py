@@ -68,8 +68,9 @@ def features_of(model: AnomalyModel, rows, cache: Path,
 
 
 def group_figures(typ: TypicalityModel, features: dict[str, np.ndarray]) -> dict:
-    """Per auxiliary model: atypical / borderline-or-worse counts per group, and the AUROC
-    of test_healthy against test_lesioned."""
+    """Per auxiliary model: atypical / borderline-or-worse counts per group the cohort has
+    (a group without scans is left out), and the AUROC of test_healthy against
+    test_lesioned when it has both."""
     out = {}
     for name in typ.models:
         figures = {}
@@ -81,10 +82,11 @@ def group_figures(typ: TypicalityModel, features: dict[str, np.ndarray]) -> dict
                 "atypical": int((percentile >= VERDICT_PERCENTILES["atypical"]).sum()),
                 "borderline_or_worse": int(
                     (percentile >= VERDICT_PERCENTILES["borderline"]).sum())}
-        labels = np.r_[np.zeros(len(scores["test_healthy"])),
-                       np.ones(len(scores["test_lesioned"]))]
-        figures["auroc_healthy_vs_lesioned"] = detection_metrics(
-            np.r_[scores["test_healthy"], scores["test_lesioned"]], labels)["auroc"]
+        if "test_healthy" in scores and "test_lesioned" in scores:
+            labels = np.r_[np.zeros(len(scores["test_healthy"])),
+                           np.ones(len(scores["test_lesioned"]))]
+            figures["auroc_healthy_vs_lesioned"] = detection_metrics(
+                np.r_[scores["test_healthy"], scores["test_lesioned"]], labels)["auroc"]
         out[name] = figures
     return out
 
@@ -124,6 +126,9 @@ def main() -> None:
             eval_rows[name] = {"test_healthy": splits["test_healthy"],
                                "loao_healthy": splits["loao_healthy"],
                                "test_lesioned": splits["test_lesioned"][: args.lesioned]}
+            if not any(eval_rows[name].values()):
+                raise InputError(f"--eval '{name}': {manifest} has no test_healthy, "
+                                 "loao_healthy or test_lesioned scans")
         healthy = features_of(model, fit_splits["train"] + fit_splits["val"], args.fit_cache,
                               args.max_refused_fraction)
     except InputError as e:
@@ -138,7 +143,7 @@ def main() -> None:
     for name, _, cache in cohorts:
         try:
             features = {group: features_of(model, rows, cache, args.max_refused_fraction)
-                        for group, rows in eval_rows[name].items()}
+                        for group, rows in eval_rows[name].items() if rows}
         except InputError as e:
             exit_with(e)
         result["cohorts"][name] = {variant: group_figures(typ, features)

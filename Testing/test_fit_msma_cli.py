@@ -86,15 +86,18 @@ def test_levels_option():
             typicality_levels(bad, 20)
 
 
-def test_max_refused_fraction_lets_a_refit_leave_out_more_scans(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("atlas_ids", [False, True])
+def test_max_refused_fraction_lets_a_refit_leave_out_more_scans(tmp_path, monkeypatch, capsys,
+                                                                 atlas_ids):
     """``--max-refused-fraction``: with 3 of 10 healthy scans refused by registration the
-    default (0.1) stops with the refused scans named, 0.4 refits on the other 7, and a value
+    default (0.1) stops with the refused scans named, 0.4 refits on the other 7 (also when
+    the refusals carry the ``<id>_atlasmask`` ids of a model without masks), and a value
     outside [0, 1) is refused by the parser. Scan preparation and features are replaced (the
     end-to-end run is the slow test above): only what the option decides is under test."""
     sys.path.insert(0, str(ROOT / "training"))
     import fit_msma
 
-    from SpatialMSMALib.dataset import ScanFiles
+    from SpatialMSMALib.dataset import ScanFiles, without_brain_mask
     from SpatialMSMALib.score import GeometricNoiseSchedule, ScoreUNet
 
     torch.manual_seed(0)
@@ -106,8 +109,8 @@ def test_max_refused_fraction_lets_a_refit_leave_out_more_scans(tmp_path, monkey
     features = np.random.default_rng(0).uniform(1.0, 2.0, size=(10, 4)).astype(np.float32)
 
     def prepared(rows_in, *args, refused, **kwargs):
-        refused.extend((r.id, "registration NCC 0.41 < 0.5") for r in rows_in
-                       if r.id in refused_ids)
+        refused.extend((without_brain_mask(r).id if atlas_ids else r.id,
+                        "registration NCC 0.41 < 0.5") for r in rows_in if r.id in refused_ids)
         return [r for r in rows_in if r.id not in refused_ids]
 
     def scan_features(model, scans, *args, **kwargs):

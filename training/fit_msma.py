@@ -34,6 +34,7 @@ from SpatialMSMALib.dataset import (
     manifest_scans,
     model_space,
     refusable_fraction,
+    without_brain_mask,
 )
 from SpatialMSMALib.errors import InputError
 from SpatialMSMALib.inference import cached_features, select_device
@@ -119,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                             version=model.preprocess_version,
                             channels=len(model.channel_names), refused=refused)
         check_refused(refused, len(rows), max_fraction=args.max_refused_fraction)
-        rows = [r for r in rows if r.id not in {scan_id for scan_id, _ in refused}]
+        refused_ids = {scan_id for scan_id, _ in refused}  # '<id>_atlasmask' for an atlas model
+        rows = [r for r in rows
+                if r.id not in refused_ids and without_brain_mask(r).id not in refused_ids]
         device = select_device(args.device)
         start = time.perf_counter()
         features, _ = cached_features(model, scans, cache / model.feature_cache_name(), device,

@@ -131,6 +131,7 @@ def model_space(
     from .preprocessing import (
         BRAIN_MASK_SOURCES,
         PREPROCESS_VERSION,
+        REGISTRATION_RETRY,
         PreprocessConfig,
         SpaceMapping,
         deform_to_template,
@@ -203,7 +204,8 @@ def model_space(
                 if refused is None:
                     raise
                 tmp = marker.with_name(marker.name + ".partial")
-                tmp.write_text(json.dumps({"preprocess_version": version, "reason": str(e)}))
+                tmp.write_text(json.dumps({"preprocess_version": version, "reason": str(e),
+                                          "registration_retry": REGISTRATION_RETRY}))
                 tmp.replace(marker)
                 refused.append((row.id, str(e)))
                 continue
@@ -212,6 +214,7 @@ def model_space(
             np.savez(tmp, image=image, brain_mask=mask.astype(np.uint8),
                      mapping=np.array(mapping.to_json()))
             tmp.replace(cached)
+            marker.unlink(missing_ok=True)  # an older refusal this pipeline overturned
         image = np.asarray(image, np.float32)[:channels]
         out.append(ModelSpaceScan(row.id, image, np.asarray(mask, bool), mapping))
     return out
@@ -234,12 +237,16 @@ def refusal_reason(cache_dir: str | Path, scan_id: str, spacing: float,
                    version: int | None = None) -> str | None:
     """Why :func:`model_space` left ``scan_id`` out of ``cache_dir`` (its cached refusal
     note), or ``None`` when it did not; with ``version``, only a refusal by that
-    preprocessing version counts."""
+    preprocessing version, written with the current registration retry
+    (``preprocessing.REGISTRATION_RETRY``; notes from before it had none), counts."""
+    from .preprocessing import REGISTRATION_RETRY
+
     path = _refusal_note_path(Path(cache_dir), scan_id, spacing)
     if not path.exists():
         return None
     note = json.loads(path.read_text())
-    if version is not None and note.get("preprocess_version") != version:
+    if version is not None and (note.get("preprocess_version") != version
+                                or note.get("registration_retry") != REGISTRATION_RETRY):
         return None
     return note["reason"]
 

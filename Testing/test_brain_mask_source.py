@@ -136,7 +136,7 @@ def test_the_benchmark_lists_refused_scans_and_counts_their_lesions_as_missed(
     from conftest import load_benchmark_script, two_scan_test_cohort
 
     from SpatialMSMALib.metrics import component_detection
-    from SpatialMSMALib.preprocessing import PREPROCESS_VERSION
+    from SpatialMSMALib.preprocessing import PREPROCESS_VERSION, REGISTRATION_RETRY
 
     by_name = two_scan_test_cohort(tmp_path / "cohort")
     rows = by_name["test_healthy"] + by_name["test_lesioned"]
@@ -146,7 +146,8 @@ def test_the_benchmark_lists_refused_scans_and_counts_their_lesions_as_missed(
     cache.mkdir()
     lesioned = by_name["test_lesioned"][0]
     (cache / f"{lesioned.id}_atlasmask_2mm.refused.json").write_text(json.dumps(
-        {"preprocess_version": PREPROCESS_VERSION, "reason": "NCC 0.40 < 0.5"}))
+        {"preprocess_version": PREPROCESS_VERSION, "reason": "NCC 0.40 < 0.5",
+         "registration_retry": REGISTRATION_RETRY}))
     benchmark = load_benchmark_script("spatial_3d")
     result = benchmark.evaluate_split(model, rows, cache, "cpu")
     assert [c["id"] for c in result["cases"]] == [by_name["test_healthy"][0].id]
@@ -169,8 +170,8 @@ def test_a_refusal_without_a_mask_says_a_mask_may_help(detection_setup, monkeypa
     """Registration of the whole head fails on some anatomies where the brain alone
     registers: a refusal of a scan registered without a mask says so, and one of a scan
     whose mask an atlas model set aside names the other model. (The registration is replaced
-    by a transform 40 mm off and the quality gate raised above any NCC, so every scan is
-    refused by the gate, without the cost of registering.)"""
+    by a transform 40 mm off, as is the retry's every candidate, and the quality gate raised
+    above any NCC, so every scan is refused by the gate, without the cost of registering.)"""
     import SpatialMSMALib.preprocessing as preprocessing
     from SpatialMSMALib.errors import RegistrationError
     from SpatialMSMALib.io import load_volume
@@ -181,6 +182,8 @@ def test_a_refusal_without_a_mask_says_a_mask_may_help(detection_setup, monkeypa
     off = np.eye(4)
     off[:3, 3] = [0.0, 40.0, 0.0]
     monkeypatch.setattr(preprocessing, "register_to_template", lambda *a, **k: off.copy())
+    monkeypatch.setattr(preprocessing, "retry_from_scaled_starts",
+                        lambda *a, **k: [off.copy(), off.copy()])
     strict = {"refuse_ncc": 0.999, "warn_ncc": 0.999}
     with pytest.raises(RegistrationError, match=r"NCC .* < 0\.999.* registered without a "
                                                 r"brain mask \(the whole head\); with one"):

@@ -130,6 +130,60 @@ def test_registration_recovers_a_known_affine(subject):
     assert [s["step"] for s in result.mapping.steps][-1] == "total"
 
 
+def _brain_point_error_mm(mapping, model_to_native):
+    """Mean distance (mm) between where ``mapping`` and ``model_to_native`` put the template
+    brain's points."""
+    from SpatialMSMALib.template import template_on_grid
+
+    grid = mapping.model_grid
+    template = template_on_grid(2.0, tuple(grid.shape))
+    points = np.argwhere(template.brain_mask)[::97] @ grid.affine[:3, :3].T + grid.affine[:3, 3]
+    expected = points @ model_to_native[:3, :3].T + model_to_native[:3, 3]
+    return float(np.linalg.norm(mapping.model_point_to_native(points) - expected, axis=1).mean())
+
+
+def test_a_failed_gate_without_a_mask_is_retried_from_scaled_starts(subject, monkeypatch):
+    """Without a brain mask the whole head can pull the registration to a brain ~20% too
+    large, which the gate refuses (README, "Without a brain mask"). Such a result is retried
+    from shrunk starts and the candidate the gate rates best is kept; a result that passes
+    the gate is kept as it is, with no retry."""
+    import SpatialMSMALib.preprocessing as preprocessing
+    from SpatialMSMALib.template import template_on_grid
+
+    truth = np.linalg.inv(subject.subject_to_anatomy)
+    template = template_on_grid(2.0, tuple(model_grid().shape))
+    grid_affine = template.grid.affine
+    centre = (np.argwhere(template.brain_mask) @ grid_affine[:3, :3].T).mean(0)
+    centre = centre + grid_affine[:3, 3]
+    enlarge = np.eye(4)
+    enlarge[:3, :3] *= 1.3
+    enlarge[:3, 3] = centre - 1.3 * centre
+    pulled = truth @ enlarge  # the whole-head failure: the brain 30% too large
+    t1 = Volume(subject.t1, subject.grid.affine)
+    config = PreprocessConfig(n4=False)
+
+    def registered(transform):
+        monkeypatch.setattr(preprocessing, "register_to_template",
+                            lambda *args, **kwargs: transform.copy())
+        return preprocess_scan(t1, config=config)
+
+    result = registered(pulled)
+    retries = [s for s in result.mapping.steps if "retry" in s.get("stage", "")]
+    assert len(retries) == 1 and retries[0]["kept"] == "scaled start"
+    first_ncc = float(retries[0]["stage"].split("NCC ")[1].split(")")[0])
+    assert first_ncc < config.refuse_ncc
+    assert result.mapping.registration_ncc >= preprocessing.RETRY_MIN_NCC
+    assert result.mapping.registration_ncc == pytest.approx(max(retries[0]["ncc_per_start"]),
+                                                            abs=1e-4)
+    assert _brain_point_error_mm(result.mapping, pulled) > 10.0
+    assert _brain_point_error_mm(result.mapping, truth) < 3.0  # at 2 mm voxels
+
+    # a result the gate accepts is not touched: no retry, the transform as registered
+    accepted = registered(truth)
+    assert not any("retry" in s.get("stage", "") for s in accepted.mapping.steps)
+    np.testing.assert_array_equal(accepted.mapping.model_to_native, truth)
+
+
 def test_non_brain_image_is_refused():
     rng = np.random.default_rng(0)
     cube = np.zeros((90, 110, 90), np.float32)
@@ -603,6 +657,23 @@ def test_a_refused_training_scan_is_left_out_and_remembered(tmp_path, subject, m
     assert "1 of 10 scans left out" in capsys.readouterr().out
     with pytest.raises(InputError, match="1 of 2 scans could not be registered"):
         check_refused(refused, 2)
+
+
+def test_refusal_notes_from_before_the_registration_retry_are_recomputed(tmp_path):
+    """A scan refused before the retry existed (``preprocessing.REGISTRATION_RETRY``) may be
+    accepted now: its cached note no longer counts for the current version."""
+    import json
+
+    from SpatialMSMALib.dataset import refusal_reason
+    from SpatialMSMALib.preprocessing import PREPROCESS_VERSION, REGISTRATION_RETRY
+
+    note = tmp_path / "scan_2mm.refused.json"
+    note.write_text(json.dumps({"preprocess_version": PREPROCESS_VERSION, "reason": "NCC"}))
+    assert refusal_reason(tmp_path, "scan", 2.0, PREPROCESS_VERSION) is None
+    assert refusal_reason(tmp_path, "scan", 2.0) == "NCC"  # listed, without a version
+    note.write_text(json.dumps({"preprocess_version": PREPROCESS_VERSION, "reason": "NCC",
+                                "registration_retry": REGISTRATION_RETRY}))
+    assert refusal_reason(tmp_path, "scan", 2.0, PREPROCESS_VERSION) == "NCC"
 
 
 def test_a_scan_registration_cannot_handle_is_a_clear_error():

@@ -288,6 +288,19 @@ GIVEN_MASK_SET_ASIDE_WARNING = (
     "when you have one.")
 
 
+def retried_registration_warning(mapping) -> str | None:
+    """The warning for a scan registered without a brain mask whose first registration failed
+    the quality gate and was replaced by the retry's (``preprocessing.retry_from_scaled_starts``),
+    else None. ``mapping``: the scan's ``preprocessing.SpaceMapping``, with its step records."""
+    for step in mapping.steps:
+        if step.get("kept") == "scaled start":
+            return (f"the registration without a brain mask failed the quality gate at first "
+                    f"(NCC {step['first_ncc']:.2f}) and was redone from smaller starts (NCC "
+                    f"{mapping.registration_ncc:.2f}); check that the brain mask output "
+                    "outlines the brain, or give a brain mask.")
+    return None
+
+
 def detect(
     model: AnomalyModel,
     t1: Volume,
@@ -337,6 +350,9 @@ def detect(
         detection.warnings.append(NO_BRAIN_MASK_WARNING)
     if brain_mask is not None and model.brain_masks == "atlas":
         detection.warnings.append(GIVEN_MASK_SET_ASIDE_WARNING)
+    retried = retried_registration_warning(scan.mapping)
+    if retried:
+        detection.warnings.append(retried)
     timings["post_process"] = round(time.perf_counter() - t0, 2)
     detection.timings = timings
     if progress:

@@ -740,7 +740,7 @@ def preprocess_scan(
         kept = rated[best][4] >= max(RETRY_MIN_NCC, config.refuse_ncc)
         timed({"step": "registration", "stage": "retry after the quality gate failed (NCC "
                f"{ncc:.4f}): refinement on the atlas-masked brain from scaled starts",
-               "scales": list(RETRY_SCALES), "rounds": RETRY_ROUNDS,
+               "first_ncc": round(ncc, 4), "scales": list(RETRY_SCALES), "rounds": RETRY_ROUNDS,
                "ncc_per_start": [round(r[4], 4) for r in rated], "min_ncc": RETRY_MIN_NCC,
                "kept": "scaled start" if kept else "first result"}, t0)
         if kept:

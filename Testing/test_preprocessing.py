@@ -171,7 +171,13 @@ def test_a_failed_gate_without_a_mask_is_retried_from_scaled_starts(subject, mon
     retries = [s for s in result.mapping.steps if "retry" in s.get("stage", "")]
     assert len(retries) == 1 and retries[0]["kept"] == "scaled start"
     first_ncc = float(retries[0]["stage"].split("NCC ")[1].split(")")[0])
-    assert first_ncc < config.refuse_ncc
+    assert first_ncc < config.refuse_ncc and retries[0]["first_ncc"] == first_ncc
+    # detect tells the user the registration was redone, with both NCCs
+    from SpatialMSMALib.detection import retried_registration_warning
+
+    warning = retried_registration_warning(result.mapping)
+    assert f"(NCC {first_ncc:.2f})" in warning
+    assert f"(NCC {result.mapping.registration_ncc:.2f})" in warning
     assert result.mapping.registration_ncc >= preprocessing.RETRY_MIN_NCC
     assert result.mapping.registration_ncc == pytest.approx(max(retries[0]["ncc_per_start"]),
                                                             abs=1e-4)
@@ -181,6 +187,7 @@ def test_a_failed_gate_without_a_mask_is_retried_from_scaled_starts(subject, mon
     # a result the gate accepts is not touched: no retry, the transform as registered
     accepted = registered(truth)
     assert not any("retry" in s.get("stage", "") for s in accepted.mapping.steps)
+    assert retried_registration_warning(accepted.mapping) is None
     np.testing.assert_array_equal(accepted.mapping.model_to_native, truth)
 
 

@@ -10,6 +10,7 @@ native <-> model mapping (JSON text) for mapping results back to the scan.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +223,16 @@ def model_space(
 
 #: suffix of the cache ids of scans preprocessed with their brain mask set aside
 ATLAS_MASK_SUFFIX = "_atlasmask"
+
+
+def healthy_ids_digest(scan_ids) -> str:
+    """sha256 (hex) of a healthy cohort's scan ids, as model files record it
+    (``healthy_ids_sha256``): each id without the ``_atlasmask`` suffix, sorted, one per line,
+    so the same scans give the same digest whichever script wrote it, in any order, with or
+    without their brain masks."""
+    plain = sorted(i[: -len(ATLAS_MASK_SUFFIX)] if i.endswith(ATLAS_MASK_SUFFIX) else i
+                   for i in map(str, scan_ids))
+    return hashlib.sha256("\n".join(plain).encode()).hexdigest()
 
 
 def without_brain_mask(row: ScanFiles) -> ScanFiles:

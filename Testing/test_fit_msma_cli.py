@@ -132,6 +132,13 @@ def test_max_refused_fraction_lets_a_refit_leave_out_more_scans(tmp_path, monkey
                           "--max-refused-fraction", "0.4"]) == 0
     refit = AnomalyModel.load(tmp_path / "b.pt")
     assert refit.provenance["n_healthy"] == 7
+    # the digest of the 7 kept scans, as train_spatial.py records its own (atlas-suffixed) ids
+    from SpatialMSMALib.dataset import healthy_ids_digest
+
+    kept = [r.id for r in rows if r.id not in refused_ids]
+    assert refit.provenance["healthy_ids_sha256"] == healthy_ids_digest(
+        [without_brain_mask(r).id for r in reversed(rows) if r.id not in refused_ids])
+    assert refit.provenance["healthy_ids_sha256"] != healthy_ids_digest(kept[:-1])
     assert len(refit.typicality.reference_scores["knn"]) == 7
 
     with pytest.raises(SystemExit) as exit_info:

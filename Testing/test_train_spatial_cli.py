@@ -144,6 +144,11 @@ def test_train_spatial_end_to_end_with_two_flows_and_the_normative_model(tmp_pat
     assert provenance["flow_best_val_nll"] == pytest.approx(
         sum(provenance["flow_members_best_val_nll"]) / 2)
     assert provenance["n_flow_train"] == 3 and provenance["n_flow_val"] == 2
+    from SpatialMSMALib.dataset import healthy_ids_digest, manifest_scans
+
+    cohort = manifest_scans(manifest, ("train", "val"))
+    assert provenance["healthy_ids_sha256"] == healthy_ids_digest(
+        r.id for split in ("val", "train") for r in cohort[split])
     assert model.normative is not None and model.heat_units == "-log10 FPR"
     assert model.normative.config.sigmas_vox == (1.0, 2.0, 4.0)  # mm on the 4 mm grid
     assert model.calibration.grow_rate_factor == 3.0

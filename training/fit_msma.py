@@ -31,6 +31,7 @@ import numpy as np
 from SpatialMSMALib.dataset import (
     check_refused,
     folder_scans,
+    healthy_ids_digest,
     manifest_scans,
     model_space,
     refusable_fraction,
@@ -131,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         model.typicality = TypicalityModel.fit(features, models=tuple(args.models),
                                                levels=levels)
         model.provenance.update({"typicality_cohort": cohort, "n_healthy": len(rows),
-                                 "healthy_ids_sha256": hashlib.sha256(
-                                     "\n".join(r.id for r in rows).encode()).hexdigest(),
+                                 "healthy_ids_sha256": healthy_ids_digest(r.id for r in rows),
                                  "typicality_feature_version": FEATURE_VERSION,
                                  "typicality_levels": levels})
         if args.model:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import os
 import sys
 import time
@@ -39,7 +38,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from SpatialMSMALib.dataset import check_refused, model_space, refusable_fraction  # noqa: E402
+from SpatialMSMALib.dataset import (  # noqa: E402
+    check_refused,
+    healthy_ids_digest,
+    model_space,
+    refusable_fraction,
+)
 from SpatialMSMALib.detection import component_heat_maps  # noqa: E402
 from SpatialMSMALib.errors import InputError  # noqa: E402
 from SpatialMSMALib.inference import cached_features  # noqa: E402
@@ -510,7 +514,7 @@ def run(args, score_checkpoint: Path, work: Path, device: str, rank: int,
             "typicality_feature_version": FEATURE_VERSION,
             "refused_scans": [{"id": i, "reason": r} for i, r in refused],
             "n_flow_val": len(val_scans),
-            "healthy_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+            "healthy_ids_sha256": healthy_ids_digest(ids),
             "flow_train_config": dataclasses.asdict(config),
             "flow_best_val_nll": float(np.mean(best_vals)),
             "flow_members": args.flow_members,

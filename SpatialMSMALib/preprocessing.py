@@ -330,6 +330,13 @@ def _head_mask(t1: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(mask)
 
 
+def _clipped_to_head(t1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The native T1 clipped at its head's 99th percentile (float32; bright fat and vessels
+    would take most histogram bins of the MI metric) and the head mask (:func:`_head_mask`)."""
+    head = _head_mask(t1)
+    return np.minimum(t1, np.percentile(t1[head], 99.0)).astype(np.float32), head
+
+
 def _initial_translations(template, head: np.ndarray, affine: np.ndarray) -> list[np.ndarray]:
     """Candidate starting points (4x4 RAS, translation only) for the rigid stage, from the
     native head mask ``head`` (voxel -> RAS ``affine``).
@@ -365,8 +372,7 @@ def register_to_template(template, t1, affine, brain_mask, dof: str, steps: list
     """
     t0 = time.perf_counter()
     # bright fat and vessels would take most histogram bins of the MI metric: clip them
-    head = _head_mask(t1)
-    t1 = np.minimum(t1, np.percentile(t1[head], 99.0)).astype(np.float32)
+    t1, head = _clipped_to_head(t1)
     spacing = float(np.linalg.norm(template.grid.affine[:3, 0]))
     legacy = version < 2
 
@@ -498,8 +504,7 @@ def retry_from_scaled_starts(template, t1, affine, transform, dof: str,
     ``t1`` is the native T1 (``(I, J, K)``, voxel -> RAS ``affine``), as given to
     :func:`register_to_template`. The caller keeps the candidate the gate rates best.
     """
-    head = _head_mask(t1)
-    clipped = np.minimum(t1, np.percentile(t1[head], 99.0)).astype(np.float32)
+    clipped, _ = _clipped_to_head(t1)
     grid_affine = template.grid.affine
     centre = (np.argwhere(template.brain_mask) @ grid_affine[:3, :3].T).mean(0) + grid_affine[:3, 3]
 

@@ -107,6 +107,8 @@ class Detection:
             "typicality": self.typicality,
             "scan_standardization": self.scan_standardization,
             "registration_ncc": self.registration_ncc,
+            # the quality-gate retry of a scan without a brain mask (None when none ran)
+            "registration_retry": registration_retry_record(self.mapping),
             "warnings": self.warnings,
             "timings_s": self.timings,
         }
@@ -288,17 +290,32 @@ GIVEN_MASK_SET_ASIDE_WARNING = (
     "when you have one.")
 
 
+def registration_retry_record(mapping) -> dict | None:
+    """What the registration retry (``preprocessing.retry_from_scaled_starts``) did to a scan,
+    for the report: ``{"first_ncc", "ncc_per_start", "kept", "ncc"}`` (the gate's NCC of
+    the first registration, of each scaled start, which result was kept, and the NCC of the
+    registration used), or None when no retry ran (a mask was given, or the first
+    registration passed the gate). ``mapping``: the scan's ``preprocessing.SpaceMapping``."""
+    if mapping is None:
+        return None
+    for step in mapping.steps:
+        if "first_ncc" in step:
+            return {"first_ncc": step["first_ncc"], "ncc_per_start": step["ncc_per_start"],
+                    "kept": step["kept"], "ncc": float(mapping.registration_ncc)}
+    return None
+
+
 def retried_registration_warning(mapping) -> str | None:
     """The warning for a scan registered without a brain mask whose first registration failed
     the quality gate and was replaced by the retry's (``preprocessing.retry_from_scaled_starts``),
     else None. ``mapping``: the scan's ``preprocessing.SpaceMapping``, with its step records."""
-    for step in mapping.steps:
-        if step.get("kept") == "scaled start":
-            return (f"the registration without a brain mask failed the quality gate at first "
-                    f"(NCC {step['first_ncc']:.2f}) and was redone from smaller starts (NCC "
-                    f"{mapping.registration_ncc:.2f}); check that the brain mask output "
-                    "outlines the brain, or give a brain mask.")
-    return None
+    record = registration_retry_record(mapping)
+    if record is None or record["kept"] != "scaled start":
+        return None
+    return (f"the registration without a brain mask failed the quality gate at first "
+            f"(NCC {record['first_ncc']:.2f}) and was redone from smaller starts (NCC "
+            f"{record['ncc']:.2f}); check that the brain mask output "
+            "outlines the brain, or give a brain mask.")
 
 
 def detect(

@@ -178,6 +178,13 @@ def test_a_failed_gate_without_a_mask_is_retried_from_scaled_starts(subject, mon
     warning = retried_registration_warning(result.mapping)
     assert f"(NCC {first_ncc:.2f})" in warning
     assert f"(NCC {result.mapping.registration_ncc:.2f})" in warning
+    # and the report records it (detect writes no mapping.json)
+    from SpatialMSMALib.detection import registration_retry_record
+
+    record = registration_retry_record(result.mapping)
+    assert record["first_ncc"] == first_ncc and record["kept"] == "scaled start"
+    assert record["ncc"] == result.mapping.registration_ncc
+    assert record["ncc_per_start"] == retries[0]["ncc_per_start"]
     assert result.mapping.registration_ncc >= preprocessing.RETRY_MIN_NCC
     assert result.mapping.registration_ncc == pytest.approx(max(retries[0]["ncc_per_start"]),
                                                             abs=1e-4)
@@ -188,6 +195,7 @@ def test_a_failed_gate_without_a_mask_is_retried_from_scaled_starts(subject, mon
     accepted = registered(truth)
     assert not any("retry" in s.get("stage", "") for s in accepted.mapping.steps)
     assert retried_registration_warning(accepted.mapping) is None
+    assert registration_retry_record(accepted.mapping) is None
     np.testing.assert_array_equal(accepted.mapping.model_to_native, truth)
 
 

@@ -530,6 +530,8 @@ def test_detect_cli_finds_the_lesion_and_writes_every_output(detection_setup, ca
 
     assert report["warnings"][-1] == NO_BRAIN_MASK_WARNING
     assert "warning: no brain mask was given" in capsys.readouterr().out
+    # its registration passed the quality gate, so the report records no retry
+    assert "registration_retry" in report and report["registration_retry"] is None
     # outputs are never overwritten silently (refused before any computation)
     capsys.readouterr()
     assert main(args) == 2

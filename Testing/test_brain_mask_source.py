@@ -191,3 +191,35 @@ def test_a_refusal_without_a_mask_says_a_mask_may_help(detection_setup, monkeypa
     with pytest.raises(RegistrationError, match="This model sets brain masks aside; the model "
                                                 "for scans with a brain mask"):
         preprocess_scan(t1, None, mask, PreprocessConfig(brain_masks="atlas", **strict))
+
+
+def test_the_benchmark_runs_a_model_trained_with_masks_without_them(detection_setup, tmp_path):
+    """``spatial_3d.py --without-masks``: a copy of a mask-trained model that takes every
+    scan through the no-mask path (here both scans are refused by cached no-mask refusal
+    notes, which only that path reads), with the same calibration; the model itself is not
+    changed."""
+    import dataclasses
+
+    from conftest import load_benchmark_script, two_scan_test_cohort
+
+    from SpatialMSMALib.preprocessing import PREPROCESS_VERSION, REGISTRATION_RETRY
+
+    by_name = two_scan_test_cohort(tmp_path / "cohort")
+    rows = by_name["test_healthy"] + by_name["test_lesioned"]
+    model = dataclasses.replace(detection_setup["model"],
+                                provenance={"score_checkpoint_sha256": "0" * 64})
+    assert model.brain_masks == "given"
+    benchmark = load_benchmark_script("spatial_3d")
+    twin = benchmark.with_masks_set_aside(model)
+    assert (twin.brain_masks, model.brain_masks) == ("atlas", "given")
+    assert twin.calibration is model.calibration and twin.spatial is model.spatial
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for row in rows:
+        (cache / f"{row.id}_atlasmask_2mm.refused.json").write_text(json.dumps(
+            {"preprocess_version": PREPROCESS_VERSION, "reason": f"NCC 0.3 for {row.id}",
+             "registration_retry": REGISTRATION_RETRY}))
+    result = benchmark.evaluate_split(twin, rows, cache, "cpu")
+    assert result["cases"] == []
+    assert [(r["id"], r["reason"]) for r in result["refused"]] == [
+        (r.id, f"NCC 0.3 for {r.id}") for r in rows]

@@ -83,10 +83,10 @@ def exit_with(error: InputError) -> None:
 def norm_paths(model, scans: list, cache: Path, device: str = "cpu") -> list:
     """The cached score-norm file of each model-space scan (computed into ``cache`` when
     missing), or None per scan for a flow that reads intensities only: the score network
-    then does not run."""
+    then does not run (nor for an empty list: every scan of a split refused)."""
     from SpatialMSMALib.inference import cached_features
 
-    if not model.spatial.config.score_features:
+    if not scans or not model.spatial.config.score_features:
         return [None] * len(scans)
     _, paths = cached_features(model, scans, cache / model.feature_cache_name(), device,
                                save_local=True)

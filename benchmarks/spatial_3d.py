@@ -15,12 +15,15 @@ same label-free rule is also swept over voxel FPRs (``--sweep-fprs``, each thres
 healthy validation scans alone, post-processing unchanged): the operating curve a user moves
 along with the threshold slider, with Dice, TPR / PPV and healthy flagged volume per rate. Costs:
 seconds per volume for the flow and for post-processing (features are reported when they
-were computed in this run).
+were computed in this run). ``--without-masks`` sets every scan's brain mask aside, as
+``detect`` without ``--mask`` does, so a model trained with masks is measured on scans that
+have none (a model trained without masks always runs that way).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -51,6 +54,16 @@ SPLITS = {"test": ("test_healthy", "test_lesioned"),
           "loao": ("loao_healthy", "loao_lesioned")}
 #: voxel false-positive rates of the operating-point sweep (label-free, like the default)
 SWEEP_FPRS = (0.01, 0.003, 0.001, 0.0003)
+
+
+def with_masks_set_aside(model):
+    """A copy of ``model`` that preprocesses every scan as ``detect`` prepares one given
+    without a brain mask (``brain_masks == "atlas"``: N4 in a head mask, whole-head
+    registration, the atlas brain), with the model's own calibration unchanged: how a model
+    trained with masks behaves on scans that have none. ``model`` itself is not changed."""
+    twin = copy.copy(model)
+    twin.brain_masks = "atlas"
+    return twin
 
 
 def evaluate_split(model, rows, cache: Path, device, fpr=None, sweep_fprs=()) -> dict:
@@ -217,6 +230,9 @@ def main() -> None:
     parser.add_argument("--fpr", type=float, help="voxel FPR (default: the model's)")
     parser.add_argument("--sweep-fprs", type=float, nargs="*", default=list(SWEEP_FPRS),
                         help="voxel FPRs of the operating-point sweep (none: no sweep)")
+    parser.add_argument("--without-masks", action="store_true",
+                        help="set every scan's brain mask aside (as detect without --mask), "
+                             "for a model trained with masks; an atlas model always does")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -224,9 +240,12 @@ def main() -> None:
         if not 0 < rate < 1:
             parser.error(f"voxel false-positive rates are fractions in (0, 1), got {rate}")
     model = AnomalyModel.load(args.model)
+    trained_with = model.brain_masks
+    if args.without_masks:
+        model = with_masks_set_aside(model)
     device = select_device(args.device)
     results = {"model": str(args.model), "provenance": model.provenance,
-               "brain_masks": model.brain_masks,
+               "brain_masks": trained_with, "masks_set_aside": model.brain_masks == "atlas",
                "calibration": {"default_fpr": model.calibration.default_fpr,
                                "threshold": model.calibration.default_threshold,
                                "smoothing_mm": model.calibration.smoothing_mm,

@@ -106,6 +106,17 @@ def test_default_model_follows_the_inputs():
             resolve_model(None, has_t2=False, t1_name="x_t1.nii.gz")
 
 
+def test_every_input_case_gets_a_bundled_model_made_for_it():
+    """T1 + T2 or T1 alone, each with or without a brain mask: the bundled model chosen has
+    the scan's channels and was trained the way the scan comes (with masks, or with every
+    mask set aside), so none of the four cases runs a model outside its training."""
+    for has_t2 in (True, False):
+        for has_mask in (True, False):
+            model = resolve_model(None, has_t2=has_t2, has_mask=has_mask)
+            assert model.channel_names == (["T1", "T2"] if has_t2 else ["T1"])
+            assert model.brain_masks == ("given" if has_mask else "atlas"), (has_t2, has_mask)
+
+
 def test_demo_runs_with_the_bundled_model(tmp_path, capsys):
     from SpatialMSMALib.cli import main
 

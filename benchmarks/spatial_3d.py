@@ -34,10 +34,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cohort_args import local_norms, native_brain_mask, norm_paths  # noqa: E402
+from cohort_args import exit_with, local_norms, native_brain_mask, norm_paths  # noqa: E402
 
 from SpatialMSMALib.dataset import manifest_scans, model_space, without_brain_mask
 from SpatialMSMALib.detection import model_heat_map, native_detection, relabel
+from SpatialMSMALib.errors import InputError
 from SpatialMSMALib.inference import select_device
 from SpatialMSMALib.io import load_volume
 from SpatialMSMALib.metrics import (
@@ -270,4 +271,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as e:  # a missing model or manifest: the message, not a traceback
+        exit_with(e)

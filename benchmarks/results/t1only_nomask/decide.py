@@ -4,7 +4,7 @@
 
 Prints each split's TPR for lesions >= 0.5 mL (refused scans' lesions counted as missed),
 pooled PPV and healthy median flagged volume for both, each criterion with its verdict, and
-the decision; exits 0 when adopted, 1 when not.
+the decision; exits 0 when adopted, 1 when not, 2 on a bad argument.
 """
 
 import json
@@ -43,8 +43,26 @@ def decide(candidate: dict, baseline: dict) -> tuple[bool, list[str]]:
     return adopted, lines
 
 
+def fail(message: str) -> None:
+    """A bad argument: the message on stderr and status 2 (1 means "not adopted")."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def read_result(path: str) -> dict:
+    try:
+        result = json.loads(open(path).read())
+    except (OSError, ValueError) as e:
+        fail(f"cannot read '{path}' as a spatial_3d.py result: {e}")
+    if not isinstance(result, dict) or "splits" not in result:
+        fail(f"'{path}' is not a benchmarks/spatial_3d.py result")
+    return result
+
+
 if __name__ == "__main__":
-    cand, base = (json.loads(open(p).read()) for p in sys.argv[1:3])
+    if len(sys.argv) != 3:
+        fail("usage: decide.py CANDIDATE.json BASELINE.json")
+    cand, base = (read_result(p) for p in sys.argv[1:3])
     adopted, lines = decide(cand, base)
     print("\n".join(lines))
     sys.exit(0 if adopted else 1)

@@ -273,7 +273,7 @@ def native_detection(model: AnomalyModel, heat_model: np.ndarray, mapping,
 
 
 #: shown with every detection run without a brain mask (measured in
-#: benchmarks/without_mask.py; README "Without a brain mask")
+#: benchmarks/without_mask.py; docs/spatial_msma.md, "Without a brain mask")
 NO_BRAIN_MASK_WARNING = (
     "no brain mask was given, so the brain was taken from the template's mask after affine "
     "registration. This model was trained and calibrated on scans with brain masks; "

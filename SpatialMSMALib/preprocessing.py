@@ -482,7 +482,7 @@ def _refine_on_atlas_brain(template, t1_clipped, affine, transform, dof: str,
 #: by :func:`dataset.model_space` record ``REGISTRATION_RETRY``; older notes are recomputed.
 #: A retried result is kept only if the gate's NCC reaches ``RETRY_MIN_NCC``, above the gate's
 #: own 0.5: a search over starts raises the best NCC of anything, and a noisy cube (no head)
-#: reached 0.546 after the retry (README, "Without a brain mask").
+#: reached 0.546 after the retry (docs/spatial_msma.md, "Without a brain mask").
 RETRY_SCALES = (0.85, 0.92)
 RETRY_ROUNDS = 3
 RETRY_MIN_NCC = 0.6
@@ -525,7 +525,7 @@ def retry_from_scaled_starts(template, t1, affine, transform, dof: str,
 def _without_mask_hint(registered_whole_head: bool, mask_set_aside: bool) -> str:
     """What to add to a registration refusal of a scan registered without a brain mask: the
     whole-head registration fails on some anatomies where the brain alone registers (the
-    ROBEX reference head's subjects: README, "Without a brain mask")."""
+    ROBEX reference head's subjects: docs/spatial_msma.md, "Without a brain mask")."""
     if mask_set_aside:
         return (" This model sets brain masks aside; the model for scans with a brain mask "
                 "registers the brain alone and may succeed.")

@@ -489,7 +489,7 @@ class FlowEnsemble(nn.Module):
     from different seeds; the heat map is their mean NLL (nats), the NLL of the members'
     geometric-mean density. Averaging reduces the seed-to-seed variation of a single flow's
     heat map (validation NLL varies with the seed); on the dev cohort three seeds did not
-    change sensitivity (README), so the bundled model has one flow.
+    change sensitivity (docs/spatial_msma.md), so the bundled model has one flow.
 
     Quacks like a ``SpatialFlow`` where inference uses one: ``config``, ``heat_map``, ``to``.
     """

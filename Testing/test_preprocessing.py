@@ -144,9 +144,9 @@ def _brain_point_error_mm(mapping, model_to_native):
 
 def test_a_failed_gate_without_a_mask_is_retried_from_scaled_starts(subject, monkeypatch):
     """Without a brain mask the whole head can pull the registration to a brain ~20% too
-    large, which the gate refuses (README, "Without a brain mask"). Such a result is retried
-    from shrunk starts and the candidate the gate rates best is kept; a result that passes
-    the gate is kept as it is, with no retry."""
+    large, which the gate refuses (docs/spatial_msma.md, "Without a brain mask"). Such a
+    result is retried from shrunk starts and the candidate the gate rates best is kept; a
+    result that passes the gate is kept as it is, with no retry."""
     import SpatialMSMALib.preprocessing as preprocessing
     from SpatialMSMALib.template import template_on_grid
 

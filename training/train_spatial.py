@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="true|false",
                         help="also fit the normative blob-contrast model on the training "
                              "scans and fuse its evidence with the flow's (the bundled T1 + T2 "
-                             "model's choice; see README)")
+                             "model's choice; see docs/spatial_msma.md)")
     add_normative_options(parser)
     parser.add_argument("--recalibrate", action="store_true",
                         help="skip flow training: recalibrate WORK/flow/best.pt with new "
@@ -254,7 +254,7 @@ def train_score_first(args, out: Path) -> Path:
 #: ``--max-peak-fpr`` default: off. On the development cohort (benchmark manifest ``dev``, never
 #: the test or leave-one-anatomy-out scans) 0.001 raised the bundled T1 + T2 model's PPV at 1%
 #: from 0.914 to 1.000 but lost 4 of 40 lesions >= 0.5 mL (TPR 0.700 -> 0.600), and
-#: sensitivity is the figure short of its target (see the main README)
+#: sensitivity is the figure short of its target (see docs/spatial_msma.md)
 DEFAULT_MAX_PEAK_FPR = None
 
 

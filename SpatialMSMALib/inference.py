@@ -185,9 +185,13 @@ def contrast_problems(model: AnomalyModel, image: np.ndarray, brain_mask: np.nda
                             f"template {r:.2f}, expected >= {T1_MIN_CORRELATION}); are T1 and "
                             "T2 the right way round?")
         if name == "T2" and not r <= T2_MAX_CORRELATION:
+            # a FLAIR in the T2 slot lands here too (CSF dark as in a T1): about 1 L flagged
+            # on FLAIR-like copies of demo subjects, correlation 0.10 and 0.29
+            # (benchmarks/flair_as_t2.py)
             problems.append(f"{label} does not look T2-weighted (correlation with the T1 "
-                            f"template {r:.2f}, expected <= {T2_MAX_CORRELATION}); are T1 and "
-                            "T2 the right way round?")
+                            f"template {r:.2f}, expected <= {T2_MAX_CORRELATION}): the model "
+                            "needs a T2-weighted scan, with bright CSF. Is it a FLAIR (dark "
+                            "CSF), or are T1 and T2 the wrong way round?")
     return problems
 
 

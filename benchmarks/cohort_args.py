@@ -5,7 +5,9 @@ the model-space cache (``false_positives.py``, ``lesion_evidence.py``,
 ``detect_cost.py`` and ``cli_start_cost.py`` the output refusal), and the loop over a
 split's scans with their local score norms (``false_positives.py``, ``lesion_evidence.py``
 and ``post_processing_sweep.py``; ``spatial_3d.py`` its two steps, to time the features),
-with the records built per scan (``false_positives.py``, ``lesion_evidence.py``)."""
+with the records built per scan (``false_positives.py``, ``lesion_evidence.py``); and the
+options and model check of the scripts that run ``detect`` on demo-like subjects
+(``thick_slices.py``, ``flair_as_t2.py``)."""
 
 from __future__ import annotations
 
@@ -37,6 +39,34 @@ def split_parser(description: str, splits) -> argparse.ArgumentParser:
     parser.add_argument("--splits", nargs="+", choices=list(splits), default=list(splits))
     parser.add_argument("--device", default="cpu")
     return parser
+
+
+def demo_subjects_parser(description: str, healthy_seeds: list[int]) -> argparse.ArgumentParser:
+    """A parser for the scripts that run ``detect`` on 1 mm subjects made like the demo's
+    (``thick_slices.py``, ``flair_as_t2.py``): ``--model`` (default: the bundled T1 + T2
+    model for scans with a brain mask), ``--lesioned-seeds`` (7: the demo subject),
+    ``--healthy-seeds``, ``--out``, ``--overwrite`` and ``--device``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", type=Path,
+                        help="T1 + T2 model file (default: the bundled one for scans with a "
+                             "brain mask)")
+    parser.add_argument("--lesioned-seeds", type=int, nargs="*", default=[7])
+    parser.add_argument("--healthy-seeds", type=int, nargs="*", default=healthy_seeds)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def t1_t2_model(path: Path | None):
+    """The model file at ``path`` (default: the bundled one for T1 + T2 with a brain mask);
+    InputError unless it reads T1 + T2."""
+    from SpatialMSMALib.model import resolve_model
+
+    model = resolve_model(path, has_t2=True, has_mask=True)
+    if len(model.channel_names) != 2:
+        raise InputError("the model must be a T1 + T2 model")
+    return model
 
 
 def load_spatial_model(path: Path):

@@ -69,6 +69,32 @@ def t1_t2_model(path: Path | None):
     return model
 
 
+def demo_subject_jobs(args: argparse.Namespace) -> list[tuple[str, int, object]]:
+    """``(key, seed, lesion config or None)`` for each of ``--lesioned-seeds`` (the default
+    lesion simulator), then each of ``--healthy-seeds`` (no lesions); keys
+    ``lesioned_seed7``, ``healthy_seed8``, ..."""
+    from SpatialMSMALib.lesions import LesionConfig
+
+    return ([(f"lesioned_seed{s}", s, LesionConfig()) for s in args.lesioned_seeds]
+            + [(f"healthy_seed{s}", s, None) for s in args.healthy_seeds])
+
+
+def save_result(args: argparse.Namespace, result: dict, final: bool = False) -> None:
+    """Write ``result`` as JSON to ``--out`` (atomically; nothing without ``--out``), after
+    each subject so that minutes of work survive an interruption; ``final`` first records
+    the machine."""
+    import json
+    import os
+    import platform
+
+    from SpatialMSMALib.io import write_text_atomically
+
+    if final:
+        result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    if args.out:
+        write_text_atomically(args.out, json.dumps(result, indent=1) + "\n")
+
+
 def load_spatial_model(path: Path):
     """The model file at ``path``; InputError if it has no Spatial-MSMA flow and
     calibration."""

@@ -15,9 +15,6 @@ Each records the warnings and the scan-level verdict. No threshold is set from t
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,14 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cohort_args import (  # noqa: E402
+    demo_subject_jobs,
     demo_subjects_parser,
     exit_with,
     refuse_existing_output,
+    save_result,
     t1_t2_model,
 )
 
 from SpatialMSMALib.errors import InputError  # noqa: E402
-from SpatialMSMALib.io import write_text_atomically  # noqa: E402
 
 #: second-channel tissue levels (CSF, GM, WM) of ``SubjectConfig.t2_tissue_levels``
 CONTRASTS = {"T2": (1.0, 0.55, 0.35), "FLAIR-like": (0.15, 0.55, 0.35)}
@@ -47,7 +45,6 @@ def main(argv: list[str] | None = None) -> None:
         from SpatialMSMALib.detection import detect
         from SpatialMSMALib.inference import select_device
         from SpatialMSMALib.io import Volume
-        from SpatialMSMALib.lesions import LesionConfig
         from SpatialMSMALib.metrics import evaluate_case
         from SpatialMSMALib.synthesis import SubjectConfig, synthesize_subject
 
@@ -57,10 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         anatomy = load_mni152_2009a()
         result = {"model": str(args.model or "bundled default"), "contrasts": CONTRASTS,
                   "subjects": {}}
-        jobs = ([(s, LesionConfig()) for s in args.lesioned_seeds]
-                + [(s, None) for s in args.healthy_seeds])
-        for seed, lesions in jobs:
-            key = f"{'lesioned' if lesions else 'healthy'}_seed{seed}"
+        for key, seed, lesions in demo_subject_jobs(args):
             result["subjects"][key] = {}
             for contrast, levels in CONTRASTS.items():
                 start = time.perf_counter()
@@ -79,11 +73,8 @@ def main(argv: list[str] | None = None) -> None:
                 result["subjects"][key][contrast] = record
                 print(f"{key} {contrast:10s} flagged {record['flagged_ml']:8.2f} mL, verdict "
                       f"{record['verdict']}, warnings: {record['warnings']}", flush=True)
-                if args.out:
-                    write_text_atomically(args.out, json.dumps(result, indent=1) + "\n")
-        result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
-        if args.out:
-            write_text_atomically(args.out, json.dumps(result, indent=1) + "\n")
+                save_result(args, result)
+        save_result(args, result, final=True)
     except InputError as e:
         exit_with(e)
 

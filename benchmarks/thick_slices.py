@@ -20,9 +20,6 @@ threshold is set from the truth.
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,14 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cohort_args import (  # noqa: E402
+    demo_subject_jobs,
     demo_subjects_parser,
     exit_with,
     refuse_existing_output,
+    save_result,
     t1_t2_model,
 )
 
 from SpatialMSMALib.errors import InputError  # noqa: E402
-from SpatialMSMALib.io import Volume, write_text_atomically  # noqa: E402
+from SpatialMSMALib.io import Volume  # noqa: E402
 from SpatialMSMALib.metrics import evaluate_case, split_summary  # noqa: E402
 
 
@@ -119,7 +118,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         from SpatialMSMALib.anatomy import load_mni152_2009a
         from SpatialMSMALib.inference import select_device
-        from SpatialMSMALib.lesions import LesionConfig
         from SpatialMSMALib.synthesis import SubjectConfig, synthesize_subject
 
         refuse_existing_output(args)
@@ -131,22 +129,15 @@ def main(argv: list[str] | None = None) -> None:
         anatomy = load_mni152_2009a()
         result = {"model": str(args.model or "bundled default"), "variants": plan,
                   "subjects": {}}
-        jobs = ([(s, LesionConfig()) for s in args.lesioned_seeds]
-                + [(s, None) for s in args.healthy_seeds])
-        for seed, lesions in jobs:
-            kind = "lesioned" if lesions else "healthy"
-            print(f"{kind} subject, seed {seed}", flush=True)
+        for key, seed, lesions in demo_subject_jobs(args):
+            print(key, flush=True)
             subject = synthesize_subject(anatomy, seed, SubjectConfig(spacing_mm=1.0), lesions)
-            case = subject_case(model, subject, plan, device)
-            result["subjects"][f"{kind}_seed{seed}"] = case
-            if args.out:  # minutes of work per subject: keep what is done
-                write_text_atomically(args.out, json.dumps(result, indent=1) + "\n")
+            result["subjects"][key] = subject_case(model, subject, plan, device)
+            save_result(args, result)
         result["summary"] = {
             name: split_summary([case[name] for case in result["subjects"].values()])
             for name in plan}
-        result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
-        if args.out:
-            write_text_atomically(args.out, json.dumps(result, indent=1) + "\n")
+        save_result(args, result, final=True)
         for name, s in result["summary"].items():
             healthy = s.get("healthy", {}).get("median_flagged_ml")
             lesioned = s.get("lesioned", {})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -116,7 +117,7 @@ class Detection:
             out["model"] = {"channels": list(model.channel_names),
                             "spacing_mm": model.spacing_mm,
                             "brain_masks": model.brain_masks,
-                            "provenance": model.provenance,
+                            "provenance": without_local_folders(model.provenance),
                             "post_processing": {
                                 "smoothing_mm": model.calibration.smoothing_mm,
                                 "rim_mm": model.calibration.rim_mm,
@@ -270,6 +271,25 @@ def native_detection(model: AnomalyModel, heat_model: np.ndarray, mapping,
                           registration_ncc=float(mapping.registration_ncc), mapping=mapping,
                           heat_units=model.heat_units)
     return relabel(detection, model, fpr=fpr, threshold=threshold)
+
+
+#: an absolute POSIX path inside a string: its folders, then its last component (group 1)
+_LOCAL_PATH = re.compile(r"(?<![\w.])/(?:[^/\s'\"]+/)+([^/\s'\"]+)")
+
+
+def without_local_folders(value):
+    """``value`` (a model's provenance: nested dicts, lists and strings) with every absolute
+    path inside a string reduced to its last component, so that a report shows what a model
+    was made from (cohort and file names, digests, counts) without the folders of the
+    machine it was trained on. ``"T1 '/data/cohort/train_002_t1.nii.gz': refused"`` becomes
+    ``"T1 'train_002_t1.nii.gz': refused"``; the model file itself keeps the full record."""
+    if isinstance(value, dict):
+        return {key: without_local_folders(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_local_folders(item) for item in value]
+    if isinstance(value, str):
+        return _LOCAL_PATH.sub(r"\1", value)
+    return value
 
 
 #: shown with every detection run without a brain mask (measured in

@@ -28,6 +28,7 @@ import torch
 from .errors import InputError
 from .inference import (
     Progress,
+    coarse_voxel_warnings,
     compute_features,
     contrast_problems,
     detection_levels,
@@ -308,49 +309,6 @@ GIVEN_MASK_SET_ASIDE_WARNING = (
     "this model was trained with the template's brain mask on every scan, so the given "
     "brain mask was not used; the model for scans with a brain mask is the better choice "
     "when you have one.")
-
-
-#: an input voxel edge longer than this multiple of the model grid's spacing is coarser than
-#: any scan the bundled models were trained and calibrated on (1-2 mm); 5% absorbs the
-#: rounding of headers that store, say, 2.0000001 mm
-COARSE_VOXEL_TOLERANCE = 1.05
-
-
-def coarse_voxel_warnings(volumes: dict, grid_spacing_mm: float,
-                          names: dict | None = None) -> list[str]:
-    """One warning per input whose voxels are coarser than the model grid on some axis,
-    typically a 2D acquisition with thick slices (a 1 x 1 x 5 mm T2).
-
-    Such a scan is interpolated onto the grid, so it lacks the detail of the scans the model
-    was trained and calibrated on, and its healthy tissue is flagged more often than the
-    stated rate (measured on thick-slice copies of the demo subjects:
-    ``benchmarks/thick_slices.py``). Detection still runs.
-
-    Args:
-        volumes: ``{"t1": Volume, "t2": Volume or None}`` as given to :func:`detect`
-            (each with a voxel -> RAS mm ``affine``).
-        grid_spacing_mm: the model grid's voxel size (mm).
-        names: file names for the messages (``{"t1": ..., "t2": ...}``).
-    Returns:
-        the messages, T1 first; empty when every input is fine enough.
-    """
-    names = names or {}
-    messages = []
-    for key, what in (("t1", "T1"), ("t2", "T2")):
-        volume = volumes.get(key)
-        if volume is None:
-            continue
-        spacing = np.asarray(volume.spacing, float)
-        if spacing.max() <= COARSE_VOXEL_TOLERANCE * grid_spacing_mm:
-            continue
-        label = f"{what} '{names[key]}'" if names.get(key) else what
-        size = " x ".join(f"{s:.1f}" for s in spacing)
-        messages.append(
-            f"{label} has voxels of {size} mm, coarser than the model's {grid_spacing_mm:g} mm "
-            "grid (thick slices?), so its detail is interpolated. The bundled models were "
-            "trained and calibrated on scans of 2 mm or finer: expect more healthy tissue "
-            "flagged than the stated rate, and check small findings against the images.")
-    return messages
 
 
 def registration_retry_record(mapping) -> dict | None:

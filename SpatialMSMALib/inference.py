@@ -252,6 +252,51 @@ class TypicalityReport:
         }
 
 
+#: an input voxel edge longer than this multiple of the model grid's spacing is coarser than
+#: any scan the bundled models were trained and calibrated on (1-2 mm); 5% absorbs the
+#: rounding of headers that store, say, 2.0000001 mm
+COARSE_VOXEL_TOLERANCE = 1.05
+
+
+def coarse_voxel_warnings(volumes: dict, grid_spacing_mm: float,
+                          names: dict | None = None) -> list[str]:
+    """One warning per input whose voxels are coarser than the model grid on some axis,
+    typically a 2D acquisition with thick slices (a 1 x 1 x 5 mm T2).
+
+    Such a scan is interpolated onto the grid, so it lacks the detail of the scans the model
+    was trained and calibrated on: its healthy tissue is flagged more often than the stated
+    rate, and the scan-level verdict moves towards atypical (measured on thick-slice copies
+    of the demo subjects: ``benchmarks/thick_slices.py``). ``detection.detect`` and
+    :func:`assess_typicality` still run and report these messages with their warnings.
+
+    Args:
+        volumes: ``{"t1": Volume, "t2": Volume or None}`` as given to ``detect``
+            (each with a voxel -> RAS mm ``affine``).
+        grid_spacing_mm: the model grid's voxel size (mm).
+        names: file names for the messages (``{"t1": ..., "t2": ...}``).
+    Returns:
+        the messages, T1 first; empty when every input is fine enough.
+    """
+    names = names or {}
+    messages = []
+    for key, what in (("t1", "T1"), ("t2", "T2")):
+        volume = volumes.get(key)
+        if volume is None:
+            continue
+        spacing = np.asarray(volume.spacing, float)
+        if spacing.max() <= COARSE_VOXEL_TOLERANCE * grid_spacing_mm:
+            continue
+        label = f"{what} '{names[key]}'" if names.get(key) else what
+        size = " x ".join(f"{s:.1f}" for s in spacing)
+        messages.append(
+            f"{label} has voxels of {size} mm, coarser than the model's {grid_spacing_mm:g} mm "
+            "grid (thick slices?), so its detail is interpolated. The bundled models were "
+            "trained and calibrated on scans of 2 mm or finer: expect more healthy tissue "
+            "flagged than the stated rate and a less reliable scan-level verdict, and check "
+            "small findings against the images.")
+    return messages
+
+
 def assess_typicality(
     model: AnomalyModel,
     t1: Volume,
@@ -276,9 +321,13 @@ def assess_typicality(
               else list(model.typicality.levels))
     _, whole = compute_features(model, scan, device, progress, levels)
     whole = full_levels(model, levels, whole)
-    return typicality_report(model, whole, scan.mapping.registration_ncc,
-                             contrast_problems(model, scan.image, scan.brain_mask, names),
-                             primary, progress)
+    report = typicality_report(model, whole, scan.mapping.registration_ncc,
+                               contrast_problems(model, scan.image, scan.brain_mask, names),
+                               primary, progress)
+    report.warnings += coarse_voxel_warnings(
+        {"t1": t1, "t2": t2 if len(model.channel_names) == 2 else None}, model.spacing_mm,
+        names)
+    return report
 
 
 def typicality_report(model: AnomalyModel, whole: np.ndarray, registration_ncc: float,

@@ -211,3 +211,26 @@ def test_detection_evaluates_only_the_levels_something_reads(model):
     assert local.shape == (0, *mask.shape) and whole.shape == (0,)
     np.testing.assert_array_equal(full_levels(subset_model, [2], np.array([5.0])),
                                   [np.nan, np.nan, 5.0, np.nan])
+
+
+def test_typicality_warns_about_a_thick_t2(model, scan_files):
+    """The scan-level verdict moves on thick-slice scans (benchmarks/thick_slices.py), so the
+    typicality command gives detect's warning for them too."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from thick_slices import thick_slices
+
+    from SpatialMSMALib.io import load_volume
+
+    anomaly_model, _ = model
+    t1, mask = load_volume(scan_files["t1"]), load_volume(scan_files["brain_mask"])
+    t2 = load_volume(scan_files["t2"])
+    thin = assess_typicality(anomaly_model, t1, t2, mask)
+    assert not [w for w in thin.warnings if "coarser than the model" in w]
+    thick = assess_typicality(anomaly_model, t1, thick_slices(t2, 3), mask,
+                              names={"t2": "thick_t2.nii.gz"})
+    coarse = [w for w in thick.warnings if "coarser than the model" in w]
+    assert len(coarse) == 1
+    assert coarse[0].startswith("T2 'thick_t2.nii.gz' has voxels of 2.0 x 2.0 x 6.0 mm")

@@ -14,7 +14,7 @@ profile, with the voxel -> RAS affine that puts the thick slice at their centre.
 mask follows the T1's grid (a thick voxel is inside when half of its slices are). Labels and
 heat maps are mapped back onto the 1 mm grid and scored there against the simulated lesions
 inside the true brain (``metrics.evaluate_case``), at the model's default operating point.
-Each variant records the warnings ``detect`` gave (``detection.coarse_voxel_warnings``). No
+Each variant records the warnings ``detect`` gave (``inference.coarse_voxel_warnings``). No
 threshold is set from the truth.
 """
 

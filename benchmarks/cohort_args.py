@@ -79,6 +79,16 @@ def demo_subject_jobs(args: argparse.Namespace) -> list[tuple[str, int, object]]
             + [(f"healthy_seed{s}", s, None) for s in args.healthy_seeds])
 
 
+def subject_volumes(subject) -> tuple:
+    """``(T1, T2, brain mask)`` volumes of a synthetic subject (``synthesis.Subject``) on its
+    own grid, as ``detect`` takes them."""
+    from SpatialMSMALib.io import Volume
+
+    affine = subject.grid.affine
+    return (Volume(subject.t1, affine), Volume(subject.t2, affine),
+            Volume(subject.brain_mask > 0, affine))
+
+
 def save_result(args: argparse.Namespace, result: dict, final: bool = False) -> None:
     """Write ``result`` as JSON to ``--out`` (atomically; nothing without ``--out``), after
     each subject so that minutes of work survive an interruption; ``final`` first records

@@ -28,6 +28,7 @@ from cohort_args import (  # noqa: E402
     exit_with,
     refuse_existing_output,
     save_result,
+    subject_volumes,
     t1_t2_model,
 )
 
@@ -44,7 +45,6 @@ def main(argv: list[str] | None = None) -> None:
         from SpatialMSMALib.anatomy import load_mni152_2009a
         from SpatialMSMALib.detection import detect
         from SpatialMSMALib.inference import select_device
-        from SpatialMSMALib.io import Volume
         from SpatialMSMALib.metrics import evaluate_case
         from SpatialMSMALib.synthesis import SubjectConfig, synthesize_subject
 
@@ -61,9 +61,7 @@ def main(argv: list[str] | None = None) -> None:
                 subject = synthesize_subject(
                     anatomy, seed, SubjectConfig(spacing_mm=1.0, t2_tissue_levels=levels),
                     lesions)
-                affine = subject.grid.affine
-                detection = detect(model, Volume(subject.t1, affine), Volume(subject.t2, affine),
-                                   Volume(subject.brain_mask > 0, affine), device=device)
+                detection = detect(model, *subject_volumes(subject), device=device)
                 record = evaluate_case(detection.labels > 0, subject.lesion_mask > 0,
                                        subject.grid.spacing, detection.heat,
                                        subject.brain_mask > 0)

@@ -35,6 +35,7 @@ from cohort_args import (  # noqa: E402
     exit_with,
     refuse_existing_output,
     save_result,
+    subject_volumes,
     t1_t2_model,
 )
 
@@ -84,9 +85,7 @@ def subject_case(model, subject, plan: dict, device) -> dict:
     """Every variant of one 1 mm subject through ``detect``, scored on the 1 mm grid."""
     from SpatialMSMALib.detection import detect
 
-    t1 = Volume(subject.t1, subject.grid.affine)
-    t2 = Volume(subject.t2, subject.grid.affine)
-    mask = Volume(subject.brain_mask > 0, subject.grid.affine)
+    t1, t2, mask = subject_volumes(subject)
     truth = subject.lesion_mask > 0
     spacing = np.asarray(subject.grid.spacing, float)
     out = {}

@@ -7,11 +7,10 @@
 The bundled models' typicality references are whole-brain score norms of 2 mm training
 scans, while users bring scans of about 1 mm. Each subject (MNI 2009a,
 ``synthesis.synthesize_subject``; seed 7 is the demo subject) is made at every spacing with
-the same random draws and goes through the product's preprocessing and score features with
-its brain mask (``inference.prepare``, ``compute_features``), then the model's typicality
-report (``inference.typicality_report``): each auxiliary model's percentile among the
-healthy reference scans, and the verdict (primary model GMM; >= 95 borderline, >= 99
-atypical). The heat map is not computed.
+the same random draws and goes, with its brain mask, through the product's typicality path
+(``inference.assess_typicality``, as ``spatial-msma typicality``): each auxiliary model's
+percentile among the healthy reference scans, and the verdict (primary model GMM; >= 95
+borderline, >= 99 atypical). The heat map is not computed.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from cohort_args import (  # noqa: E402
     exit_with,
     refuse_existing_output,
     save_result,
+    subject_volumes,
     t1_t2_model,
 )
 
@@ -42,14 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         from SpatialMSMALib.anatomy import load_mni152_2009a
-        from SpatialMSMALib.detection import detection_levels, full_levels
-        from SpatialMSMALib.inference import (
-            compute_features,
-            prepare,
-            select_device,
-            typicality_report,
-        )
-        from SpatialMSMALib.io import Volume
+        from SpatialMSMALib.inference import assess_typicality, select_device
         from SpatialMSMALib.synthesis import SubjectConfig, synthesize_subject
 
         refuse_existing_output(args)
@@ -59,7 +52,6 @@ def main(argv: list[str] | None = None) -> None:
         model = t1_t2_model(args.model)
         if model.typicality is None:
             raise InputError("the model file has no typicality model")
-        levels = detection_levels(model)
         anatomy = load_mni152_2009a()
         result = {"model": str(args.model or "bundled default"), "subjects": {}}
         for key, seed, lesions in demo_subject_jobs(args):
@@ -68,12 +60,8 @@ def main(argv: list[str] | None = None) -> None:
                 start = time.perf_counter()
                 subject = synthesize_subject(anatomy, seed, SubjectConfig(spacing_mm=spacing),
                                              lesions)
-                affine = subject.grid.affine
-                scan = prepare(model, Volume(subject.t1, affine), Volume(subject.t2, affine),
-                               Volume(subject.brain_mask > 0, affine))
-                _, whole = compute_features(model, scan, device, None, levels)
-                report = typicality_report(model, full_levels(model, levels, whole),
-                                           scan.mapping.registration_ncc, []).to_dict()
+                report = assess_typicality(model, *subject_volumes(subject),
+                                           device=device).to_dict()
                 record = {"verdict": report["verdict"],
                           "percentiles": {name: score["percentile"]
                                           for name, score in report["scores"].items()},
